@@ -1,0 +1,320 @@
+"""The checkpoint file format: encode and decode the prelude and header; pure, sync, no I/O.
+
+Owns the byte layout (docs/FORMAT.md), versions and size limits, and is the one module that
+talks to msgpack. Knows nothing of files, directories or scheduling: callers read and write.
+
+Layout (little-endian)::
+
+    0   8  magic  b"\\x89ACKPT\\r\\n"
+    8   4  u32 format version (1)
+    12  4  u32 flags (0; any other value is refused)
+    16  8  u64 header length H
+    24  4  u32 CRC32C of the header bytes
+    28  4  u32 CRC32C of bytes 0..28 (the prelude itself)
+    32  H  header: a msgpack map (see HEADER_KEYS)
+    ... zero padding up to the first array's offset (a multiple of ALIGNMENT)
+    arrays: raw C-order bytes, each at a multiple of ALIGNMENT, zero padding between;
+    the file ends with the last array (or with the header when there are no arrays).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from ._crc32c import crc32c
+from ._errors import CheckpointCorruptedError, CheckpointFormatError
+from ._tree import ArrayLeaf, Spec, format_path, iter_array_refs
+
+__all__ = [
+    "ALIGNMENT",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "PRELUDE_SIZE",
+    "ArrayEntry",
+    "Header",
+    "decode_header",
+    "decode_prelude",
+    "encode_header",
+    "array_part",
+    "check_metadata",
+]
+
+MAGIC: Final = b"\x89ACKPT\r\n"
+FORMAT_VERSION: Final = 1
+PRELUDE_SIZE: Final = 32
+ALIGNMENT: Final = 64
+MAX_HEADER_BYTES: Final = 256 * 1024 * 1024
+"""Largest header a reader accepts: far above any real tree, far below a harmful allocation."""
+MAX_ARRAYS: Final = 10_000_000
+MAX_DTYPE_CHARS: Final = 4096
+MAX_NDIM: Final = 64  # numpy's own limit
+
+_PRELUDE = struct.Struct("<8sIIQII")
+HEADER_KEYS: Final = ("arrays", "file_size", "metadata", "step", "time", "tree")
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayEntry:
+    """Where one array lives in the file and how to check it."""
+
+    path: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    crc32c: int
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A decoded, validated header."""
+
+    step: int | None
+    time: float
+    metadata: dict[str, Any]
+    tree: Spec
+    arrays: tuple[ArrayEntry, ...]
+    file_size: int
+    data_start: int
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def _dtype_descr(dtype: np.dtype[Any]) -> str | list[Any]:
+    # Structured dtypes lose their fields in dtype.str ('|V8'), so they travel as descr.
+    return dtype.str if dtype.fields is None else [list(f) for f in dtype.descr]
+
+
+def check_metadata(metadata: object) -> dict[str, Any]:
+    """Validate user metadata: plain msgpack values under str keys.
+
+    Raises:
+        TypeError: metadata holds something msgpack cannot carry faithfully.
+    """
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata must be a dict with str keys")
+    try:
+        return dict(msgpack.unpackb(msgpack.packb(metadata, strict_types=True)))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"metadata must hold only None, bool, int, float, str, bytes, lists and "
+            f"str-keyed dicts: {exc}"
+        ) from None
+
+
+def encode_header(
+    *, step: int | None, time: float, metadata: dict[str, Any], tree: Spec,
+    leaves: Sequence[ArrayLeaf], crcs: Sequence[int],
+) -> tuple[bytes, list[int], int]:
+    """Encode prelude + header for arrays of known CRC32C.
+
+    Returns:
+        ``(head, offsets, file_size)``: the bytes that start the file, the offset of each
+        array, and the total file size.
+    """
+    if not leaves:
+        return _finish_without_arrays(step, time, metadata, tree)
+    data_start = 0
+    while True:
+        offsets, end = [], data_start
+        for leaf in leaves:
+            end = _align(end)
+            offsets.append(end)
+            end += leaf.array.nbytes
+        arrays = [
+            [_dtype_descr(leaf.array.dtype), list(leaf.array.shape), offset, leaf.array.nbytes, crc]
+            for leaf, offset, crc in zip(leaves, offsets, crcs, strict=True)
+        ]
+        header = _pack_header(step, time, metadata, tree, arrays, end)
+        if PRELUDE_SIZE + len(header) <= data_start:
+            return _encode_prelude(header) + header, offsets, end
+        # The offsets depend on the header's length and the header holds the offsets: grow
+        # the data start until the header fits before it (two rounds in practice).
+        data_start = _align(PRELUDE_SIZE + len(header))
+
+
+def _pack_header(
+    step: int | None, time: float, metadata: dict[str, Any], tree: Spec,
+    arrays: list[list[Any]], file_size: int,
+) -> bytes:
+    fields = {"arrays": arrays, "file_size": file_size, "metadata": metadata, "step": step,
+              "time": time, "tree": tree}
+    return bytes(msgpack.packb(fields, use_bin_type=True))
+
+
+def _finish_without_arrays(
+    step: int | None, time: float, metadata: dict[str, Any], tree: Spec
+) -> tuple[bytes, list[int], int]:
+    # file_size is part of the header it measures; its msgpack width settles in two rounds.
+    size = 0
+    for _ in range(3):
+        header = _pack_header(step, time, metadata, tree, [], size)
+        if PRELUDE_SIZE + len(header) == size:
+            return _encode_prelude(header) + header, [], size
+        size = PRELUDE_SIZE + len(header)
+    raise AssertionError("file size of an array-less header did not settle")  # pragma: no cover
+
+
+def _encode_prelude(header: bytes) -> bytes:
+    head = _PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, len(header), crc32c(header), 0)
+    return head[:28] + struct.pack("<I", crc32c(head[:28]))
+
+
+def decode_prelude(prelude: bytes, file_size: int, source: str) -> tuple[int, int]:
+    """Check the fixed 32 bytes that open a checkpoint.
+
+    Returns:
+        ``(header_length, header_crc32c)``.
+
+    Raises:
+        CheckpointFormatError: not a checkpoint, an unknown version, an absurd header length.
+        CheckpointCorruptedError: the prelude's checksum does not match, or it is truncated.
+    """
+    if len(prelude) < PRELUDE_SIZE:
+        if MAGIC.startswith(prelude[: len(MAGIC)]) or prelude[: len(MAGIC)] == MAGIC:
+            raise CheckpointCorruptedError(source, "prelude", f"file is only {file_size} bytes")
+        raise CheckpointFormatError(source, "not an asyncckpt checkpoint (file too short)")
+    magic, version, flags, header_len, header_crc, prelude_crc = _PRELUDE.unpack(prelude)
+    if magic != MAGIC:
+        raise CheckpointFormatError(source, "not an asyncckpt checkpoint (bad magic bytes)")
+    if crc32c(prelude[:28]) != prelude_crc:
+        raise CheckpointCorruptedError(source, "prelude", "checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            source, f"format version {version} is not supported (this asyncckpt reads version "
+            f"{FORMAT_VERSION}); upgrade asyncckpt to read it"
+        )
+    if flags:
+        raise CheckpointFormatError(source, f"unknown flags {flags:#x} in version 1")
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointFormatError(
+            source, f"header declares {header_len} bytes, over the {MAX_HEADER_BYTES} limit"
+        )
+    if PRELUDE_SIZE + header_len > file_size:
+        raise CheckpointCorruptedError(
+            source, "size", f"header declares {header_len} bytes but the file has {file_size}"
+        )
+    return header_len, header_crc
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def decode_header(
+    header: bytes, header_crc: int, file_size: int, source: str
+) -> Header:
+    """Decode and validate the header; no allocation beyond a small multiple of its size.
+
+    Raises:
+        CheckpointCorruptedError: checksum mismatch, or the file size differs from the header's.
+        CheckpointFormatError: the header is well-formed bytes but describes an impossible file.
+    """
+    if crc32c(header) != header_crc:
+        raise CheckpointCorruptedError(source, "header", "checksum mismatch")
+    try:
+        raw = msgpack.unpackb(
+            header, raw=False, use_list=True, strict_map_key=True, ext_hook=_reject_ext,
+            max_array_len=len(header), max_map_len=len(header),
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise CheckpointFormatError(source, f"undecodable header: {exc}") from None
+    if not isinstance(raw, dict) or sorted(raw) != sorted(HEADER_KEYS):
+        raise CheckpointFormatError(source, f"header must be a map with keys {HEADER_KEYS}")
+    step, time, metadata, declared_size = raw["step"], raw["time"], raw["metadata"], raw["file_size"]
+    if step is not None and (type(step) is not int):
+        raise CheckpointFormatError(source, "header step must be an int or nil")
+    if not isinstance(time, float) or not math.isfinite(time):
+        raise CheckpointFormatError(source, "header time must be a finite float")
+    if not isinstance(metadata, dict):
+        raise CheckpointFormatError(source, "header metadata must be a map")
+    if type(declared_size) is not int:
+        raise CheckpointFormatError(source, "header file_size must be an int")
+    if declared_size != file_size:
+        raise CheckpointCorruptedError(
+            source, "size", f"header declares {declared_size} bytes, the file has {file_size}"
+            + (" (truncated)" if file_size < declared_size else "")
+        )
+    if not isinstance(raw["arrays"], list) or len(raw["arrays"]) > MAX_ARRAYS:
+        raise CheckpointFormatError(source, "header arrays must be a list of bounded length")
+    data_start = PRELUDE_SIZE + len(header)
+    paths = _array_paths(raw["tree"], len(raw["arrays"]), source)
+    arrays = []
+    previous_end = data_start
+    for index, item in enumerate(raw["arrays"]):
+        entry = _decode_entry(item, index, paths[index], source)
+        if entry.offset % ALIGNMENT or entry.offset < previous_end:
+            raise CheckpointFormatError(
+                source, f"array {index} at offset {entry.offset} is misaligned or overlaps"
+            )
+        previous_end = entry.offset + entry.nbytes
+        if previous_end > file_size:
+            raise CheckpointFormatError(
+                source, f"array {index} declares {entry.nbytes} bytes past the end of the file"
+            )
+        arrays.append(entry)
+    if previous_end != file_size:
+        raise CheckpointFormatError(source, "bytes after the last array or the header")
+    return Header(
+        step=step, time=time, metadata=metadata, tree=raw["tree"], arrays=tuple(arrays),
+        file_size=file_size, data_start=data_start,
+    )
+
+
+def _array_paths(tree: object, count: int, source: str) -> list[str]:
+    paths: list[str | None] = [None] * count
+    for path, _tag, index in iter_array_refs(tree, source):
+        if not 0 <= index < count or paths[index] is not None:
+            raise CheckpointFormatError(source, f"tree references array {index} wrongly")
+        paths[index] = format_path(path)
+    if any(p is None for p in paths):
+        raise CheckpointFormatError(source, "header lists arrays the tree does not use")
+    return [p for p in paths if p is not None]
+
+
+def _decode_entry(item: object, index: int, path: str, source: str) -> ArrayEntry:
+    if not isinstance(item, list) or len(item) != 5:
+        raise CheckpointFormatError(source, f"array {index} entry is malformed")
+    descr, shape, offset, nbytes, crc = item
+    dtype = _decode_dtype(descr, index, source)
+    if (
+        not isinstance(shape, list) or len(shape) > MAX_NDIM
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise CheckpointFormatError(source, f"array {index} has an invalid shape")
+    if not all(type(v) is int and v >= 0 for v in (offset, nbytes, crc)) or crc > 0xFFFFFFFF:
+        raise CheckpointFormatError(source, f"array {index} has invalid offset, size or crc")
+    if math.prod(shape) * dtype.itemsize != nbytes:
+        raise CheckpointFormatError(
+            source, f"array {index} declares {nbytes} bytes for {dtype}{shape}"
+        )
+    return ArrayEntry(path, dtype, tuple(shape), offset, nbytes, crc)
+
+
+def _decode_dtype(descr: object, index: int, source: str) -> np.dtype[Any]:
+    if not isinstance(descr, str | list) or len(repr(descr)) > MAX_DTYPE_CHARS:
+        raise CheckpointFormatError(source, f"array {index} has an invalid dtype")
+    try:
+        dtype = np.dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])
+    except (TypeError, ValueError, SyntaxError) as exc:
+        raise CheckpointFormatError(source, f"array {index} has an invalid dtype: {exc}") from None
+    if dtype.hasobject:
+        raise CheckpointFormatError(source, f"array {index} has an object dtype (never loaded)")
+    if dtype.subdtype is not None:
+        raise CheckpointFormatError(source, f"array {index} has a subarray dtype")
+    return dtype
+
+
+def array_part(entry: ArrayEntry, index: int) -> str:
+    """Name array ``index`` as a corruption report does: ``array 3 ('params/w')``."""
+    return f"array {index} ({entry.path!r})"

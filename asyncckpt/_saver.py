@@ -1,0 +1,629 @@
+"""Saver: save / restore / latest_checkpoint, the state file, and retention.
+
+Owns checkpoint names (``<basename>-<step>``), the state file that lists them, and which old
+checkpoints to delete. Reads and writes whole checkpoints through ``_format`` (bytes) and
+``_storage`` (files). Knows nothing of hooks, sessions or background queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import anyio
+import numpy as np
+
+from . import _format, _storage
+from ._crc32c import crc32c
+from ._errors import (
+    CheckpointCorruptedError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+)
+from ._tree import Snapshot, SnapshotPool, build, byte_view, check_into_array, match_into
+from ._types import StateTree
+
+__all__ = [
+    "CheckpointState",
+    "Saver",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "plan_retention",
+    "read_checkpoint",
+    "read_header",
+]
+
+STATE_FILENAME: Final = "checkpoint"
+_SMALL_ARRAY: Final = 256 * 1024
+_SPAN_BYTES: Final = 8 * 1024 * 1024
+_NAME_FORBIDDEN: Final = re.compile(r'[/\\\x00-\x1f"]')
+_STATE_LINE: Final = re.compile(r'^([a-z_]+):\s*(?:"([^"\\]*)"|([-+0-9.eE]+|inf|nan))\s*$')
+_CRC_LINE: Final = re.compile(r"^# crc32c: ([0-9a-f]{8})$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointState:
+    """What a state file says: the kept checkpoints, oldest first, with their save times.
+
+    The file is TensorFlow's ``checkpoint`` text format with names relative to its
+    directory, plus a checksum comment that TensorFlow's parser ignores.
+    """
+
+    directory: str
+    names: tuple[str, ...] = ()
+    timestamps: tuple[float, ...] = ()
+    last_preserved_timestamp: float | None = None
+
+    @property
+    def latest(self) -> str | None:
+        """The newest checkpoint's name, or None."""
+        return self.names[-1] if self.names else None
+
+    def paths(self) -> list[str]:
+        """The kept checkpoints' paths, oldest first."""
+        return [os.path.join(self.directory, name) for name in self.names]
+
+
+def check_name(name: str, source: str) -> str:
+    """Return ``name`` if it is a plain file name inside the directory.
+
+    Raises:
+        CheckpointFormatError: the name is empty, has a separator, or climbs out ("..").
+    """
+    if not name or name in (".", "..") or _NAME_FORBIDDEN.search(name) or len(name) > 255:
+        raise CheckpointFormatError(
+            source, f"refusing checkpoint name {name!r}: names must stay inside the directory"
+        )
+    return name
+
+
+def format_state(state: CheckpointState) -> bytes:
+    """Encode a state file (TensorFlow's text format, relative names, a checksum comment)."""
+    lines = []
+    if state.names:
+        lines.append(f'model_checkpoint_path: "{state.names[-1]}"')
+    lines += [f'all_model_checkpoint_paths: "{name}"' for name in state.names]
+    lines += [f"all_model_checkpoint_timestamps: {ts!r}" for ts in state.timestamps]
+    if state.last_preserved_timestamp is not None:
+        lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+    body = "".join(line + "\n" for line in lines)
+    return (body + f"# crc32c: {crc32c(body.encode()):08x}\n").encode()
+
+
+def parse_state(data: bytes, directory: str, source: str) -> CheckpointState:
+    """Decode a state file; a checksum comment, when present, must match.
+
+    Raises:
+        CheckpointCorruptedError: the checksum comment does not match the contents.
+        CheckpointFormatError: unreadable lines, or names that would leave the directory.
+    """
+    if len(data) > _storage.MAX_SMALL_FILE:
+        raise CheckpointFormatError(source, "state file is larger than any real one")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointCorruptedError(source, "state file", "not UTF-8 text") from None
+    lines = text.splitlines(keepends=True)
+    if lines and (crc_line := _CRC_LINE.match(lines[-1].strip())):
+        body = "".join(lines[:-1])
+        if crc32c(body.encode()) != int(crc_line.group(1), 16):
+            raise CheckpointCorruptedError(source, "state file", "checksum mismatch")
+    latest = None
+    names: list[str] = []
+    stamps: list[float] = []
+    preserved = None
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _STATE_LINE.match(line)
+        if not match:
+            raise CheckpointFormatError(source, f"unreadable state file line {line[:80]!r}")
+        key, string, number = match.groups()
+        if key in ("model_checkpoint_path", "all_model_checkpoint_paths") and string is not None:
+            name = check_name(string, source)
+            if key == "model_checkpoint_path":
+                latest = name
+            else:
+                names.append(name)
+        elif key in ("all_model_checkpoint_timestamps", "last_preserved_timestamp") and number:
+            value = float(number)
+            if not math.isfinite(value):
+                raise CheckpointFormatError(source, f"non-finite timestamp in {key}")
+            if key == "last_preserved_timestamp":
+                preserved = value
+            else:
+                stamps.append(value)
+        else:
+            raise CheckpointFormatError(source, f"unknown or mistyped state file field {key!r}")
+    if latest is not None and latest not in names:
+        names.append(latest)  # TensorFlow lists the latest last; tolerate files that don't
+    elif latest is not None and names[-1] != latest:
+        names.remove(latest)
+        names.append(latest)
+    if len(stamps) != len(names):
+        stamps = [0.0] * len(names)  # written without timestamps (older TensorFlow)
+    return CheckpointState(
+        directory=directory, names=tuple(names), timestamps=tuple(stamps),
+        last_preserved_timestamp=preserved,
+    )
+
+
+def _state_path(directory: str, latest_filename: str | None) -> str:
+    filename = latest_filename or STATE_FILENAME
+    if os.path.basename(filename) != filename or filename in (".", ".."):
+        raise ValueError(f"latest_filename {filename!r} must be a file name without a directory")
+    return os.path.join(directory, filename)
+
+
+def get_checkpoint_state(
+    checkpoint_dir: str | os.PathLike[str], latest_filename: str | None = None
+) -> CheckpointState | None:
+    """Read the state file of ``checkpoint_dir``; None when there is none.
+
+    Raises:
+        CheckpointCorruptedError: the state file fails its checksum.
+        CheckpointFormatError: the state file is unreadable or names files outside the directory.
+    """
+    directory = os.fspath(checkpoint_dir)
+    path = _state_path(directory, latest_filename)
+    try:
+        data = _storage.read_small_file(path)
+    except OSError as exc:
+        raise CheckpointFormatError(path, f"cannot read the state file: {exc}") from exc
+    if data is None:
+        return None
+    return parse_state(data, directory, path)
+
+
+def latest_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], latest_filename: str | None = None
+) -> str | None:
+    """Return the path of the newest checkpoint in ``checkpoint_dir``, or None if none exists.
+
+    Raises:
+        CheckpointNotFoundError: the state file names a checkpoint that is missing; the
+            directory was changed by hand.
+        CheckpointCorruptedError, CheckpointFormatError: the state file is damaged.
+    """
+    state = get_checkpoint_state(checkpoint_dir, latest_filename)
+    if state is None or state.latest is None:
+        return None
+    path = os.path.join(state.directory, state.latest)
+    if _storage.file_info(path) is None:
+        raise CheckpointNotFoundError(
+            path, "the state file names this checkpoint but it is missing; restore it, or run "
+            "`asyncckpt prune` to rewrite the state file from the checkpoints on disk"
+        )
+    return path
+
+
+def plan_retention(
+    names: Sequence[str], timestamps: Sequence[float], *, max_to_keep: int | None,
+    keep_every_secs: float | None, last_preserved: float,
+) -> tuple[list[str], list[float], list[str], float]:
+    """Decide which checkpoints to keep (pure).
+
+    All surplus checkpoints beyond ``max_to_keep`` leave the list at once (TensorFlow removes
+    one per save); a surplus checkpoint at least ``keep_every_secs`` newer than the last
+    preserved one stays on disk, unlisted, as TensorFlow's ``keep_checkpoint_every_n_hours``.
+
+    Returns:
+        ``(kept names, kept timestamps, names to delete, new last_preserved)``.
+    """
+    kept, stamps = list(names), list(timestamps)
+    delete: list[str] = []
+    if not max_to_keep:
+        return kept, stamps, delete, last_preserved
+    while len(kept) > max_to_keep:
+        name, stamp = kept.pop(0), stamps.pop(0)
+        if keep_every_secs is not None and stamp - keep_every_secs >= last_preserved:
+            last_preserved = stamp
+        else:
+            delete.append(name)
+    return kept, stamps, delete, last_preserved
+
+
+# -- reading and writing one checkpoint -------------------------------------------------------
+
+
+def _crcs(snapshot: Snapshot) -> list[int]:
+    return [crc32c(byte_view(leaf.array)) for leaf in snapshot.leaves]
+
+
+async def write_snapshot(
+    snapshot: Snapshot, path: str, *, step: int | None, metadata: dict[str, Any],
+    wall_time: float, limiter: anyio.CapacityLimiter | None = None,
+) -> int:
+    """Write one checkpoint file from a snapshot, atomically; return its size in bytes.
+
+    Array bytes go straight from the snapshot's buffers to the file: no copy of the state.
+    """
+    crcs = await anyio.to_thread.run_sync(_crcs, snapshot, limiter=limiter)
+    head, offsets, file_size = _format.encode_header(
+        step=step, time=wall_time, metadata=metadata, tree=snapshot.spec,
+        leaves=snapshot.leaves, crcs=crcs,
+    )
+    pieces: list[Any] = [head]
+    position = len(head)
+    for leaf, offset in zip(snapshot.leaves, offsets, strict=True):
+        if offset > position:
+            pieces.append(bytes(offset - position))
+        pieces.append(byte_view(leaf.array))
+        position = offset + leaf.array.nbytes
+    await _storage.write_atomic(path, pieces, limiter=limiter)
+    return file_size
+
+
+async def read_header(
+    path: str, *, limiter: anyio.CapacityLimiter | None = None
+) -> _format.Header:
+    """Read and validate a checkpoint's header without reading its arrays."""
+    async with _storage.open_for_read(path, limiter=limiter) as file:
+        return await _read_header(file)
+
+
+async def _read_header(file: _storage.ReadFile) -> _format.Header:
+    prelude = await file.read(0, _format.PRELUDE_SIZE)
+    header_len, header_crc = _format.decode_prelude(prelude, file.size, file.path)
+    header = await file.read(_format.PRELUDE_SIZE, header_len)
+    if len(header) != header_len:
+        raise CheckpointCorruptedError(file.path, "size", "file shrank while being read")
+    return _format.decode_header(header, header_crc, file.size, file.path)
+
+
+def _spans(entries: Sequence[_format.ArrayEntry]) -> Iterator[list[int]]:
+    """Group consecutive small arrays so that one read fetches many (and their padding)."""
+    span: list[int] = []
+    span_bytes = 0
+    for index, entry in enumerate(entries):
+        if entry.nbytes >= _SMALL_ARRAY:
+            if span:
+                yield span
+                span, span_bytes = [], 0
+            yield [index]
+            continue
+        span.append(index)
+        span_bytes += entry.nbytes
+        if span_bytes >= _SPAN_BYTES:
+            yield span
+            span, span_bytes = [], 0
+    if span:
+        yield span
+
+
+def _check_padding(data: bytes | memoryview, path: str, index: int) -> None:
+    if any(data):
+        raise CheckpointCorruptedError(path, f"padding before array {index}", "non-zero bytes")
+
+
+def _verify_arrays(
+    path: str, entries: Sequence[_format.ArrayEntry], arrays: Sequence[np.ndarray[Any, Any]]
+) -> None:
+    for index, (entry, array) in enumerate(zip(entries, arrays, strict=True)):
+        if crc32c(byte_view(array)) != entry.crc32c:
+            raise CheckpointCorruptedError(
+                path, _format.array_part(entry, index), "checksum mismatch"
+            )
+
+
+async def read_checkpoint(
+    path: str, *, into: StateTree = None, use_mmap: bool = False, verify: bool = True,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> tuple[_format.Header, StateTree]:
+    """Read one checkpoint: into existing arrays, into fresh ones, or as read-only views.
+
+    Raises:
+        CheckpointNotFoundError: no file at ``path``.
+        CheckpointCorruptedError: a checksum or size does not match.
+        CheckpointFormatError: the file is not a checkpoint this version can read.
+        ValueError: ``into`` does not have the checkpoint's structure.
+    """
+    if use_mmap:
+        header, arrays = await anyio.to_thread.run_sync(_read_mapped, path, verify, limiter=limiter)
+        return header, build(header.tree, arrays, into)
+    async with _storage.open_for_read(path, limiter=limiter) as file:
+        header = await _read_header(file)
+        arrays = _allocate(header, into, path)
+        position = header.data_start
+        for span in _spans(header.arrays):
+            position = await _read_span(file, header, span, arrays, position, verify)
+        if verify:
+            await file.run_sync(_verify_arrays, path, header.arrays, arrays)
+    return header, build(header.tree, arrays, into)
+
+
+def _allocate(
+    header: _format.Header, into: StateTree, path: str
+) -> list[np.ndarray[Any, Any]]:
+    targets = match_into(header.tree, into, path) if into is not None else {}
+    arrays = []
+    for index, entry in enumerate(header.arrays):
+        live = targets.get(index)
+        if live is not None and check_into_array(
+            index, live, entry.dtype, entry.shape, entry.path, path
+        ):
+            arrays.append(live)
+        else:
+            arrays.append(np.empty(entry.shape, entry.dtype))
+    return arrays
+
+
+async def _read_span(
+    file: _storage.ReadFile, header: _format.Header, span: list[int],
+    arrays: list[np.ndarray[Any, Any]], position: int, verify: bool,
+) -> int:
+    entries = header.arrays
+    last = entries[span[-1]]
+    end = last.offset + last.nbytes
+    if len(span) == 1 and last.nbytes >= _SMALL_ARRAY:
+        if verify and last.offset > position:
+            _check_padding(await file.read(position, last.offset - position), file.path, span[0])
+        count = await file.readinto(last.offset, byte_view(arrays[span[0]]))
+        if count != last.nbytes:
+            raise CheckpointCorruptedError(file.path, "size", "file shrank while being read")
+        return end
+    data = memoryview(await file.read(position, end - position))
+    if len(data) != end - position:
+        raise CheckpointCorruptedError(file.path, "size", "file shrank while being read")
+    gap_start = 0
+    for index in span:
+        entry = entries[index]
+        start = entry.offset - position
+        if verify:
+            _check_padding(data[gap_start:start], file.path, index)
+        byte_view(arrays[index])[:] = data[start : start + entry.nbytes]
+        gap_start = start + entry.nbytes
+    return end
+
+
+def _read_mapped(
+    path: str, verify: bool
+) -> tuple[_format.Header, list[np.ndarray[Any, Any]]]:
+    mapped = _storage.open_mmap(path)
+    size = len(mapped)
+    header_len, header_crc = _format.decode_prelude(
+        mapped[: _format.PRELUDE_SIZE], size, path
+    )
+    header = _format.decode_header(
+        mapped[_format.PRELUDE_SIZE : _format.PRELUDE_SIZE + header_len], header_crc, size, path
+    )
+    arrays: list[np.ndarray[Any, Any]] = []
+    position = header.data_start
+    for index, entry in enumerate(header.arrays):
+        if verify:
+            _check_padding(memoryview(mapped)[position : entry.offset], path, index)
+        flat = np.frombuffer(mapped, np.uint8, entry.nbytes, entry.offset)
+        arrays.append(flat.view(entry.dtype).reshape(entry.shape) if entry.nbytes
+                      else np.empty(entry.shape, entry.dtype))
+        position = entry.offset + entry.nbytes
+    if verify:
+        _verify_arrays(path, header.arrays, arrays)
+    return header, arrays
+
+
+# -- Saver ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _DirectoryBook:
+    """What a Saver knows of one directory: its state and whether it holds the lock."""
+
+    state: CheckpointState
+    lock: _storage.DirectoryLock
+    held_by_owner: bool = False
+    busy: bool = False
+    removed_temp_files: list[str] = field(default_factory=list)
+
+
+class Saver:
+    """Save and restore state trees as checkpoint files, keeping the newest few.
+
+    Like TensorFlow's ``tf.train.Saver``: ``save(state, "dir/model.ckpt", global_step=7)``
+    writes ``dir/model.ckpt-7`` and lists it in ``dir/checkpoint``; older checkpoints beyond
+    ``max_to_keep`` are deleted (all of them at once, unlike TensorFlow's one per save), except
+    one every ``keep_checkpoint_every_n_hours``, which stays on disk. A Saver picks up the
+    list from the state file the first time it saves into a directory, so retention
+    continues across restarts.
+
+    Args:
+        max_to_keep: how many recent checkpoints to keep; ``None`` or 0 keeps all.
+        keep_checkpoint_every_n_hours: additionally keep one checkpoint per this many hours.
+        latest_filename: the state file's name (TensorFlow's ``checkpoint``).
+        clock: wall-clock source for timestamps (``time.time``), injectable for tests.
+    """
+
+    def __init__(
+        self, max_to_keep: int | None = 5, keep_checkpoint_every_n_hours: float | None = 10000.0,
+        *, latest_filename: str = STATE_FILENAME, clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 0):
+            raise ValueError(f"max_to_keep must be None or an int >= 0, not {max_to_keep!r}")
+        if keep_checkpoint_every_n_hours is not None and not keep_checkpoint_every_n_hours > 0:
+            raise ValueError("keep_checkpoint_every_n_hours must be positive (or None)")
+        _state_path(".", latest_filename)
+        self.max_to_keep = max_to_keep
+        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
+        self.latest_filename = latest_filename
+        self._clock = clock
+        self._created = clock()
+        self._books: dict[str, _DirectoryBook] = {}
+        self._pool = SnapshotPool(max_free_sets=1)
+
+    def __repr__(self) -> str:
+        return (f"Saver(max_to_keep={self.max_to_keep}, keep_checkpoint_every_n_hours="
+                f"{self.keep_checkpoint_every_n_hours}, directories={sorted(self._books)})")
+
+    # The manager holds the directory lock for its whole life; a bare Saver takes it per save.
+    def _hold(self, directory: str) -> list[str]:
+        book = self._book(directory)
+        if not book.lock.held:
+            book.lock.acquire()
+        book.held_by_owner = True
+        return _storage.remove_temp_files(directory)
+
+    def _release(self, directory: str) -> None:
+        book = self._books.get(directory)
+        if book is not None:
+            book.held_by_owner = False
+            book.lock.release()
+
+    def _book(self, directory: str) -> _DirectoryBook:
+        book = self._books.get(directory)
+        if book is None:
+            state = get_checkpoint_state(directory, self.latest_filename)
+            if state is None:
+                state = CheckpointState(directory=directory)
+            book = _DirectoryBook(state=state, lock=_storage.DirectoryLock(directory))
+            self._books[directory] = book
+        return book
+
+    @contextlib.contextmanager
+    def _writing(self, directory: str) -> Iterator[_DirectoryBook]:
+        book = self._book(directory)
+        if book.busy:
+            raise RuntimeError(
+                f"a save into {directory} is already running; await it before saving again "
+                "(or use CheckpointManager, which queues saves)"
+            )
+        book.busy = True
+        temporary_lock = not book.lock.held
+        try:
+            if temporary_lock:
+                book.lock.acquire()
+                _storage.remove_temp_files(directory)
+                # Another writer may have saved here since we last held the lock.
+                book.state = get_checkpoint_state(directory, self.latest_filename) or book.state
+            yield book
+        finally:
+            book.busy = False
+            if temporary_lock:
+                book.lock.release()
+
+    def last_checkpoints(self, checkpoint_dir: str | os.PathLike[str]) -> list[str]:
+        """The kept checkpoints' paths in ``checkpoint_dir``, oldest first."""
+        return self._book(os.fspath(checkpoint_dir)).state.paths()
+
+    async def save(
+        self, state: StateTree, save_path: str | os.PathLike[str], global_step: int | None = None,
+        *, metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Save ``state`` to ``<save_path>-<global_step>`` and return that path.
+
+        The state is copied into reused buffers first, so the caller may change it as soon as
+        this coroutine yields. The file is written to a temporary name, fsynced and renamed;
+        then the state file is replaced; then surplus checkpoints are deleted.
+
+        Raises:
+            TypeError: the state holds something that cannot be saved (named by path).
+            CheckpointWriteError: the write failed; the previous checkpoint is still the latest.
+            CheckpointLockedError: another writer holds the directory.
+        """
+        path, step, meta = self._prepare(save_path, global_step, metadata)
+        snapshot = self._pool.take(state)
+        try:
+            await self._commit(snapshot, path, step=step, metadata=meta)
+        finally:
+            snapshot.release()
+        return path
+
+    def _prepare(
+        self, save_path: str | os.PathLike[str], global_step: int | None,
+        metadata: dict[str, Any] | None,
+    ) -> tuple[str, int | None, dict[str, Any]]:
+        prefix = os.fspath(save_path)
+        if global_step is not None:
+            if isinstance(global_step, bool) or not isinstance(global_step, int | np.integer):
+                raise TypeError(f"global_step must be an int, not {type(global_step).__name__}")
+            global_step = int(global_step)
+            if global_step < 0:
+                raise ValueError(f"global_step must be >= 0, not {global_step}")
+        path = f"{prefix}-{global_step}" if global_step is not None else prefix
+        directory, name = os.path.split(path)
+        check_name(name, path)
+        if name == self.latest_filename or name.startswith("."):
+            raise ValueError(f"checkpoint name {name!r} collides with the state file or temps")
+        meta = _format.check_metadata(metadata) if metadata is not None else {}
+        return path, global_step, meta
+
+    async def _commit(
+        self, snapshot: Snapshot, path: str, *, step: int | None, metadata: dict[str, Any],
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> int:
+        directory, name = os.path.split(path)
+        directory = directory or "."
+        with self._writing(directory) as book:
+            now = self._clock()
+            size = await write_snapshot(
+                snapshot, path, step=step, metadata=metadata, wall_time=now, limiter=limiter
+            )
+            old = book.state
+            names = [n for n in old.names if n != name] + [name]
+            stamps = [t for n, t in zip(old.names, old.timestamps, strict=True) if n != name]
+            stamps.append(now)
+            keep_secs = (None if self.keep_checkpoint_every_n_hours is None
+                         else self.keep_checkpoint_every_n_hours * 3600.0)
+            last_preserved = (self._created if old.last_preserved_timestamp is None
+                              else old.last_preserved_timestamp)
+            names, stamps, delete, last_preserved = plan_retention(
+                names, stamps, max_to_keep=self.max_to_keep, keep_every_secs=keep_secs,
+                last_preserved=last_preserved,
+            )
+            new_state = CheckpointState(
+                directory=directory, names=tuple(names), timestamps=tuple(stamps),
+                last_preserved_timestamp=last_preserved,
+            )
+            state_path = _state_path(directory, self.latest_filename)
+            # The state file names only durable checkpoints; deletions come after it, so a
+            # crash in between leaves unlisted files, never a listed file that is gone.
+            await anyio.to_thread.run_sync(
+                _storage.write_small_file_atomic, state_path, format_state(new_state),
+                limiter=limiter,
+            )
+            book.state = new_state
+            if delete:
+                await anyio.to_thread.run_sync(
+                    _storage.remove_files, [os.path.join(directory, n) for n in delete],
+                    limiter=limiter,
+                )
+        return size
+
+    async def restore(
+        self, save_path: str | os.PathLike[str] | None, into: StateTree = None, *,
+        mmap: bool = False, verify: bool = True,
+    ) -> StateTree:
+        """Read the checkpoint at ``save_path`` and return its tree.
+
+        Args:
+            save_path: a checkpoint path, e.g. from ``latest_checkpoint(dir)``.
+            into: a tree of the same structure to fill in place: its arrays receive the data
+                (no new allocation), its dicts and lists are updated, its objects get
+                ``load_state_dict``. On a corrupted file its arrays may hold partial data.
+            mmap: return read-only arrays mapped from the file (zero copy).
+            verify: check every array's checksum (with ``mmap``, ``False`` skips reading
+                the data at all; the prelude and header are always checked).
+
+        Raises:
+            CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError;
+            ValueError: ``save_path`` is None, or ``into`` does not match the checkpoint.
+        """
+        if save_path is None:
+            raise ValueError("save_path is None: there is no checkpoint to restore; check "
+                             "latest_checkpoint(dir) before calling restore")
+        _header, tree = await read_checkpoint(
+            os.fspath(save_path), into=into, use_mmap=mmap, verify=verify
+        )
+        return tree
+
+    @staticmethod
+    def latest_checkpoint(
+        checkpoint_dir: str | os.PathLike[str], latest_filename: str | None = None
+    ) -> str | None:
+        """Return the newest checkpoint's path in ``checkpoint_dir`` or None (see module function)."""
+        return latest_checkpoint(checkpoint_dir, latest_filename)

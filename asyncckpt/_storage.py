@@ -1,0 +1,445 @@
+"""The only module that touches files: atomic writes, reads, the directory lock, temp cleanup.
+
+Knows nothing of hooks, trees or the header layout: it moves bytes and names, and turns
+OSErrors into the package's errors at its boundary.
+
+Every blocking step is a plain sync function; the async functions call them in worker
+threads, one thread hop per logical operation. Streaming reads and writes go through aiofiles
+on asyncio and through anyio's file API on trio (aiofiles is asyncio-only). The commit
+(flush, fsync, rename, directory fsync) is always a single worker-thread call, so a
+cancellation can never tear it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import io
+import mmap
+import os
+import secrets
+import stat
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import aiofiles.threadpool
+import anyio
+
+from ._errors import (
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
+
+if TYPE_CHECKING:
+    from ._types import Buffer
+
+__all__ = [
+    "LOCK_NAME",
+    "TEMP_MARKER",
+    "DirectoryLock",
+    "FaultPlan",
+    "ReadFile",
+    "install_faults",
+    "list_names",
+    "open_for_read",
+    "open_mmap",
+    "read_small_file",
+    "remove_files",
+    "remove_temp_files",
+    "write_atomic",
+    "write_small_file_atomic",
+]
+
+TEMP_MARKER: Final = ".asyncckpt-tmp-"
+LOCK_NAME: Final = ".asyncckpt.lock"
+_SMALL_PIECE: Final = 256 * 1024
+_BATCH_BYTES: Final = 8 * 1024 * 1024
+_CHUNK_BYTES: Final = 64 * 1024 * 1024
+_WRITE_BUFFER: Final = 1024 * 1024
+MAX_SMALL_FILE: Final = 16 * 1024 * 1024
+
+
+class FaultPlan(Protocol):
+    """Decides whether a storage operation fails (``asyncckpt.testing.FaultyStorage``)."""
+
+    def check(self, op: str, path: str) -> None:
+        """Raise an OSError to make ``op`` on ``path`` fail; return to let it proceed."""
+
+
+_faults: FaultPlan | None = None
+
+
+def install_faults(plan: FaultPlan | None) -> FaultPlan | None:
+    """Route every storage operation through ``plan`` (None removes it); return the old plan."""
+    global _faults
+    previous, _faults = _faults, plan
+    return previous
+
+
+def _check(op: str, path: str) -> None:
+    if _faults is not None:
+        _faults.check(op, path)
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _CheckedFileIO(io.FileIO):
+    """A raw file whose writes pass through the fault plan (the only place writes happen)."""
+
+    def write(self, data: Buffer, /) -> int:
+        _check("write", str(self.name))
+        return super().write(data)
+
+
+# -- sync primitives -------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: str) -> None:
+    _check("fsync_dir", directory)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_temp_sync(final_path: str) -> tuple[io.BufferedWriter, str]:
+    directory, name = os.path.split(final_path)
+    temp_path = os.path.join(directory, f".{name}{TEMP_MARKER}{secrets.token_hex(6)}")
+    _check("open", temp_path)
+    # O_EXCL|O_NOFOLLOW: never write through a planted symlink or into someone else's file.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp_path, flags, 0o644)
+    try:
+        raw = _CheckedFileIO(fd, "wb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER), temp_path
+
+
+def _commit_sync(file: io.BufferedWriter, temp_path: str, final_path: str) -> None:
+    file.flush()
+    _check("fsync", temp_path)
+    os.fsync(file.fileno())
+    file.close()
+    _check("rename", final_path)
+    os.replace(temp_path, final_path)
+    _fsync_dir(os.path.dirname(final_path) or ".")
+
+
+def _discard_sync(file: io.BufferedWriter, temp_path: str) -> None:
+    # Runs while another error propagates: that error is what the caller must see, and a
+    # temp file left behind is removed by the next writer that opens the directory.
+    with contextlib.suppress(OSError, ValueError):
+        file.close()
+    with contextlib.suppress(OSError):
+        os.unlink(temp_path)
+
+
+def write_small_file_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (the state file).
+
+    Raises:
+        CheckpointWriteError: the file could not be written; the old one is untouched.
+    """
+    file = None
+    try:
+        file, temp_path = _open_temp_sync(path)
+        file.write(data)
+        _commit_sync(file, temp_path, path)
+    except OSError as exc:
+        if file is not None:
+            _discard_sync(file, temp_path)
+        raise _write_error(path, exc) from exc
+
+
+def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
+    reason = exc.strerror or str(exc)
+    return CheckpointWriteError(
+        path, f"{reason} (errno {exc.errno}); the previous checkpoint is still the latest"
+    )
+
+
+def read_small_file(path: str) -> bytes | None:
+    """Return the bytes of a small file (the state file), or None when it does not exist.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is a directory or a symlink.
+        OSError: the file exists but cannot be read.
+    """
+    _check("read", path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
+        raise
+    with open(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointNotFoundError(path, "not a regular file")
+        return file.read(MAX_SMALL_FILE + 1)
+
+
+def list_names(directory: str) -> list[str]:
+    """Return the names in ``directory`` (empty when it does not exist)."""
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
+def file_info(path: str) -> os.stat_result | None:
+    """Return the stat of ``path`` without following symlinks, or None when it is missing."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def remove_files(paths: Sequence[str]) -> None:
+    """Delete checkpoint files (retention, prune); already-missing files are fine.
+
+    Raises:
+        CheckpointWriteError: a file exists but cannot be deleted.
+    """
+    for path in paths:
+        try:
+            _check("unlink", path)
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CheckpointWriteError(path, f"could not delete: {exc.strerror}") from exc
+    if paths:
+        directory = os.path.dirname(paths[0]) or "."
+        try:
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise CheckpointWriteError(directory, f"could not sync: {exc.strerror}") from exc
+
+
+def remove_temp_files(directory: str) -> list[str]:
+    """Delete temporary files that a crashed or cancelled writer left; return their names.
+
+    Call only while holding the directory lock, or a live writer's file could be removed.
+    """
+    removed = []
+    for name in list_names(directory):
+        if TEMP_MARKER in name and name.startswith("."):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking lock on a checkpoint directory (flock on a lock file).
+
+    flock locks belong to the open file, so two writers in one process conflict as surely as
+    two processes do; the kernel drops the lock when a process dies.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            CheckpointLockedError: another writer holds it.
+            CheckpointWriteError: the directory or lock file cannot be created.
+        """
+        path = os.path.join(self.directory, LOCK_NAME)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise CheckpointWriteError(path, f"cannot open the lock file: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointLockedError(
+                self.directory,
+                f"another writer holds this checkpoint directory (pid {holder}); stop it or "
+                "use another directory",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+
+# -- async operations ------------------------------------------------------------------------
+
+
+def _async_wrap(file: Any) -> Any:
+    if _on_asyncio():
+        return aiofiles.threadpool.wrap(file)
+    return anyio.wrap_file(file)
+
+
+async def write_atomic(
+    final_path: str, pieces: Sequence[Buffer], *, limiter: anyio.CapacityLimiter | None = None
+) -> None:
+    """Write ``pieces`` to ``final_path`` atomically: a temp file, fsync, rename, dir fsync.
+
+    A crash or cancellation at any instant leaves either the old file or the complete new
+    one; the temp file is removed on error or cancellation (or by the next writer's cleanup).
+
+    Raises:
+        CheckpointWriteError: an OSError (disk full, permission, I/O error); ``__cause__``.
+    """
+    try:
+        file, temp_path = await anyio.to_thread.run_sync(
+            _open_temp_sync, final_path, limiter=limiter
+        )
+    except OSError as exc:
+        raise _write_error(final_path, exc) from exc
+    try:
+        async_file = _async_wrap(file)
+        for batch in _batches(pieces):
+            # Each batch is bounded; shielding it lets a cancellation land between batches
+            # instead of abandoning a write that a worker thread is still doing.
+            with anyio.CancelScope(shield=True):
+                if isinstance(batch, list):
+                    await async_file.writelines(batch)
+                else:
+                    await async_file.write(batch)
+        await anyio.to_thread.run_sync(_commit_sync, file, temp_path, final_path, limiter=limiter)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_discard_sync, file, temp_path, limiter=limiter)
+        if isinstance(exc, OSError):
+            raise _write_error(final_path, exc) from exc
+        raise
+
+
+def _batches(pieces: Sequence[Buffer]) -> list[Buffer | list[Buffer]]:
+    """Group small pieces into one writelines call; split large ones into bounded chunks."""
+    out: list[Buffer | list[Buffer]] = []
+    batch: list[Buffer] = []
+    batch_bytes = 0
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        if len(view) < _SMALL_PIECE:
+            batch.append(view)
+            batch_bytes += len(view)
+            if batch_bytes >= _BATCH_BYTES:
+                out.append(batch)
+                batch, batch_bytes = [], 0
+            continue
+        if batch:
+            out.append(batch)
+            batch, batch_bytes = [], 0
+        out.extend(view[i : i + _CHUNK_BYTES] for i in range(0, len(view), _CHUNK_BYTES))
+    if batch:
+        out.append(batch)
+    return out
+
+
+@dataclass(slots=True)
+class ReadFile:
+    """An open checkpoint for reading: positional reads through the async file layer."""
+
+    path: str
+    size: int
+    _file: Any
+    _limiter: anyio.CapacityLimiter | None
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
+        await self._file.seek(offset)
+        data: bytes = await self._file.read(size)
+        return data
+
+    async def readinto(self, offset: int, buffer: Buffer) -> int:
+        """Fill ``buffer`` from ``offset``; return how many bytes were read."""
+        view = memoryview(buffer).cast("B")
+        await self._file.seek(offset)
+        total = 0
+        while total < len(view):
+            count = await self._file.readinto(view[total:])
+            if not count:
+                break
+            total += count
+        return total
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU work on read bytes (checksums) in a worker thread."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+def _open_read_sync(path: str) -> tuple[io.BufferedReader, int]:
+    _check("open", path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(path, "no such checkpoint") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
+        raise
+    file = open(fd, "rb", buffering=0)  # noqa: SIM115 - closed by open_for_read
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        file.close()
+        raise CheckpointNotFoundError(path, "not a regular file")
+    return file, info.st_size  # type: ignore[return-value]
+
+
+@contextlib.asynccontextmanager
+async def open_for_read(
+    path: str, *, limiter: anyio.CapacityLimiter | None = None
+) -> AsyncIterator[ReadFile]:
+    """Open a checkpoint for reading (no symlinks, regular files only).
+
+    Raises:
+        CheckpointNotFoundError: there is no regular file at ``path``.
+    """
+    file, size = await anyio.to_thread.run_sync(_open_read_sync, path, limiter=limiter)
+    async_file = _async_wrap(file)
+    try:
+        yield ReadFile(path, size, async_file, limiter)
+    finally:
+        with anyio.CancelScope(shield=True):
+            # aiofiles spells it close(), anyio aclose().
+            await (async_file.close() if _on_asyncio() else async_file.aclose())
+
+
+def open_mmap(path: str) -> mmap.mmap:
+    """Map a checkpoint read-only; the mapping outlives the descriptor and the file's name."""
+    file, size = _open_read_sync(path)
+    with file:
+        if not size:
+            raise CheckpointNotFoundError(path, "empty file")
+        return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)

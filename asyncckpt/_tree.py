@@ -1,0 +1,403 @@
+"""State trees: flatten into a spec plus array leaves, snapshot into reused buffers, rebuild.
+
+Owns what a tree may contain and how it is encoded as plain msgpack-ready values (the spec).
+Knows nothing of files, headers or scheduling.
+
+A spec node is a list whose first item is a tag:
+
+    ["n"]  None               ["b", bool]          ["i", int]        ["I", "decimal"] (>64 bits)
+    ["f", float]              ["c", re, im]        ["s", str]
+    ["a", k]  array k         ["g", k]  numpy scalar stored as 0-d array k
+    ["y", k]  bytes stored as uint8 array k
+    ["d", [[key, node], ...]] dict (str or int keys, order kept)
+    ["l", [node, ...]]        ["t", [node, ...]]   list, tuple
+    ["o", node]               an object saved through state_dict()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from ._errors import CheckpointFormatError
+from ._types import StateTree, SupportsStateDict
+
+__all__ = [
+    "MAX_DEPTH",
+    "ArrayLeaf",
+    "Snapshot",
+    "SnapshotPool",
+    "build",
+    "byte_view",
+    "format_path",
+    "match_into",
+]
+
+MAX_DEPTH: Final = 200
+"""Deepest nesting saved or loaded; deeper trees are refused before Python's recursion limit."""
+
+_INT64_MIN: Final = -(2**63)
+_UINT64_END: Final = 2**64
+_MAX_BIGINT_DIGITS: Final = 4300  # Python's own int/str conversion limit
+
+Key = str | int
+TreePath = tuple[Key, ...]
+Spec = list[Any]
+
+
+def format_path(path: TreePath) -> str:
+    """Return a tree path as users write it: ``params/layers/0/w`` (``<root>`` when empty)."""
+    return "/".join(str(key) for key in path) if path else "<root>"
+
+
+def byte_view(array: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """Return the bytes of a C-contiguous array as a flat uint8 view (no copy)."""
+    flat = array.reshape(-1)
+    return flat.view(np.uint8) if flat.dtype.itemsize else np.empty(0, np.uint8)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayLeaf:
+    """One array of a snapshot: C-contiguous bytes that will not change until release."""
+
+    path: TreePath
+    array: np.ndarray[Any, Any]
+
+
+@dataclass(slots=True, eq=False)
+class Snapshot:
+    """A tree frozen at one instant: its spec plus C-contiguous arrays.
+
+    Mutable arrays were copied into pooled buffers; read-only arrays, bytes and numpy scalars
+    are referenced. ``release()`` hands the buffers back to the pool once they are written.
+    """
+
+    spec: Spec
+    leaves: list[ArrayLeaf]
+    nbytes: int
+    _pool: SnapshotPool | None = None
+    _buffers: dict[TreePath, np.ndarray[Any, Any]] = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Return the buffers to the pool; the snapshot must not be used afterwards."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool._give_back(self._buffers)  # noqa: SLF001 - pool and snapshot are one unit
+
+
+class SnapshotPool:
+    """Buffers reused from one snapshot to the next, so a repeated save allocates nothing.
+
+    Each snapshot in flight holds one set of buffers, keyed by tree path; a released set is
+    reused by the next snapshot if the arrays at the same paths keep their dtype and shape.
+    Up to ``max_free_sets`` released sets are kept alive (freed memory costs dearly to touch
+    again on these machines, so keeping it beats giving it back).
+    """
+
+    def __init__(self, max_free_sets: int = 2) -> None:
+        self._free: list[dict[TreePath, np.ndarray[Any, Any]]] = []
+        self._max_free_sets = max_free_sets
+        self.buffers_allocated = 0
+        self.bytes_allocated = 0
+
+    def take(self, tree: StateTree) -> Snapshot:
+        """Snapshot ``tree``: copy its mutable arrays, reference everything immutable.
+
+        Runs synchronously on the caller's thread so that no other task can change the tree
+        half-way through the copy.
+
+        Raises:
+            TypeError: a leaf or key cannot be saved; the message names its path.
+        """
+        reusable = self._free.pop() if self._free else {}
+        snapshot = Snapshot(spec=[], leaves=[], nbytes=0, _pool=self)
+        try:
+            snapshot.spec = _Flattener(self, reusable, snapshot).node(tree, (), set())
+        except BaseException:
+            snapshot.release()
+            raise
+        return snapshot
+
+    def _buffer_for(
+        self, reusable: dict[TreePath, np.ndarray[Any, Any]], path: TreePath,
+        like: np.ndarray[Any, Any],
+    ) -> np.ndarray[Any, Any]:
+        buffer = reusable.pop(path, None)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = np.empty(like.shape, like.dtype)
+            self.buffers_allocated += 1
+            self.bytes_allocated += buffer.nbytes
+        return buffer
+
+    def _give_back(self, buffers: dict[TreePath, np.ndarray[Any, Any]]) -> None:
+        if len(self._free) < self._max_free_sets:
+            self._free.append(buffers)
+
+
+class _Flattener:
+    def __init__(
+        self, pool: SnapshotPool, reusable: dict[TreePath, np.ndarray[Any, Any]],
+        snapshot: Snapshot,
+    ) -> None:
+        self._pool = pool
+        self._reusable = reusable
+        self._snapshot = snapshot
+
+    def _leaf(self, tag: str, path: TreePath, array: np.ndarray[Any, Any]) -> Spec:
+        if array.flags.writeable or not array.flags.c_contiguous:
+            buffer = self._pool._buffer_for(self._reusable, path, array)  # noqa: SLF001
+            np.copyto(buffer, array, casting="no")
+            self._snapshot._buffers[path] = buffer  # noqa: SLF001
+            array = buffer
+        self._snapshot.leaves.append(ArrayLeaf(path, array))
+        self._snapshot.nbytes += array.nbytes
+        return [tag, len(self._snapshot.leaves) - 1]
+
+    def node(self, value: object, path: TreePath, parents: set[int]) -> Spec:
+        if len(path) > MAX_DEPTH:
+            raise TypeError(f"tree deeper than {MAX_DEPTH} levels at {format_path(path)}")
+        # numpy first: np.float64 is also a float, np.bool_ is not a bool.
+        if isinstance(value, np.ndarray):
+            _check_dtype(value.dtype, path)
+            return self._leaf("a", path, value)
+        if isinstance(value, np.generic):
+            _check_dtype(value.dtype, path)
+            return self._leaf("g", path, np.asarray(value))
+        if value is None:
+            return ["n"]
+        if isinstance(value, bool):
+            return ["b", value]
+        if isinstance(value, int):
+            return ["i", int(value)] if _INT64_MIN <= value < _UINT64_END else ["I", str(value)]
+        if isinstance(value, float):
+            return ["f", float(value)]
+        if isinstance(value, complex):
+            return ["c", value.real, value.imag]
+        if isinstance(value, str):
+            return ["s", str(value)]
+        if isinstance(value, bytes):
+            return self._leaf("y", path, np.frombuffer(value, np.uint8))
+        if isinstance(value, dict | list | tuple):
+            if id(value) in parents:
+                raise TypeError(f"cannot save a tree that contains itself, at {format_path(path)}")
+            parents = parents | {id(value)}
+            if isinstance(value, dict):
+                items = []
+                for key, child in value.items():
+                    if isinstance(key, bool) or not isinstance(key, str | int):
+                        raise TypeError(
+                            f"cannot save dict key {key!r} ({type(key).__name__}) at "
+                            f"{format_path(path)}: keys must be str or int"
+                        )
+                    items.append([key, self.node(child, (*path, key), parents)])
+                return ["d", items]
+            children = [self.node(child, (*path, i), parents) for i, child in enumerate(value)]
+            return ["t" if isinstance(value, tuple) else "l", children]
+        if isinstance(value, SupportsStateDict):
+            return ["o", self.node(value.state_dict(), path, parents)]
+        raise TypeError(
+            f"cannot save {type(value).__name__} at {format_path(path)}: leaves must be numpy "
+            "arrays, numbers, str, bytes or None, or objects with state_dict()/load_state_dict()"
+        )
+
+
+def _check_dtype(dtype: np.dtype[Any], path: TreePath) -> None:
+    if dtype.hasobject:
+        raise TypeError(
+            f"cannot save an object array at {format_path(path)}: checkpoints never pickle; "
+            "convert it to a numeric, string or bytes dtype"
+        )
+
+
+# -- rebuilding ------------------------------------------------------------------------------
+
+
+def _bad(source: str, path: TreePath, what: str) -> CheckpointFormatError:
+    return CheckpointFormatError(source, f"invalid tree at {format_path(path)}: {what}")
+
+
+def iter_array_refs(spec: object, source: str) -> Iterator[tuple[TreePath, str, int]]:
+    """Yield ``(path, tag, index)`` for every array reference in a spec, validating it."""
+    stack: list[tuple[object, TreePath]] = [(spec, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise _bad(source, path, f"nested deeper than {MAX_DEPTH} levels")
+        if not isinstance(node, list) or not node or not isinstance(node[0], str):
+            raise _bad(source, path, "malformed node")
+        tag, args = node[0], node[1:]
+        if tag in ("a", "g", "y"):
+            if len(args) != 1 or type(args[0]) is not int:
+                raise _bad(source, path, "malformed array reference")
+            yield path, tag, args[0]
+        elif tag == "d":
+            if len(args) != 1 or not isinstance(args[0], list):
+                raise _bad(source, path, "malformed dict")
+            pending = []
+            for item in args[0]:
+                if not isinstance(item, list) or len(item) != 2:
+                    raise _bad(source, path, "malformed dict item")
+                key, child = item
+                if isinstance(key, bool) or not isinstance(key, str | int):
+                    raise _bad(source, path, f"dict key of type {type(key).__name__}")
+                pending.append((child, (*path, key)))
+            stack.extend(reversed(pending))
+        elif tag in ("l", "t"):
+            if len(args) != 1 or not isinstance(args[0], list):
+                raise _bad(source, path, "malformed sequence")
+            stack.extend(reversed([(c, (*path, i)) for i, c in enumerate(args[0])]))
+        elif tag == "o":
+            if len(args) != 1:
+                raise _bad(source, path, "malformed object")
+            stack.append((args[0], path))
+        elif not _scalar_ok(tag, args):
+            raise _bad(source, path, f"unknown or malformed leaf {tag!r}")
+
+
+def _scalar_ok(tag: str, args: list[Any]) -> bool:
+    match tag, args:
+        case "n", []:
+            return True
+        case "b", [bool()]:
+            return True
+        case "i", [int()]:
+            return not isinstance(args[0], bool)
+        case "I", [str() as digits]:
+            return 0 < len(digits) <= _MAX_BIGINT_DIGITS and digits.lstrip("-").isdigit()
+        case "f", [float()]:
+            return True
+        case "c", [float(), float()]:
+            return True
+        case "s", [str()]:
+            return True
+    return False
+
+
+def match_into(
+    spec: Spec, into: StateTree, source: str
+) -> dict[int, np.ndarray[Any, Any]]:
+    """Check that ``into`` has the checkpoint's structure; return the arrays to fill in place.
+
+    Only writable C-contiguous arrays of the same dtype and shape are filled in place; other
+    array leaves of ``into`` are replaced (or copied into) when the tree is rebuilt.
+
+    Raises:
+        ValueError: the structures differ; the message names the path and the difference.
+    """
+    targets: dict[int, np.ndarray[Any, Any]] = {}
+    _match(spec, into, (), targets, source)
+    return targets
+
+
+def _match(
+    node: Spec, live: object, path: TreePath, targets: dict[int, np.ndarray[Any, Any]],
+    source: str,
+) -> None:
+    tag = node[0]
+    where = format_path(path)
+    if tag == "o":
+        if not isinstance(live, SupportsStateDict):
+            raise ValueError(f"{source}: at {where} the checkpoint holds a state_dict() object "
+                             f"but into= holds {type(live).__name__}")
+        _match(node[1], live.state_dict(), path, targets, source)
+    elif tag == "d":
+        if not isinstance(live, dict):
+            raise ValueError(f"{source}: at {where} the checkpoint holds a dict "
+                             f"but into= holds {type(live).__name__}")
+        saved_keys = [key for key, _ in node[1]]
+        missing = [k for k in saved_keys if k not in live]
+        unexpected = [k for k in live if k not in set(saved_keys)]
+        if missing or unexpected:
+            raise ValueError(f"{source}: at {where} keys differ from into=: missing from into= "
+                             f"{missing}, not in the checkpoint {unexpected}")
+        for key, child in node[1]:
+            _match(child, live[key], (*path, key), targets, source)
+    elif tag in ("l", "t"):
+        if not isinstance(live, list | tuple) or len(live) != len(node[1]):
+            raise ValueError(f"{source}: at {where} the checkpoint holds a sequence of "
+                             f"{len(node[1])} items but into= holds {_describe(live)}")
+        for i, child in enumerate(node[1]):
+            _match(child, live[i], (*path, i), targets, source)
+    elif tag == "a":
+        if not isinstance(live, np.ndarray):
+            raise ValueError(f"{source}: at {where} the checkpoint holds an array "
+                             f"but into= holds {type(live).__name__}")
+        targets[node[1]] = live
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
+def check_into_array(
+    index: int, live: np.ndarray[Any, Any], dtype: np.dtype[Any], shape: tuple[int, ...],
+    path: str, source: str,
+) -> bool:
+    """Return whether array ``index`` can be read straight into ``live``.
+
+    Raises:
+        ValueError: ``live`` has another dtype or shape than the saved array.
+    """
+    if live.dtype != dtype or live.shape != shape:
+        raise ValueError(
+            f"{source}: array {index} at {path} is {dtype}{list(shape)} in the checkpoint but "
+            f"{live.dtype}{list(live.shape)} in into=; pass into=None to get fresh arrays"
+        )
+    return bool(live.flags.writeable and live.flags.c_contiguous)
+
+
+def build(
+    spec: Spec, arrays: Sequence[np.ndarray[Any, Any]], into: StateTree = None
+) -> StateTree:
+    """Rebuild the tree from a validated spec and its arrays.
+
+    With ``into``, dicts and lists of ``into`` are updated in place, arrays that were not
+    read in place are copied into, and ``load_state_dict`` is called on objects; the
+    returned tree is ``into`` itself wherever ``into`` could be updated.
+    """
+    return _build(spec, arrays, into, into is not None)
+
+
+def _build(node: Spec, arrays: Sequence[np.ndarray[Any, Any]], live: Any, fill: bool) -> Any:
+    tag = node[0]
+    if tag == "a":
+        array = arrays[node[1]]
+        if fill and isinstance(live, np.ndarray) and live is not array and live.flags.writeable:
+            np.copyto(live, array)
+            return live
+        return array
+    if tag == "g":
+        return arrays[node[1]][()]
+    if tag == "y":
+        return arrays[node[1]].tobytes()
+    if tag == "n":
+        return None
+    if tag in ("b", "i", "f", "s"):
+        return node[1]
+    if tag == "I":
+        return int(node[1])
+    if tag == "c":
+        return complex(node[1], node[2])
+    if tag == "d":
+        if fill:
+            for key, child in node[1]:
+                live[key] = _build(child, arrays, live[key], fill)
+            return live
+        return {key: _build(child, arrays, None, fill) for key, child in node[1]}
+    if tag in ("l", "t"):
+        children = node[1]
+        if fill and isinstance(live, list) and tag == "l":
+            live[:] = [_build(c, arrays, live[i], fill) for i, c in enumerate(children)]
+            return live
+        items = [_build(c, arrays, live[i] if fill else None, fill) for i, c in enumerate(children)]
+        return tuple(items) if tag == "t" else items
+    # "o": the object's state is rebuilt (in place where possible) and handed to it.
+    if fill:
+        live.load_state_dict(_build(node[1], arrays, live.state_dict(), fill))
+        return live
+    return _build(node[1], arrays, None, fill)

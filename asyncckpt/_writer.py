@@ -1,0 +1,405 @@
+"""CheckpointManager: snapshots on the caller's loop, writes in a background task.
+
+Owns the bounded queue of snapshots, its policies (block / skip / replace), the writer task
+and its task group, and how write errors reach the caller. Uses the Saver for the file work;
+knows nothing of hooks or sessions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Literal, Self, get_args
+
+import anyio
+import anyio.abc
+
+from ._errors import CheckpointError, CheckpointNotFoundError
+from ._saver import Saver, check_name
+from ._tree import Snapshot, SnapshotPool
+from ._types import StateTree
+from ._util import single_exception
+
+__all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy"]
+
+Policy = Literal["block", "skip", "replace"]
+_POLICIES: Final = get_args(Policy)
+_IO_THREADS: Final = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointManagerStatistics:
+    """A CheckpointManager's counters at one instant."""
+
+    pending: int
+    """Snapshots taken and not yet durable (waiting, plus the one being written)."""
+    max_pending: int
+    """How many snapshots may wait while another is being written."""
+    written: int
+    """Checkpoints committed and listed in the state file."""
+    skipped: int
+    """Saves dropped by the ``"skip"`` policy because the queue was full."""
+    replaced: int
+    """Waiting snapshots dropped by the ``"replace"`` policy for a newer one."""
+    failed: int
+    """Writes that failed (each surfaces once as an error)."""
+    bytes_written: int
+    """Bytes of checkpoint files committed."""
+    latest_step: int | None
+    """The step of the newest durable checkpoint."""
+    last_error: CheckpointError | None
+    """The most recent write error, reported or not."""
+    buffers_allocated: int
+    """Snapshot buffers ever allocated; flat once the pool is warm."""
+    bytes_allocated: int
+    """Bytes of snapshot buffers ever allocated."""
+
+
+@dataclass(slots=True, eq=False)
+class _SaveJob:
+    snapshot: Snapshot
+    step: int
+    path: str
+    metadata: dict[str, Any]
+
+
+class _JobQueue:
+    """A bounded FIFO of waiting jobs that can also evict its newest entry.
+
+    anyio's memory streams cannot evict, and the ``"replace"`` policy must; one small queue
+    then serves all three policies alike.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.jobs: deque[_SaveJob] = deque()
+        self.closed = False
+        self._changed = anyio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def full(self) -> bool:
+        return len(self.jobs) >= self.capacity
+
+    def put(self, job: _SaveJob) -> None:
+        self.jobs.append(job)
+        self.notify()
+
+    def replace_newest(self, job: _SaveJob) -> _SaveJob:
+        old = self.jobs.pop()
+        self.jobs.append(job)
+        return old
+
+    async def get(self) -> _SaveJob | None:
+        while not self.jobs:
+            if self.closed:
+                return None
+            await self.changed()
+        job = self.jobs.popleft()
+        self.notify()
+        return job
+
+    def close(self) -> None:
+        self.closed = True
+        self.notify()
+
+
+class CheckpointManager:
+    """Save a service's or trainer's state in the background, keeping the newest few.
+
+    ``await save(state, step)`` returns as soon as the state is snapshotted (copied into
+    reused buffers); a background task owned by the manager writes it, atomically. When
+    ``max_pending`` snapshots already wait behind the one being written, ``policy`` decides:
+    ``"block"`` waits for room, ``"skip"`` drops this save (counted), ``"replace"`` swaps
+    the newest waiting snapshot for this one (counted).
+
+    A failed write never passes silently: it is raised by the next ``save()``, ``wait()``
+    or the exit of the ``async with`` block, and the previous checkpoint stays the latest.
+    On a normal exit every accepted snapshot is written; when the block exits by an
+    exception or a cancellation, snapshots already taken are still written for up to
+    ``stop_grace_period_secs`` before the exception propagates.
+
+    Usage::
+
+        async with CheckpointManager("ckpt", max_to_keep=3) as manager:
+            state = await manager.restore(into=state) if manager.latest_step() is not None \\
+                else state
+            ...
+            await manager.save(state, step)
+
+    Args:
+        directory: where checkpoints and the state file live; created if missing.
+        max_to_keep: how many recent checkpoints to keep; None or 0 keeps all.
+        keep_checkpoint_every_n_hours: additionally keep one checkpoint per period.
+        basename: checkpoint files are named ``<basename>-<step>``.
+        max_pending: snapshots that may wait while another is being written (>= 1).
+        policy: ``"block"``, ``"skip"`` or ``"replace"``.
+        stop_grace_period_secs: how long an exceptional exit keeps writing taken snapshots.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = None, basename: str = "model.ckpt",
+        max_pending: int = 1, policy: Policy = "block", *,
+        stop_grace_period_secs: float = 120.0,
+    ) -> None:
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, not {max_pending!r}")
+        if policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {_POLICIES}, not {policy!r}")
+        if not stop_grace_period_secs >= 0:
+            raise ValueError("stop_grace_period_secs must be >= 0")
+        self.directory = os.fspath(directory)
+        self.basename = check_name(basename, self.directory)
+        self.max_pending = max_pending
+        self.policy: Policy = policy
+        self._grace = stop_grace_period_secs
+        self._saver = Saver(max_to_keep, keep_checkpoint_every_n_hours)
+        self._pool = SnapshotPool(max_free_sets=max_pending + 1)
+        self._queue: _JobQueue | None = None
+        self._stack: AsyncExitStack | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._entered = False
+        self._closed = False
+        self._writing: _SaveJob | None = None
+        self._writer_done = False
+        self._unreported: list[CheckpointError] = []
+        self._latest_step: int | None = None
+        self._written = self._skipped = self._replaced = self._failed = self._bytes = 0
+        self._last_error: CheckpointError | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._entered else "new"
+        return (f"<CheckpointManager {self.directory!r} {state} policy={self.policy!r} "
+                f"pending={self._pending()}/{self.max_pending} written={self._written} "
+                f"latest_step={self._latest_step}>")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError("a CheckpointManager can be entered only once; create a new one")
+        self._entered = True
+        async with AsyncExitStack() as stack:
+            self._limiter = anyio.CapacityLimiter(_IO_THREADS)
+            await anyio.to_thread.run_sync(self._saver._hold, self.directory)  # noqa: SLF001
+            stack.callback(self._saver._release, self.directory)  # noqa: SLF001
+            names = self._saver.last_checkpoints(self.directory)
+            self._latest_step = self._step_of(os.path.basename(names[-1])) if names else None
+            self._queue = _JobQueue(self.max_pending)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            await self._task_group.start(self._serve)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close(exc)
+
+    async def aclose(self) -> None:
+        """Write every accepted snapshot, stop the writer and release the directory (idempotent).
+
+        Raises:
+            CheckpointWriteError: a write failed and was not reported yet.
+        """
+        await self._close(None)
+
+    async def _close(self, exc: BaseException | None) -> None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        assert self._queue is not None and self._task_group is not None
+        self._closed = True
+        try:
+            if exc is None:
+                self._queue.close()
+                await stack.aclose()  # the writer drains the queue, then the group exits
+            else:
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(self._grace):
+                        await self._wait_idle()
+                    self._queue.close()
+                    # Only a write that outlived the grace period is abandoned (its temp file
+                    # is removed); the previous checkpoint stays the latest.
+                    self._task_group.cancel_scope.cancel()
+                    await stack.aclose()
+        except BaseExceptionGroup as group:
+            raise single_exception(group) from None
+        finally:
+            for job in self._queue.jobs:
+                job.snapshot.release()
+            self._queue.jobs.clear()
+        if exc is None:
+            self._raise_unreported()
+        elif self._unreported:
+            errors, self._unreported = self._unreported, []
+            exc.add_note(f"asyncckpt: {len(errors)} checkpoint write(s) also failed: {errors}")
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        assert self._queue is not None
+        task_status.started()
+        try:
+            while (job := await self._queue.get()) is not None:
+                self._writing = job
+                try:
+                    size = await self._saver._commit(  # noqa: SLF001
+                        job.snapshot, job.path, step=job.step, metadata=job.metadata,
+                        limiter=self._limiter,
+                    )
+                except CheckpointError as exc:
+                    # Kept, not swallowed: raised by the next save(), wait() or close.
+                    self._failed += 1
+                    self._last_error = exc
+                    self._unreported.append(exc)
+                else:
+                    self._written += 1
+                    self._bytes += size
+                    self._latest_step = job.step
+                finally:
+                    job.snapshot.release()
+                    self._writing = None
+                    self._queue.notify()
+        finally:
+            self._writer_done = True
+            self._queue.notify()
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def _open_queue(self) -> _JobQueue:
+        if self._queue is None or self._closed:
+            raise RuntimeError(
+                "the CheckpointManager is not open: use it as `async with CheckpointManager(...)`"
+                if not self._closed else "the CheckpointManager is closed"
+            )
+        return self._queue
+
+    def _raise_unreported(self) -> None:
+        if self._unreported:
+            errors, self._unreported = self._unreported, []
+            first = errors[0]
+            if len(errors) > 1:
+                first.add_note(f"{len(errors) - 1} later write(s) also failed: {errors[1:]}")
+            raise first
+
+    def _pending(self) -> int:
+        queued = len(self._queue.jobs) if self._queue is not None else 0
+        return queued + (self._writing is not None)
+
+    async def save(
+        self, state: StateTree, step: int, *, metadata: dict[str, Any] | None = None
+    ) -> bool:
+        """Snapshot ``state`` as checkpoint ``step`` and queue it for writing.
+
+        Returns once the snapshot is taken (under ``"block"``, after waiting for room). The
+        state may change as soon as this returns.
+
+        Returns:
+            True if the snapshot was queued; False if the ``"skip"`` policy dropped it.
+
+        Raises:
+            CheckpointWriteError: an earlier write failed (raised once; this save is not taken).
+            TypeError: the state holds something that cannot be saved (named by path).
+            RuntimeError: the manager is not open.
+        """
+        queue = self._open_queue()
+        self._raise_unreported()
+        path, step_value, meta = self._saver._prepare(  # noqa: SLF001
+            os.path.join(self.directory, self.basename), step, metadata
+        )
+        if step_value is None:
+            raise TypeError("step must be an int")
+        if queue.full():
+            if self.policy == "skip":
+                self._skipped += 1
+                return False
+            if self.policy == "block":
+                while queue.full():
+                    if self._writer_done:
+                        raise RuntimeError("the CheckpointManager's writer has stopped")
+                    await queue.changed()
+                queue = self._open_queue()
+        job = _SaveJob(self._pool.take(state), step_value, path, meta)
+        if queue.full():  # only "replace" gets here full
+            queue.replace_newest(job).snapshot.release()
+            self._replaced += 1
+        else:
+            queue.put(job)
+        return True
+
+    async def _wait_idle(self) -> None:
+        assert self._queue is not None
+        while self._pending() and not self._writer_done:
+            await self._queue.changed()
+
+    async def wait(self) -> None:
+        """Wait until every snapshot taken so far is durable (or failed).
+
+        Raises:
+            CheckpointWriteError: a write failed and was not reported yet.
+        """
+        self._open_queue()
+        await self._wait_idle()
+        self._raise_unreported()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _step_of(self, name: str) -> int | None:
+        prefix = f"{self.basename}-"
+        suffix = name[len(prefix):] if name.startswith(prefix) else ""
+        return int(suffix) if suffix.isdigit() else None
+
+    def latest_step(self) -> int | None:
+        """The step of the newest durable checkpoint, or None."""
+        return self._latest_step
+
+    def all_steps(self) -> list[int]:
+        """Steps of the kept checkpoints, oldest first."""
+        names = self._saver.last_checkpoints(self.directory)
+        return [s for s in map(self._step_of, (os.path.basename(n) for n in names))
+                if s is not None]
+
+    async def restore(
+        self, step: int | None = None, into: StateTree = None, *, mmap: bool = False,
+        verify: bool = True,
+    ) -> StateTree:
+        """Restore checkpoint ``step`` (the latest when None) after pending writes finish.
+
+        Args:
+            step: which checkpoint; None for the newest.
+            into: a tree to fill in place (see ``Saver.restore``).
+            mmap: return read-only arrays mapped from the file.
+            verify: check array checksums.
+
+        Raises:
+            CheckpointNotFoundError: there is no such checkpoint.
+            CheckpointCorruptedError, CheckpointFormatError: the file cannot be trusted.
+            CheckpointWriteError: an earlier write failed and was not reported yet.
+        """
+        await self.wait()
+        if step is None:
+            step = self._latest_step
+            if step is None:
+                raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
+        path = os.path.join(self.directory, f"{self.basename}-{step}")
+        return await self._saver.restore(path, into, mmap=mmap, verify=verify)
+
+    def statistics(self) -> CheckpointManagerStatistics:
+        """Return the counters (pending, written, skipped, replaced, errors, bytes)."""
+        return CheckpointManagerStatistics(
+            pending=self._pending(), max_pending=self.max_pending, written=self._written,
+            skipped=self._skipped, replaced=self._replaced, failed=self._failed,
+            bytes_written=self._bytes, latest_step=self._latest_step,
+            last_error=self._last_error, buffers_allocated=self._pool.buffers_allocated,
+            bytes_allocated=self._pool.bytes_allocated,
+        )
