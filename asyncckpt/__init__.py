@@ -47,7 +47,6 @@ __all__ = [
 
 # Tracebacks and reprs show the public path, not the private module (as trio does).
 for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith(__name__ + "."):
-        _obj.__module__ = __name__
-del _name, _obj
+    if getattr(globals()[_name], "__module__", "").startswith(__name__ + "."):
+        globals()[_name].__module__ = __name__
+del _name

@@ -4,7 +4,7 @@
 CheckpointError(Exception)
 ├── CheckpointNotFoundError(CheckpointError, FileNotFoundError)  .path
 ├── CheckpointCorruptedError(CheckpointError)                    .path .part
-├── CheckpointFormatError(CheckpointError, ValueError)           bad version, absurd sizes, bad names
+├── CheckpointFormatError(CheckpointError, ValueError)           bad version, absurd size, bad name
 └── CheckpointWriteError(CheckpointError)                        .path; __cause__ = the OSError
     └── CheckpointLockedError                                    another writer holds the directory
 OutOfRangeError(Exception)   end of input -> normal end      PreemptedError(Exception)  -> recover

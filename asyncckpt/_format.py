@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 import numpy as np
@@ -31,6 +30,9 @@ import numpy as np
 from ._crc32c import crc32c
 from ._errors import CheckpointCorruptedError, CheckpointFormatError
 from ._tree import ArrayLeaf, Spec, format_path, iter_array_refs
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "ALIGNMENT",
@@ -40,11 +42,11 @@ __all__ = [
     "PRELUDE_SIZE",
     "ArrayEntry",
     "Header",
+    "array_part",
+    "check_metadata",
     "decode_header",
     "decode_prelude",
     "encode_header",
-    "array_part",
-    "check_metadata",
 ]
 
 MAGIC: Final = b"\x89ACKPT\r\n"
@@ -113,8 +115,13 @@ def check_metadata(metadata: object) -> dict[str, Any]:
 
 
 def encode_header(
-    *, step: int | None, time: float, metadata: dict[str, Any], tree: Spec,
-    leaves: Sequence[ArrayLeaf], crcs: Sequence[int],
+    *,
+    step: int | None,
+    time: float,
+    metadata: dict[str, Any],
+    tree: Spec,
+    leaves: Sequence[ArrayLeaf],
+    crcs: Sequence[int],
 ) -> tuple[bytes, list[int], int]:
     """Encode prelude + header for arrays of known CRC32C.
 
@@ -144,11 +151,21 @@ def encode_header(
 
 
 def _pack_header(
-    step: int | None, time: float, metadata: dict[str, Any], tree: Spec,
-    arrays: list[list[Any]], file_size: int,
+    step: int | None,
+    time: float,
+    metadata: dict[str, Any],
+    tree: Spec,
+    arrays: list[list[Any]],
+    file_size: int,
 ) -> bytes:
-    fields = {"arrays": arrays, "file_size": file_size, "metadata": metadata, "step": step,
-              "time": time, "tree": tree}
+    fields = {
+        "arrays": arrays,
+        "file_size": file_size,
+        "metadata": metadata,
+        "step": step,
+        "time": time,
+        "tree": tree,
+    }
     return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
@@ -191,8 +208,9 @@ def decode_prelude(prelude: bytes, file_size: int, source: str) -> tuple[int, in
         raise CheckpointCorruptedError(source, "prelude", "checksum mismatch")
     if version != FORMAT_VERSION:
         raise CheckpointFormatError(
-            source, f"format version {version} is not supported (this asyncckpt reads version "
-            f"{FORMAT_VERSION}); upgrade asyncckpt to read it"
+            source,
+            f"format version {version} is not supported (this asyncckpt reads version "
+            f"{FORMAT_VERSION}); upgrade asyncckpt to read it",
         )
     if flags:
         raise CheckpointFormatError(source, f"unknown flags {flags:#x} in version 1")
@@ -211,9 +229,7 @@ def _reject_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def decode_header(
-    header: bytes, header_crc: int, file_size: int, source: str
-) -> Header:
+def decode_header(header: bytes, header_crc: int, file_size: int, source: str) -> Header:
     """Decode and validate the header; no allocation beyond a small multiple of its size.
 
     Raises:
@@ -224,14 +240,24 @@ def decode_header(
         raise CheckpointCorruptedError(source, "header", "checksum mismatch")
     try:
         raw = msgpack.unpackb(
-            header, raw=False, use_list=True, strict_map_key=True, ext_hook=_reject_ext,
-            max_array_len=len(header), max_map_len=len(header),
+            header,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_array_len=len(header),
+            max_map_len=len(header),
         )
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise CheckpointFormatError(source, f"undecodable header: {exc}") from None
     if not isinstance(raw, dict) or sorted(raw) != sorted(HEADER_KEYS):
         raise CheckpointFormatError(source, f"header must be a map with keys {HEADER_KEYS}")
-    step, time, metadata, declared_size = raw["step"], raw["time"], raw["metadata"], raw["file_size"]
+    step, time, metadata, declared_size = (
+        raw["step"],
+        raw["time"],
+        raw["metadata"],
+        raw["file_size"],
+    )
     if step is not None and (type(step) is not int):
         raise CheckpointFormatError(source, "header step must be an int or nil")
     if not isinstance(time, float) or not math.isfinite(time):
@@ -242,8 +268,10 @@ def decode_header(
         raise CheckpointFormatError(source, "header file_size must be an int")
     if declared_size != file_size:
         raise CheckpointCorruptedError(
-            source, "size", f"header declares {declared_size} bytes, the file has {file_size}"
-            + (" (truncated)" if file_size < declared_size else "")
+            source,
+            "size",
+            f"header declares {declared_size} bytes, the file has {file_size}"
+            + (" (truncated)" if file_size < declared_size else ""),
         )
     if not isinstance(raw["arrays"], list) or len(raw["arrays"]) > MAX_ARRAYS:
         raise CheckpointFormatError(source, "header arrays must be a list of bounded length")
@@ -266,8 +294,13 @@ def decode_header(
     if previous_end != file_size:
         raise CheckpointFormatError(source, "bytes after the last array or the header")
     return Header(
-        step=step, time=time, metadata=metadata, tree=raw["tree"], arrays=tuple(arrays),
-        file_size=file_size, data_start=data_start,
+        step=step,
+        time=time,
+        metadata=metadata,
+        tree=raw["tree"],
+        arrays=tuple(arrays),
+        file_size=file_size,
+        data_start=data_start,
     )
 
 
@@ -288,7 +321,8 @@ def _decode_entry(item: object, index: int, path: str, source: str) -> ArrayEntr
     descr, shape, offset, nbytes, crc = item
     dtype = _decode_dtype(descr, index, source)
     if (
-        not isinstance(shape, list) or len(shape) > MAX_NDIM
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
         or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise CheckpointFormatError(source, f"array {index} has an invalid shape")

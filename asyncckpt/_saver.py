@@ -12,9 +12,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import numpy as np
@@ -23,20 +22,32 @@ from . import _format, _storage
 from ._crc32c import crc32c
 from ._errors import (
     CheckpointCorruptedError,
+    CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
 )
 from ._tree import Snapshot, SnapshotPool, build, byte_view, check_into_array, match_into
-from ._types import StateTree
+
+if TYPE_CHECKING:
+    import mmap
+    from collections.abc import Callable, Iterator, Sequence
+
+    from ._types import StateTree
+from ._util import check_int
 
 __all__ = [
     "CheckpointState",
+    "FoundCheckpoint",
     "Saver",
     "get_checkpoint_state",
     "latest_checkpoint",
     "plan_retention",
+    "prune",
     "read_checkpoint",
     "read_header",
+    "read_header_sync",
+    "scan_directory",
+    "verify_file",
 ]
 
 STATE_FILENAME: Final = "checkpoint"
@@ -150,7 +161,9 @@ def parse_state(data: bytes, directory: str, source: str) -> CheckpointState:
     if len(stamps) != len(names):
         stamps = [0.0] * len(names)  # written without timestamps (older TensorFlow)
     return CheckpointState(
-        directory=directory, names=tuple(names), timestamps=tuple(stamps),
+        directory=directory,
+        names=tuple(names),
+        timestamps=tuple(stamps),
         last_preserved_timestamp=preserved,
     )
 
@@ -198,15 +211,20 @@ def latest_checkpoint(
     path = os.path.join(state.directory, state.latest)
     if _storage.file_info(path) is None:
         raise CheckpointNotFoundError(
-            path, "the state file names this checkpoint but it is missing; restore it, or run "
-            "`asyncckpt prune` to rewrite the state file from the checkpoints on disk"
+            path,
+            "the state file names this checkpoint but it is missing; restore it, or run "
+            "`asyncckpt prune` to rewrite the state file from the checkpoints on disk",
         )
     return path
 
 
 def plan_retention(
-    names: Sequence[str], timestamps: Sequence[float], *, max_to_keep: int | None,
-    keep_every_secs: float | None, last_preserved: float,
+    names: Sequence[str],
+    timestamps: Sequence[float],
+    *,
+    max_to_keep: int | None,
+    keep_every_secs: float | None,
+    last_preserved: float,
 ) -> tuple[list[str], list[float], list[str], float]:
     """Decide which checkpoints to keep (pure).
 
@@ -238,8 +256,13 @@ def _crcs(snapshot: Snapshot) -> list[int]:
 
 
 async def write_snapshot(
-    snapshot: Snapshot, path: str, *, step: int | None, metadata: dict[str, Any],
-    wall_time: float, limiter: anyio.CapacityLimiter | None = None,
+    snapshot: Snapshot,
+    path: str,
+    *,
+    step: int | None,
+    metadata: dict[str, Any],
+    wall_time: float,
+    limiter: anyio.CapacityLimiter | None = None,
 ) -> int:
     """Write one checkpoint file from a snapshot, atomically; return its size in bytes.
 
@@ -247,8 +270,12 @@ async def write_snapshot(
     """
     crcs = await anyio.to_thread.run_sync(_crcs, snapshot, limiter=limiter)
     head, offsets, file_size = _format.encode_header(
-        step=step, time=wall_time, metadata=metadata, tree=snapshot.spec,
-        leaves=snapshot.leaves, crcs=crcs,
+        step=step,
+        time=wall_time,
+        metadata=metadata,
+        tree=snapshot.spec,
+        leaves=snapshot.leaves,
+        crcs=crcs,
     )
     pieces: list[Any] = [head]
     position = len(head)
@@ -261,9 +288,7 @@ async def write_snapshot(
     return file_size
 
 
-async def read_header(
-    path: str, *, limiter: anyio.CapacityLimiter | None = None
-) -> _format.Header:
+async def read_header(path: str, *, limiter: anyio.CapacityLimiter | None = None) -> _format.Header:
     """Read and validate a checkpoint's header without reading its arrays."""
     async with _storage.open_for_read(path, limiter=limiter) as file:
         return await _read_header(file)
@@ -314,7 +339,11 @@ def _verify_arrays(
 
 
 async def read_checkpoint(
-    path: str, *, into: StateTree = None, use_mmap: bool = False, verify: bool = True,
+    path: str,
+    *,
+    into: StateTree = None,
+    use_mmap: bool = False,
+    verify: bool = True,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> tuple[_format.Header, StateTree]:
     """Read one checkpoint: into existing arrays, into fresh ones, or as read-only views.
@@ -339,9 +368,7 @@ async def read_checkpoint(
     return header, build(header.tree, arrays, into)
 
 
-def _allocate(
-    header: _format.Header, into: StateTree, path: str
-) -> list[np.ndarray[Any, Any]]:
+def _allocate(header: _format.Header, into: StateTree, path: str) -> list[np.ndarray[Any, Any]]:
     targets = match_into(header.tree, into, path) if into is not None else {}
     arrays = []
     for index, entry in enumerate(header.arrays):
@@ -356,8 +383,12 @@ def _allocate(
 
 
 async def _read_span(
-    file: _storage.ReadFile, header: _format.Header, span: list[int],
-    arrays: list[np.ndarray[Any, Any]], position: int, verify: bool,
+    file: _storage.ReadFile,
+    header: _format.Header,
+    span: list[int],
+    arrays: list[np.ndarray[Any, Any]],
+    position: int,
+    verify: bool,
 ) -> int:
     entries = header.arrays
     last = entries[span[-1]]
@@ -383,25 +414,37 @@ async def _read_span(
     return end
 
 
-def _read_mapped(
-    path: str, verify: bool
-) -> tuple[_format.Header, list[np.ndarray[Any, Any]]]:
-    mapped = _storage.open_mmap(path)
+def _decode_mapped(path: str, mapped: mmap.mmap) -> _format.Header:
     size = len(mapped)
-    header_len, header_crc = _format.decode_prelude(
-        mapped[: _format.PRELUDE_SIZE], size, path
-    )
-    header = _format.decode_header(
+    header_len, header_crc = _format.decode_prelude(mapped[: _format.PRELUDE_SIZE], size, path)
+    return _format.decode_header(
         mapped[_format.PRELUDE_SIZE : _format.PRELUDE_SIZE + header_len], header_crc, size, path
     )
+
+
+def read_header_sync(path: str) -> _format.Header:
+    """Read and validate a checkpoint's header from a synchronous caller (the CLI)."""
+    mapped = _storage.open_mmap(path)
+    try:
+        return _decode_mapped(path, mapped)
+    finally:
+        mapped.close()
+
+
+def _read_mapped(path: str, verify: bool) -> tuple[_format.Header, list[np.ndarray[Any, Any]]]:
+    mapped = _storage.open_mmap(path)
+    header = _decode_mapped(path, mapped)
     arrays: list[np.ndarray[Any, Any]] = []
     position = header.data_start
     for index, entry in enumerate(header.arrays):
         if verify:
             _check_padding(memoryview(mapped)[position : entry.offset], path, index)
         flat = np.frombuffer(mapped, np.uint8, entry.nbytes, entry.offset)
-        arrays.append(flat.view(entry.dtype).reshape(entry.shape) if entry.nbytes
-                      else np.empty(entry.shape, entry.dtype))
+        arrays.append(
+            flat.view(entry.dtype).reshape(entry.shape)
+            if entry.nbytes
+            else np.empty(entry.shape, entry.dtype)
+        )
         position = entry.offset + entry.nbytes
     if verify:
         _verify_arrays(path, header.arrays, arrays)
@@ -440,11 +483,15 @@ class Saver:
     """
 
     def __init__(
-        self, max_to_keep: int | None = 5, keep_checkpoint_every_n_hours: float | None = 10000.0,
-        *, latest_filename: str = STATE_FILENAME, clock: Callable[[], float] = time.time,
+        self,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = 10000.0,
+        *,
+        latest_filename: str = STATE_FILENAME,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 0):
-            raise ValueError(f"max_to_keep must be None or an int >= 0, not {max_to_keep!r}")
+        if max_to_keep is not None:
+            check_int("max_to_keep", max_to_keep, minimum=0)
         if keep_checkpoint_every_n_hours is not None and not keep_checkpoint_every_n_hours > 0:
             raise ValueError("keep_checkpoint_every_n_hours must be positive (or None)")
         _state_path(".", latest_filename)
@@ -457,8 +504,10 @@ class Saver:
         self._pool = SnapshotPool(max_free_sets=1)
 
     def __repr__(self) -> str:
-        return (f"Saver(max_to_keep={self.max_to_keep}, keep_checkpoint_every_n_hours="
-                f"{self.keep_checkpoint_every_n_hours}, directories={sorted(self._books)})")
+        return (
+            f"Saver(max_to_keep={self.max_to_keep}, keep_checkpoint_every_n_hours="
+            f"{self.keep_checkpoint_every_n_hours}, directories={sorted(self._books)})"
+        )
 
     # The manager holds the directory lock for its whole life; a bare Saver takes it per save.
     def _hold(self, directory: str) -> list[str]:
@@ -511,8 +560,12 @@ class Saver:
         return self._book(os.fspath(checkpoint_dir)).state.paths()
 
     async def save(
-        self, state: StateTree, save_path: str | os.PathLike[str], global_step: int | None = None,
-        *, metadata: dict[str, Any] | None = None,
+        self,
+        state: StateTree,
+        save_path: str | os.PathLike[str],
+        global_step: int | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
     ) -> str:
         """Save ``state`` to ``<save_path>-<global_step>`` and return that path.
 
@@ -534,7 +587,9 @@ class Saver:
         return path
 
     def _prepare(
-        self, save_path: str | os.PathLike[str], global_step: int | None,
+        self,
+        save_path: str | os.PathLike[str],
+        global_step: int | None,
         metadata: dict[str, Any] | None,
     ) -> tuple[str, int | None, dict[str, Any]]:
         prefix = os.fspath(save_path)
@@ -545,7 +600,7 @@ class Saver:
             if global_step < 0:
                 raise ValueError(f"global_step must be >= 0, not {global_step}")
         path = f"{prefix}-{global_step}" if global_step is not None else prefix
-        directory, name = os.path.split(path)
+        _directory, name = os.path.split(path)
         check_name(name, path)
         if name == self.latest_filename or name.startswith("."):
             raise ValueError(f"checkpoint name {name!r} collides with the state file or temps")
@@ -553,7 +608,12 @@ class Saver:
         return path, global_step, meta
 
     async def _commit(
-        self, snapshot: Snapshot, path: str, *, step: int | None, metadata: dict[str, Any],
+        self,
+        snapshot: Snapshot,
+        path: str,
+        *,
+        step: int | None,
+        metadata: dict[str, Any],
         limiter: anyio.CapacityLimiter | None = None,
     ) -> int:
         directory, name = os.path.split(path)
@@ -567,36 +627,54 @@ class Saver:
             names = [n for n in old.names if n != name] + [name]
             stamps = [t for n, t in zip(old.names, old.timestamps, strict=True) if n != name]
             stamps.append(now)
-            keep_secs = (None if self.keep_checkpoint_every_n_hours is None
-                         else self.keep_checkpoint_every_n_hours * 3600.0)
-            last_preserved = (self._created if old.last_preserved_timestamp is None
-                              else old.last_preserved_timestamp)
+            keep_secs = (
+                None
+                if self.keep_checkpoint_every_n_hours is None
+                else self.keep_checkpoint_every_n_hours * 3600.0
+            )
+            last_preserved = (
+                self._created
+                if old.last_preserved_timestamp is None
+                else old.last_preserved_timestamp
+            )
             names, stamps, delete, last_preserved = plan_retention(
-                names, stamps, max_to_keep=self.max_to_keep, keep_every_secs=keep_secs,
+                names,
+                stamps,
+                max_to_keep=self.max_to_keep,
+                keep_every_secs=keep_secs,
                 last_preserved=last_preserved,
             )
             new_state = CheckpointState(
-                directory=directory, names=tuple(names), timestamps=tuple(stamps),
+                directory=directory,
+                names=tuple(names),
+                timestamps=tuple(stamps),
                 last_preserved_timestamp=last_preserved,
             )
             state_path = _state_path(directory, self.latest_filename)
             # The state file names only durable checkpoints; deletions come after it, so a
             # crash in between leaves unlisted files, never a listed file that is gone.
             await anyio.to_thread.run_sync(
-                _storage.write_small_file_atomic, state_path, format_state(new_state),
+                _storage.write_small_file_atomic,
+                state_path,
+                format_state(new_state),
                 limiter=limiter,
             )
             book.state = new_state
             if delete:
                 await anyio.to_thread.run_sync(
-                    _storage.remove_files, [os.path.join(directory, n) for n in delete],
+                    _storage.remove_files,
+                    [os.path.join(directory, n) for n in delete],
                     limiter=limiter,
                 )
         return size
 
     async def restore(
-        self, save_path: str | os.PathLike[str] | None, into: StateTree = None, *,
-        mmap: bool = False, verify: bool = True,
+        self,
+        save_path: str | os.PathLike[str] | None,
+        into: StateTree = None,
+        *,
+        mmap: bool = False,
+        verify: bool = True,
     ) -> StateTree:
         """Read the checkpoint at ``save_path`` and return its tree.
 
@@ -614,8 +692,10 @@ class Saver:
             ValueError: ``save_path`` is None, or ``into`` does not match the checkpoint.
         """
         if save_path is None:
-            raise ValueError("save_path is None: there is no checkpoint to restore; check "
-                             "latest_checkpoint(dir) before calling restore")
+            raise ValueError(
+                "save_path is None: there is no checkpoint to restore; check "
+                "latest_checkpoint(dir) before calling restore"
+            )
         _header, tree = await read_checkpoint(
             os.fspath(save_path), into=into, use_mmap=mmap, verify=verify
         )
@@ -625,5 +705,115 @@ class Saver:
     def latest_checkpoint(
         checkpoint_dir: str | os.PathLike[str], latest_filename: str | None = None
     ) -> str | None:
-        """Return the newest checkpoint's path in ``checkpoint_dir`` or None (see module function)."""
+        """Return the newest checkpoint's path in ``checkpoint_dir``, or None."""
         return latest_checkpoint(checkpoint_dir, latest_filename)
+
+
+# -- directory maintenance (the command line) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FoundCheckpoint:
+    """A checkpoint file found on disk, with its header or the reason it could not be read."""
+
+    name: str
+    path: str
+    size: int
+    mtime: float
+    header: _format.Header | None
+    error: CheckpointError | None
+
+
+def scan_directory(directory: str) -> list[FoundCheckpoint]:
+    """Find every checkpoint file in ``directory`` (by its magic bytes), headers read."""
+    found = []
+    for name in _storage.list_names(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(".") or _storage.read_prefix(path, len(_format.MAGIC)) != _format.MAGIC:
+            continue
+        info = _storage.file_info(path)
+        if info is None:
+            continue
+        header: _format.Header | None = None
+        error: CheckpointError | None = None
+        try:
+            header = read_header_sync(path)
+        except CheckpointError as exc:
+            error = exc
+        found.append(
+            FoundCheckpoint(
+                name=name,
+                path=path,
+                size=info.st_size,
+                mtime=info.st_mtime,
+                header=header,
+                error=error,
+            )
+        )
+    return found
+
+
+def verify_file(path: str) -> _format.Header:
+    """Check every byte of one checkpoint (prelude, header, padding, arrays); return its header.
+
+    Raises:
+        CheckpointCorruptedError, CheckpointFormatError, CheckpointNotFoundError.
+    """
+    header, _arrays = _read_mapped(path, verify=True)
+    return header
+
+
+def prune(
+    directory: str, keep: int, latest_filename: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Keep the newest ``keep`` listed checkpoints, delete the other listed ones.
+
+    A state file that is missing, damaged or names missing files is rebuilt from the
+    checkpoints on disk (ordered by the step in their headers). Unlisted checkpoints (kept
+    by ``keep_checkpoint_every_n_hours``) are left alone unless the list is rebuilt.
+
+    Returns:
+        ``(kept names, deleted names)``.
+
+    Raises:
+        CheckpointLockedError: a writer holds the directory.
+        ValueError: ``keep`` is negative.
+    """
+    if keep < 0:
+        raise ValueError(f"--keep must be >= 0, not {keep}")
+    lock = _storage.DirectoryLock(directory)
+    lock.acquire()
+    try:
+        _storage.remove_temp_files(directory)
+        try:
+            state = get_checkpoint_state(directory, latest_filename)
+        except CheckpointError:
+            state = None
+        if state is not None and all(_storage.file_info(p) is not None for p in state.paths()):
+            names, stamps = list(state.names), list(state.timestamps)
+        else:
+            readable = [f for f in scan_directory(directory) if f.header is not None]
+            readable.sort(
+                key=lambda f: (
+                    f.header.step if f.header and f.header.step is not None else -1,
+                    f.mtime,
+                )
+            )
+            names = [f.name for f in readable]
+            stamps = [f.header.time if f.header else f.mtime for f in readable]
+        cut = max(len(names) - keep, 0)
+        deleted, names, stamps = names[:cut], names[cut:], stamps[cut:]
+        preserved = state.last_preserved_timestamp if state is not None else None
+        new_state = CheckpointState(
+            directory=directory,
+            names=tuple(names),
+            timestamps=tuple(stamps),
+            last_preserved_timestamp=preserved,
+        )
+        _storage.write_small_file_atomic(
+            _state_path(directory, latest_filename), format_state(new_state)
+        )
+        _storage.remove_files([os.path.join(directory, n) for n in deleted])
+        return names, deleted
+    finally:
+        lock.release()

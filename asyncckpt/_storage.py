@@ -21,7 +21,6 @@ import mmap
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -35,6 +34,8 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Sequence
+
     from ._types import Buffer
 
 __all__ = [
@@ -43,10 +44,12 @@ __all__ = [
     "DirectoryLock",
     "FaultPlan",
     "ReadFile",
+    "file_info",
     "install_faults",
     "list_names",
     "open_for_read",
     "open_mmap",
+    "read_prefix",
     "read_small_file",
     "remove_files",
     "remove_temp_files",
@@ -153,14 +156,15 @@ def write_small_file_atomic(path: str, data: bytes) -> None:
     Raises:
         CheckpointWriteError: the file could not be written; the old one is untouched.
     """
-    file = None
     try:
         file, temp_path = _open_temp_sync(path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
         file.write(data)
         _commit_sync(file, temp_path, path)
     except OSError as exc:
-        if file is not None:
-            _discard_sync(file, temp_path)
+        _discard_sync(file, temp_path)
         raise _write_error(path, exc) from exc
 
 
@@ -443,3 +447,17 @@ def open_mmap(path: str) -> mmap.mmap:
         if not size:
             raise CheckpointNotFoundError(path, "empty file")
         return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+
+
+def read_prefix(path: str, size: int) -> bytes:
+    """Return the first ``size`` bytes of a regular file (b"" for anything else)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)

@@ -16,14 +16,16 @@ A spec node is a list whose first item is a tag:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from ._errors import CheckpointFormatError
 from ._types import StateTree, SupportsStateDict
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
 __all__ = [
     "MAX_DEPTH",
@@ -53,10 +55,10 @@ def format_path(path: TreePath) -> str:
     return "/".join(str(key) for key in path) if path else "<root>"
 
 
-def byte_view(array: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """Return the bytes of a C-contiguous array as a flat uint8 view (no copy)."""
+def byte_view(array: np.ndarray[Any, Any]) -> memoryview:
+    """Return the bytes of a C-contiguous array as a flat, writable-if-the-array-is view."""
     flat = array.reshape(-1)
-    return flat.view(np.uint8) if flat.dtype.itemsize else np.empty(0, np.uint8)
+    return (flat.view(np.uint8) if flat.dtype.itemsize else np.empty(0, np.uint8)).data
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ class Snapshot:
         """Return the buffers to the pool; the snapshot must not be used afterwards."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool._give_back(self._buffers)  # noqa: SLF001 - pool and snapshot are one unit
+            pool._give_back(self._buffers)
 
 
 class SnapshotPool:
@@ -122,7 +124,9 @@ class SnapshotPool:
         return snapshot
 
     def _buffer_for(
-        self, reusable: dict[TreePath, np.ndarray[Any, Any]], path: TreePath,
+        self,
+        reusable: dict[TreePath, np.ndarray[Any, Any]],
+        path: TreePath,
         like: np.ndarray[Any, Any],
     ) -> np.ndarray[Any, Any]:
         buffer = reusable.pop(path, None)
@@ -139,7 +143,9 @@ class SnapshotPool:
 
 class _Flattener:
     def __init__(
-        self, pool: SnapshotPool, reusable: dict[TreePath, np.ndarray[Any, Any]],
+        self,
+        pool: SnapshotPool,
+        reusable: dict[TreePath, np.ndarray[Any, Any]],
         snapshot: Snapshot,
     ) -> None:
         self._pool = pool
@@ -148,9 +154,9 @@ class _Flattener:
 
     def _leaf(self, tag: str, path: TreePath, array: np.ndarray[Any, Any]) -> Spec:
         if array.flags.writeable or not array.flags.c_contiguous:
-            buffer = self._pool._buffer_for(self._reusable, path, array)  # noqa: SLF001
+            buffer = self._pool._buffer_for(self._reusable, path, array)
             np.copyto(buffer, array, casting="no")
-            self._snapshot._buffers[path] = buffer  # noqa: SLF001
+            self._snapshot._buffers[path] = buffer
             array = buffer
         self._snapshot.leaves.append(ArrayLeaf(path, array))
         self._snapshot.nbytes += array.nbytes
@@ -276,9 +282,7 @@ def _scalar_ok(tag: str, args: list[Any]) -> bool:
     return False
 
 
-def match_into(
-    spec: Spec, into: StateTree, source: str
-) -> dict[int, np.ndarray[Any, Any]]:
+def match_into(spec: Spec, into: StateTree, source: str) -> dict[int, np.ndarray[Any, Any]]:
     """Check that ``into`` has the checkpoint's structure; return the arrays to fill in place.
 
     Only writable C-contiguous arrays of the same dtype and shape are filled in place; other
@@ -293,38 +297,51 @@ def match_into(
 
 
 def _match(
-    node: Spec, live: object, path: TreePath, targets: dict[int, np.ndarray[Any, Any]],
+    node: Spec,
+    live: object,
+    path: TreePath,
+    targets: dict[int, np.ndarray[Any, Any]],
     source: str,
 ) -> None:
     tag = node[0]
     where = format_path(path)
     if tag == "o":
         if not isinstance(live, SupportsStateDict):
-            raise ValueError(f"{source}: at {where} the checkpoint holds a state_dict() object "
-                             f"but into= holds {type(live).__name__}")
+            raise ValueError(
+                f"{source}: at {where} the checkpoint holds a state_dict() object "
+                f"but into= holds {type(live).__name__}"
+            )
         _match(node[1], live.state_dict(), path, targets, source)
     elif tag == "d":
         if not isinstance(live, dict):
-            raise ValueError(f"{source}: at {where} the checkpoint holds a dict "
-                             f"but into= holds {type(live).__name__}")
+            raise ValueError(
+                f"{source}: at {where} the checkpoint holds a dict "
+                f"but into= holds {type(live).__name__}"
+            )
         saved_keys = [key for key, _ in node[1]]
         missing = [k for k in saved_keys if k not in live]
         unexpected = [k for k in live if k not in set(saved_keys)]
         if missing or unexpected:
-            raise ValueError(f"{source}: at {where} keys differ from into=: missing from into= "
-                             f"{missing}, not in the checkpoint {unexpected}")
+            raise ValueError(
+                f"{source}: at {where} keys differ from into=: missing from into= "
+                f"{missing}, not in the checkpoint {unexpected}"
+            )
         for key, child in node[1]:
             _match(child, live[key], (*path, key), targets, source)
     elif tag in ("l", "t"):
         if not isinstance(live, list | tuple) or len(live) != len(node[1]):
-            raise ValueError(f"{source}: at {where} the checkpoint holds a sequence of "
-                             f"{len(node[1])} items but into= holds {_describe(live)}")
+            raise ValueError(
+                f"{source}: at {where} the checkpoint holds a sequence of "
+                f"{len(node[1])} items but into= holds {_describe(live)}"
+            )
         for i, child in enumerate(node[1]):
             _match(child, live[i], (*path, i), targets, source)
     elif tag == "a":
         if not isinstance(live, np.ndarray):
-            raise ValueError(f"{source}: at {where} the checkpoint holds an array "
-                             f"but into= holds {type(live).__name__}")
+            raise ValueError(
+                f"{source}: at {where} the checkpoint holds an array "
+                f"but into= holds {type(live).__name__}"
+            )
         targets[node[1]] = live
 
 
@@ -335,8 +352,12 @@ def _describe(value: object) -> str:
 
 
 def check_into_array(
-    index: int, live: np.ndarray[Any, Any], dtype: np.dtype[Any], shape: tuple[int, ...],
-    path: str, source: str,
+    index: int,
+    live: np.ndarray[Any, Any],
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    path: str,
+    source: str,
 ) -> bool:
     """Return whether array ``index`` can be read straight into ``live``.
 
@@ -351,9 +372,7 @@ def check_into_array(
     return bool(live.flags.writeable and live.flags.c_contiguous)
 
 
-def build(
-    spec: Spec, arrays: Sequence[np.ndarray[Any, Any]], into: StateTree = None
-) -> StateTree:
+def build(spec: Spec, arrays: Sequence[np.ndarray[Any, Any]], into: StateTree = None) -> StateTree:
     """Rebuild the tree from a validated spec and its arrays.
 
     With ``into``, dicts and lists of ``into`` are updated in place, arrays that were not

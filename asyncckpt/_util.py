@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-__all__ = ["call_maybe_async", "single_exception"]
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+__all__ = ["call_maybe_async", "check_int", "single_exception"]
 
 T = TypeVar("T")
 
@@ -40,5 +42,19 @@ async def call_maybe_async(fn: Callable[..., T | Awaitable[T]], *args: Any) -> T
     """Call ``fn`` and await its result only if it is awaitable (plain or async callbacks)."""
     result = fn(*args)
     if inspect.isawaitable(result):
-        return await result  # type: ignore[no-any-return]
+        return await result
     return result
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum``.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {value}")
+    return value

@@ -11,8 +11,7 @@ import os
 from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Literal, Self, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
 
 import anyio
 import anyio.abc
@@ -20,8 +19,12 @@ import anyio.abc
 from ._errors import CheckpointError, CheckpointNotFoundError
 from ._saver import Saver, check_name
 from ._tree import Snapshot, SnapshotPool
-from ._types import StateTree
-from ._util import single_exception
+from ._util import check_int, single_exception
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ._types import StateTree
 
 __all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy"]
 
@@ -146,13 +149,17 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], max_to_keep: int | None = 5,
-        keep_checkpoint_every_n_hours: float | None = None, basename: str = "model.ckpt",
-        max_pending: int = 1, policy: Policy = "block", *,
+        self,
+        directory: str | os.PathLike[str],
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = None,
+        basename: str = "model.ckpt",
+        max_pending: int = 1,
+        policy: Policy = "block",
+        *,
         stop_grace_period_secs: float = 120.0,
     ) -> None:
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be an int >= 1, not {max_pending!r}")
+        check_int("max_pending", max_pending, minimum=1)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, not {policy!r}")
         if not stop_grace_period_secs >= 0:
@@ -179,9 +186,11 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._entered else "new"
-        return (f"<CheckpointManager {self.directory!r} {state} policy={self.policy!r} "
-                f"pending={self._pending()}/{self.max_pending} written={self._written} "
-                f"latest_step={self._latest_step}>")
+        return (
+            f"<CheckpointManager {self.directory!r} {state} policy={self.policy!r} "
+            f"pending={self._pending()}/{self.max_pending} written={self._written} "
+            f"latest_step={self._latest_step}>"
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -191,8 +200,8 @@ class CheckpointManager:
         self._entered = True
         async with AsyncExitStack() as stack:
             self._limiter = anyio.CapacityLimiter(_IO_THREADS)
-            await anyio.to_thread.run_sync(self._saver._hold, self.directory)  # noqa: SLF001
-            stack.callback(self._saver._release, self.directory)  # noqa: SLF001
+            await anyio.to_thread.run_sync(self._saver._hold, self.directory)
+            stack.callback(self._saver._release, self.directory)
             names = self._saver.last_checkpoints(self.directory)
             self._latest_step = self._step_of(os.path.basename(names[-1])) if names else None
             self._queue = _JobQueue(self.max_pending)
@@ -202,7 +211,9 @@ class CheckpointManager:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self._close(exc)
@@ -219,7 +230,8 @@ class CheckpointManager:
         stack, self._stack = self._stack, None
         if stack is None:
             return
-        assert self._queue is not None and self._task_group is not None
+        assert self._queue is not None
+        assert self._task_group is not None
         self._closed = True
         try:
             if exc is None:
@@ -253,8 +265,11 @@ class CheckpointManager:
             while (job := await self._queue.get()) is not None:
                 self._writing = job
                 try:
-                    size = await self._saver._commit(  # noqa: SLF001
-                        job.snapshot, job.path, step=job.step, metadata=job.metadata,
+                    size = await self._saver._commit(
+                        job.snapshot,
+                        job.path,
+                        step=job.step,
+                        metadata=job.metadata,
                         limiter=self._limiter,
                     )
                 except CheckpointError as exc:
@@ -280,7 +295,8 @@ class CheckpointManager:
         if self._queue is None or self._closed:
             raise RuntimeError(
                 "the CheckpointManager is not open: use it as `async with CheckpointManager(...)`"
-                if not self._closed else "the CheckpointManager is closed"
+                if not self._closed
+                else "the CheckpointManager is closed"
             )
         return self._queue
 
@@ -314,7 +330,7 @@ class CheckpointManager:
         """
         queue = self._open_queue()
         self._raise_unreported()
-        path, step_value, meta = self._saver._prepare(  # noqa: SLF001
+        path, step_value, meta = self._saver._prepare(
             os.path.join(self.directory, self.basename), step, metadata
         )
         if step_value is None:
@@ -356,7 +372,7 @@ class CheckpointManager:
 
     def _step_of(self, name: str) -> int | None:
         prefix = f"{self.basename}-"
-        suffix = name[len(prefix):] if name.startswith(prefix) else ""
+        suffix = name[len(prefix) :] if name.startswith(prefix) else ""
         return int(suffix) if suffix.isdigit() else None
 
     def latest_step(self) -> int | None:
@@ -366,11 +382,16 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         """Steps of the kept checkpoints, oldest first."""
         names = self._saver.last_checkpoints(self.directory)
-        return [s for s in map(self._step_of, (os.path.basename(n) for n in names))
-                if s is not None]
+        return [
+            s for s in map(self._step_of, (os.path.basename(n) for n in names)) if s is not None
+        ]
 
     async def restore(
-        self, step: int | None = None, into: StateTree = None, *, mmap: bool = False,
+        self,
+        step: int | None = None,
+        into: StateTree = None,
+        *,
+        mmap: bool = False,
         verify: bool = True,
     ) -> StateTree:
         """Restore checkpoint ``step`` (the latest when None) after pending writes finish.
@@ -397,9 +418,15 @@ class CheckpointManager:
     def statistics(self) -> CheckpointManagerStatistics:
         """Return the counters (pending, written, skipped, replaced, errors, bytes)."""
         return CheckpointManagerStatistics(
-            pending=self._pending(), max_pending=self.max_pending, written=self._written,
-            skipped=self._skipped, replaced=self._replaced, failed=self._failed,
-            bytes_written=self._bytes, latest_step=self._latest_step,
-            last_error=self._last_error, buffers_allocated=self._pool.buffers_allocated,
+            pending=self._pending(),
+            max_pending=self.max_pending,
+            written=self._written,
+            skipped=self._skipped,
+            replaced=self._replaced,
+            failed=self._failed,
+            bytes_written=self._bytes,
+            latest_step=self._latest_step,
+            last_error=self._last_error,
+            buffers_allocated=self._pool.buffers_allocated,
             bytes_allocated=self._pool.bytes_allocated,
         )
