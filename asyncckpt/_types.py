@@ -30,6 +30,8 @@ class SupportsStateDict(Protocol):
     """An object whose state is saved through ``state_dict()`` and restored through
     ``load_state_dict()`` (PyTorch modules and optimizers, resumable iterators)."""
 
-    def state_dict(self) -> Any: ...
+    def state_dict(self) -> Any:
+        """Return the object's state as a tree."""
 
-    def load_state_dict(self, state_dict: Any, /) -> Any: ...
+    def load_state_dict(self, state_dict: Any, /) -> Any:
+        """Replace the object's state with a tree that ``state_dict()`` returned."""

@@ -1,0 +1,1 @@
+"""asyncckpt benchmarks: ``python -m benchmarks`` (``--smoke`` for a seconds-long run)."""
