@@ -20,7 +20,9 @@ Layout (little-endian)::
 from __future__ import annotations
 
 import math
+import re
 import struct
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -58,6 +60,13 @@ MAX_HEADER_BYTES: Final = 256 * 1024 * 1024
 MAX_ARRAYS: Final = 10_000_000
 MAX_DTYPE_CHARS: Final = 4096
 MAX_NDIM: Final = 64  # numpy's own limit
+MAX_DTYPE_NESTING: Final = 32
+"""Deepest structured dtype (fields of fields) a reader accepts."""
+
+# dtype.str as numpy writes it, for the kinds a checkpoint may hold: bool, signed and
+# unsigned int, float, complex, timedelta, datetime, bytes, str, raw void. Matching it before
+# numpy parses the text keeps aliases (some deprecated, some not data at all) out.
+_DTYPE_STR: Final = re.compile(r"[<>|][biufcmMSUV][0-9]+(?:\[[0-9]*[A-Za-z]+\])?")
 
 _PRELUDE = struct.Struct("<8sIIQII")
 HEADER_KEYS: Final = ("arrays", "file_size", "metadata", "step", "time", "tree")
@@ -158,12 +167,16 @@ def _pack_header(
     arrays: list[list[Any]],
     file_size: int,
 ) -> bytes:
+    # A reader refuses anything but a finite float, so never write anything else (a clock
+    # returning an int would otherwise produce a file that cannot be read back).
+    if not math.isfinite(time):
+        raise ValueError(f"checkpoint time must be a finite number, not {time!r}")
     fields = {
         "arrays": arrays,
         "file_size": file_size,
         "metadata": metadata,
         "step": step,
-        "time": time,
+        "time": float(time),
         "tree": tree,
     }
     return bytes(msgpack.packb(fields, use_bin_type=True))
@@ -172,9 +185,11 @@ def _pack_header(
 def _finish_without_arrays(
     step: int | None, time: float, metadata: dict[str, Any], tree: Spec
 ) -> tuple[bytes, list[int], int]:
-    # file_size is part of the header it measures; its msgpack width settles in two rounds.
+    # file_size is part of the header it measures. Each round measures the header holding
+    # the previous guess; guesses only grow, with the msgpack width of file_size (1, 2, 3,
+    # 5 or 9 bytes), so they settle in a few rounds: 0 -> 255 -> 256 -> 257 takes four.
     size = 0
-    for _ in range(3):
+    for _ in range(8):
         header = _pack_header(step, time, metadata, tree, [], size)
         if PRELUDE_SIZE + len(header) == size:
             return _encode_prelude(header) + header, [], size
@@ -250,7 +265,7 @@ def decode_header(header: bytes, header_crc: int, file_size: int, source: str) -
         )
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise CheckpointFormatError(source, f"undecodable header: {exc}") from None
-    if not isinstance(raw, dict) or sorted(raw) != sorted(HEADER_KEYS):
+    if not isinstance(raw, dict) or raw.keys() != set(HEADER_KEYS):
         raise CheckpointFormatError(source, f"header must be a map with keys {HEADER_KEYS}")
     step, time, metadata, declared_size = (
         raw["step"],
@@ -276,11 +291,12 @@ def decode_header(header: bytes, header_crc: int, file_size: int, source: str) -
     if not isinstance(raw["arrays"], list) or len(raw["arrays"]) > MAX_ARRAYS:
         raise CheckpointFormatError(source, "header arrays must be a list of bounded length")
     data_start = PRELUDE_SIZE + len(header)
-    paths = _array_paths(raw["tree"], len(raw["arrays"]), source)
+    paths, tags = _array_paths(raw["tree"], len(raw["arrays"]), source)
     arrays = []
     previous_end = data_start
     for index, item in enumerate(raw["arrays"]):
         entry = _decode_entry(item, index, paths[index], source)
+        _check_tag(entry, tags[index], index, source)
         if entry.offset % ALIGNMENT or entry.offset < previous_end:
             raise CheckpointFormatError(
                 source, f"array {index} at offset {entry.offset} is misaligned or overlaps"
@@ -304,15 +320,26 @@ def decode_header(header: bytes, header_crc: int, file_size: int, source: str) -
     )
 
 
-def _array_paths(tree: object, count: int, source: str) -> list[str]:
+def _array_paths(tree: object, count: int, source: str) -> tuple[list[str], list[str]]:
     paths: list[str | None] = [None] * count
-    for path, _tag, index in iter_array_refs(tree, source):
+    tags = [""] * count
+    for path, tag, index in iter_array_refs(tree, source):
         if not 0 <= index < count or paths[index] is not None:
             raise CheckpointFormatError(source, f"tree references array {index} wrongly")
         paths[index] = format_path(path)
+        tags[index] = tag
     if any(p is None for p in paths):
         raise CheckpointFormatError(source, "header lists arrays the tree does not use")
-    return [p for p in paths if p is not None]
+    return [p for p in paths if p is not None], tags
+
+
+def _check_tag(entry: ArrayEntry, tag: str, index: int, source: str) -> None:
+    # A numpy scalar is a 0-d array, bytes a flat uint8 array; anything else would come
+    # back as something the writer never saved.
+    if tag == "g" and entry.shape != ():
+        raise CheckpointFormatError(source, f"array {index} holds a numpy scalar but is not 0-d")
+    if tag == "y" and (entry.dtype != np.dtype(np.uint8) or len(entry.shape) != 1):
+        raise CheckpointFormatError(source, f"array {index} holds bytes but is not flat uint8")
 
 
 def _decode_entry(item: object, index: int, path: str, source: str) -> ArrayEntry:
@@ -332,21 +359,80 @@ def _decode_entry(item: object, index: int, path: str, source: str) -> ArrayEntr
         raise CheckpointFormatError(
             source, f"array {index} declares {nbytes} bytes for {dtype}{shape}"
         )
+    # An empty array can declare huge other dimensions; numpy refuses those (ValueError).
+    if math.prod(d for d in shape if d) * max(dtype.itemsize, 1) > sys.maxsize:
+        raise CheckpointFormatError(source, f"array {index} has a shape numpy cannot hold")
     return ArrayEntry(path, dtype, tuple(shape), offset, nbytes, crc)
 
 
 def _decode_dtype(descr: object, index: int, source: str) -> np.dtype[Any]:
-    if not isinstance(descr, str | list) or len(repr(descr)) > MAX_DTYPE_CHARS:
-        raise CheckpointFormatError(source, f"array {index} has an invalid dtype")
     try:
-        dtype = np.dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])
-    except (TypeError, ValueError, SyntaxError) as exc:
+        if not isinstance(descr, str | list) or len(repr(descr)) > MAX_DTYPE_CHARS:
+            raise ValueError("not a dtype description of bounded size")
+        dtype = _dtype_from_descr(descr, 0)
+    except (TypeError, ValueError, SyntaxError, RecursionError) as exc:
         raise CheckpointFormatError(source, f"array {index} has an invalid dtype: {exc}") from None
     if dtype.hasobject:
         raise CheckpointFormatError(source, f"array {index} has an object dtype (never loaded)")
     if dtype.subdtype is not None:
         raise CheckpointFormatError(source, f"array {index} has a subarray dtype")
     return dtype
+
+
+def _dtype_from_descr(descr: object, depth: int) -> np.dtype[Any]:
+    """Rebuild a dtype from ``_dtype_descr``'s output after a msgpack round trip.
+
+    The inverse of ``dtype.descr`` as ``numpy.lib.format.descr_to_dtype`` computes it (padding
+    fields named ``""`` become offsets again), for lists where numpy has tuples.
+    """
+    if depth > MAX_DTYPE_NESTING:
+        raise ValueError(f"structured dtype nested deeper than {MAX_DTYPE_NESTING} levels")
+    if isinstance(descr, str):
+        if not _DTYPE_STR.fullmatch(descr):
+            raise ValueError(
+                f"{descr!r} is not a dtype a checkpoint may hold (bool, int, uint, float, "
+                "complex, timedelta, datetime, bytes, str or void, in numpy's dtype.str form; "
+                "never object)"
+            )
+        return np.dtype(descr)
+    if not isinstance(descr, list):
+        raise TypeError(f"dtype description {type(descr).__name__} is neither str nor list")
+    names: list[str] = []
+    titles: list[str | None] = []
+    formats: list[np.dtype[Any]] = []
+    offsets: list[int] = []
+    offset = 0
+    for field in descr:
+        if not isinstance(field, list) or len(field) not in (2, 3):
+            raise ValueError("a field must be [name, dtype] or [name, dtype, shape]")
+        name, field_dtype = field[0], _dtype_from_descr(field[1], depth + 1)
+        if len(field) == 3:
+            shape = field[2]
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError("a field's shape must be a list of non-negative ints")
+            field_dtype = np.dtype((field_dtype, tuple(shape)))
+        if name == "" and field_dtype.kind == "V" and field_dtype.names is None:
+            offset += field_dtype.itemsize  # padding that dtype.descr spells out
+            continue
+        title = None
+        if isinstance(name, list) and len(name) == 2:
+            title, name = name
+        if not isinstance(name, str) or not isinstance(title, str | None):
+            raise ValueError("a field name must be a str or [title, name]")
+        names.append(name)
+        titles.append(title)
+        formats.append(field_dtype)
+        offsets.append(offset)
+        offset += field_dtype.itemsize
+    return np.dtype(
+        {
+            "names": names,
+            "formats": formats,
+            "titles": titles,
+            "offsets": offsets,
+            "itemsize": offset,
+        }
+    )
 
 
 def array_part(entry: ArrayEntry, index: int) -> str:

@@ -25,6 +25,7 @@ from ._errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
 )
 from ._tree import Snapshot, SnapshotPool, build, byte_view, check_into_array, match_into
 
@@ -166,6 +167,14 @@ def parse_state(data: bytes, directory: str, source: str) -> CheckpointState:
         timestamps=tuple(stamps),
         last_preserved_timestamp=preserved,
     )
+
+
+def _reason(exc: BaseException) -> str:
+    """Describe the OSError behind a storage error as ``strerror (errno N)``."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return f"{cause.strerror or cause} (errno {cause.errno})"
+    return str(exc)
 
 
 def _state_path(directory: str, latest_filename: str | None) -> str:
@@ -356,10 +365,15 @@ async def read_checkpoint(
     """
     if use_mmap:
         header, arrays = await anyio.to_thread.run_sync(_read_mapped, path, verify, limiter=limiter)
+        _into_targets(header, into, path)  # the mapped arrays are then copied into into=
         return header, build(header.tree, arrays, into)
     async with _storage.open_for_read(path, limiter=limiter) as file:
         header = await _read_header(file)
-        arrays = _allocate(header, into, path)
+        targets = _into_targets(header, into, path)
+        arrays = [
+            targets[index] if index in targets else np.empty(entry.shape, entry.dtype)
+            for index, entry in enumerate(header.arrays)
+        ]
         position = header.data_start
         for span in _spans(header.arrays):
             position = await _read_span(file, header, span, arrays, position, verify)
@@ -368,18 +382,29 @@ async def read_checkpoint(
     return header, build(header.tree, arrays, into)
 
 
-def _allocate(header: _format.Header, into: StateTree, path: str) -> list[np.ndarray[Any, Any]]:
-    targets = match_into(header.tree, into, path) if into is not None else {}
-    arrays = []
-    for index, entry in enumerate(header.arrays):
-        live = targets.get(index)
-        if live is not None and check_into_array(
-            index, live, entry.dtype, entry.shape, entry.path, path
-        ):
-            arrays.append(live)
-        else:
-            arrays.append(np.empty(entry.shape, entry.dtype))
-    return arrays
+def _into_targets(
+    header: _format.Header, into: StateTree, path: str
+) -> dict[int, np.ndarray[Any, Any]]:
+    """Check ``into`` against the checkpoint; return the arrays that can be read into in place.
+
+    Raises:
+        ValueError: ``into`` differs in structure, or an array in dtype or shape.
+    """
+    if into is None:
+        return {}
+    targets = match_into(header.tree, into, path)
+    return {
+        index: live
+        for index, live in targets.items()
+        if check_into_array(
+            index,
+            live,
+            header.arrays[index].dtype,
+            header.arrays[index].shape,
+            header.arrays[index].path,
+            path,
+        )
+    }
 
 
 async def _read_span(
@@ -492,8 +517,20 @@ class Saver:
     ) -> None:
         if max_to_keep is not None:
             check_int("max_to_keep", max_to_keep, minimum=0)
-        if keep_checkpoint_every_n_hours is not None and not keep_checkpoint_every_n_hours > 0:
-            raise ValueError("keep_checkpoint_every_n_hours must be positive (or None)")
+        hours = keep_checkpoint_every_n_hours
+        if hours is not None:
+            if isinstance(hours, bool) or not isinstance(hours, int | float):
+                raise TypeError(
+                    f"keep_checkpoint_every_n_hours must be a number of hours (or None), "
+                    f"not {type(hours).__name__}"
+                )
+            if not hours > 0:
+                raise ValueError(
+                    f"keep_checkpoint_every_n_hours must be positive, not {hours!r}; pass None "
+                    "to keep only the newest max_to_keep checkpoints"
+                )
+        if not latest_filename:
+            raise ValueError(f"latest_filename must be a file name, not {latest_filename!r}")
         _state_path(".", latest_filename)
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
@@ -514,6 +551,8 @@ class Saver:
         book = self._book(directory)
         if not book.lock.held:
             book.lock.acquire()
+            # The book may have been read before the lock was ours: read what is there now.
+            book.state = get_checkpoint_state(directory, self.latest_filename) or book.state
         book.held_by_owner = True
         return _storage.remove_temp_files(directory)
 
@@ -563,7 +602,7 @@ class Saver:
         self,
         state: StateTree,
         save_path: str | os.PathLike[str],
-        global_step: int | None = None,
+        global_step: int | np.integer[Any] | None = None,
         *,
         metadata: dict[str, Any] | None = None,
     ) -> str:
@@ -574,8 +613,12 @@ class Saver:
         then the state file is replaced; then surplus checkpoints are deleted.
 
         Raises:
-            TypeError: the state holds something that cannot be saved (named by path).
-            CheckpointWriteError: the write failed; the previous checkpoint is still the latest.
+            TypeError: the state holds something that cannot be saved (named by path), or
+                ``global_step`` is not an int, or ``metadata`` holds non-plain values.
+            ValueError: ``global_step`` is negative, or the name is not a plain file name.
+            RuntimeError: another save into the same directory by this Saver is running.
+            CheckpointWriteError: the write failed; the message says what the directory
+                holds (normally: the previous checkpoint is still the latest).
             CheckpointLockedError: another writer holds the directory.
         """
         path, step, meta = self._prepare(save_path, global_step, metadata)
@@ -589,7 +632,7 @@ class Saver:
     def _prepare(
         self,
         save_path: str | os.PathLike[str],
-        global_step: int | None,
+        global_step: int | np.integer[Any] | None,
         metadata: dict[str, Any] | None,
     ) -> tuple[str, int | None, dict[str, Any]]:
         prefix = os.fspath(save_path)
@@ -597,13 +640,17 @@ class Saver:
             if isinstance(global_step, bool) or not isinstance(global_step, int | np.integer):
                 raise TypeError(f"global_step must be an int, not {type(global_step).__name__}")
             global_step = int(global_step)
-            if global_step < 0:
-                raise ValueError(f"global_step must be >= 0, not {global_step}")
+            if not 0 <= global_step < 2**63:
+                raise ValueError(f"global_step must be in [0, 2**63), not {global_step}")
         path = f"{prefix}-{global_step}" if global_step is not None else prefix
         _directory, name = os.path.split(path)
         check_name(name, path)
         if name == self.latest_filename or name.startswith("."):
-            raise ValueError(f"checkpoint name {name!r} collides with the state file or temps")
+            raise ValueError(
+                f"checkpoint name {name!r} collides with the state file or temporary files: "
+                f"choose a save_path whose name is not {self.latest_filename!r} and does not "
+                "start with '.'"
+            )
         meta = _format.check_metadata(metadata) if metadata is not None else {}
         return path, global_step, meta
 
@@ -620,10 +667,19 @@ class Saver:
         directory = directory or "."
         with self._writing(directory) as book:
             now = self._clock()
-            size = await write_snapshot(
-                snapshot, path, step=step, metadata=metadata, wall_time=now, limiter=limiter
-            )
             old = book.state
+            try:
+                size = await write_snapshot(
+                    snapshot, path, step=step, metadata=metadata, wall_time=now, limiter=limiter
+                )
+            except _storage.DirectorySyncError as exc:
+                # Complete and in place, but never listed and perhaps not durable: remove it.
+                await self._discard_unlisted(path, old, limiter)
+                raise CheckpointWriteError(
+                    path,
+                    f"{_reason(exc)} while syncing the directory after writing this checkpoint; "
+                    "it was not registered and the previous checkpoint is still the latest",
+                ) from exc.__cause__
             names = [n for n in old.names if n != name] + [name]
             stamps = [t for n, t in zip(old.names, old.timestamps, strict=True) if n != name]
             stamps.append(now)
@@ -653,20 +709,58 @@ class Saver:
             state_path = _state_path(directory, self.latest_filename)
             # The state file names only durable checkpoints; deletions come after it, so a
             # crash in between leaves unlisted files, never a listed file that is gone.
-            await anyio.to_thread.run_sync(
-                _storage.write_small_file_atomic,
-                state_path,
-                format_state(new_state),
-                limiter=limiter,
-            )
-            book.state = new_state
-            if delete:
+            try:
                 await anyio.to_thread.run_sync(
-                    _storage.remove_files,
-                    [os.path.join(directory, n) for n in delete],
+                    _storage.write_small_file_atomic,
+                    state_path,
+                    format_state(new_state),
                     limiter=limiter,
                 )
+            except _storage.DirectorySyncError as exc:
+                # The new state file is what readers see now; deleting old checkpoints could
+                # break the old one, should a power loss bring it back, so none are deleted.
+                book.state = new_state
+                raise CheckpointWriteError(
+                    state_path,
+                    f"{_reason(exc)} while syncing the directory after updating the state file: "
+                    f"{name} is listed as the latest checkpoint, but a power loss may bring back "
+                    "the previous state file; no old checkpoint was deleted",
+                ) from exc.__cause__
+            except BaseException:
+                # A failed or cancelled save leaves the directory as it was.
+                await self._discard_unlisted(path, old, limiter)
+                raise
+            book.state = new_state
+            if delete:
+                doomed = [os.path.join(directory, n) for n in delete]
+                try:
+                    # The state file no longer lists them: if they are not deleted now, no
+                    # later save will, so a cancellation waits for these few unlinks.
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(
+                            _storage.remove_files, doomed, limiter=limiter
+                        )
+                except CheckpointWriteError as exc:
+                    what = "this old checkpoint" if exc.path in doomed else "old checkpoints"
+                    error = CheckpointWriteError(
+                        exc.path,
+                        f"{exc.detail}; the new checkpoint {name} was saved and is the latest, "
+                        f"but {what} (no longer listed) must be deleted by hand",
+                    )
+                    for note in getattr(exc, "__notes__", ()):
+                        error.add_note(note)
+                    raise error from exc.__cause__
         return size
+
+    @staticmethod
+    async def _discard_unlisted(
+        path: str, old: CheckpointState, limiter: anyio.CapacityLimiter | None
+    ) -> None:
+        """Remove a checkpoint file this save wrote but did not list (best effort)."""
+        if os.path.basename(path) in old.names:
+            return  # re-saving a listed step: the listed file is the new one now
+        with anyio.CancelScope(shield=True), contextlib.suppress(CheckpointWriteError):
+            await anyio.to_thread.run_sync(_storage.remove_files, [path], limiter=limiter)
 
     async def restore(
         self,

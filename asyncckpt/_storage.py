@@ -28,6 +28,7 @@ import aiofiles.threadpool
 import anyio
 
 from ._errors import (
+    CheckpointCorruptedError,
     CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -42,6 +43,7 @@ __all__ = [
     "LOCK_NAME",
     "TEMP_MARKER",
     "DirectoryLock",
+    "DirectorySyncError",
     "FaultPlan",
     "ReadFile",
     "file_info",
@@ -99,16 +101,21 @@ def _on_asyncio() -> bool:
 class _CheckedFileIO(io.FileIO):
     """A raw file whose writes pass through the fault plan (the only place writes happen)."""
 
+    # Opened from a descriptor, a FileIO's ``name`` is that number: keep the path for the plan.
+    check_path: str = ""
+
     def write(self, data: Buffer, /) -> int:
-        _check("write", str(self.name))
+        _check("write", self.check_path)
         return super().write(data)
 
 
 # -- sync primitives -------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: str) -> None:
-    _check("fsync_dir", directory)
+def _fsync_dir(directory: str, renamed: str | None = None) -> None:
+    # After a rename the fault plan sees the renamed file's path, so a test can pick which
+    # commit's directory sync fails; after deletions it sees the directory.
+    _check("fsync_dir", renamed or directory)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -128,6 +135,7 @@ def _open_temp_sync(final_path: str) -> tuple[io.BufferedWriter, str]:
     except BaseException:
         os.close(fd)
         raise
+    raw.check_path = temp_path
     return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER), temp_path
 
 
@@ -138,7 +146,24 @@ def _commit_sync(file: io.BufferedWriter, temp_path: str, final_path: str) -> No
     file.close()
     _check("rename", final_path)
     os.replace(temp_path, final_path)
-    _fsync_dir(os.path.dirname(final_path) or ".")
+    try:
+        _fsync_dir(os.path.dirname(final_path) or ".", final_path)
+    except OSError as exc:
+        # Not an OSError any more: callers must not discard anything, the rename happened.
+        reason = exc.strerror or str(exc)
+        raise DirectorySyncError(
+            final_path,
+            f"{reason} (errno {exc.errno}) while syncing the directory: the file is in place "
+            "but a power loss may undo the rename",
+        ) from exc
+
+
+class DirectorySyncError(CheckpointWriteError):
+    """A file was renamed into place, but its directory could not be fsynced afterwards.
+
+    Readers already see the new file; only its durability is in doubt. The Saver turns this
+    into a plain ``CheckpointWriteError`` that says what the directory now holds.
+    """
 
 
 def _discard_sync(file: io.BufferedWriter, temp_path: str) -> None:
@@ -154,6 +179,7 @@ def write_small_file_atomic(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically and durably (the state file).
 
     Raises:
+        DirectorySyncError: the file was replaced, but the directory sync failed.
         CheckpointWriteError: the file could not be written; the old one is untouched.
     """
     try:
@@ -191,10 +217,16 @@ def read_small_file(path: str) -> bytes | None:
         if exc.errno == errno.ELOOP:
             raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
         raise
-    with open(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
+    try:
+        # Checked before wrapping: open() on a directory's descriptor raises a bare
+        # IsADirectoryError (and would leak the descriptor).
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CheckpointNotFoundError(path, "not a regular file")
+        file = open(fd, "rb")  # noqa: SIM115 - closed just below
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:
         return file.read(MAX_SMALL_FILE + 1)
 
 
@@ -217,9 +249,13 @@ def file_info(path: str) -> os.stat_result | None:
 def remove_files(paths: Sequence[str]) -> None:
     """Delete checkpoint files (retention, prune); already-missing files are fine.
 
+    Every file is tried, even after one fails, so one stuck file does not keep the others.
+
     Raises:
-        CheckpointWriteError: a file exists but cannot be deleted.
+        CheckpointWriteError: a file exists but cannot be deleted (the first such file; a
+            note lists the others), or the directory cannot be synced afterwards.
     """
+    errors: list[CheckpointWriteError] = []
     for path in paths:
         try:
             _check("unlink", path)
@@ -227,13 +263,21 @@ def remove_files(paths: Sequence[str]) -> None:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise CheckpointWriteError(path, f"could not delete: {exc.strerror}") from exc
+            error = CheckpointWriteError(path, f"could not delete: {exc.strerror}")
+            error.__cause__ = exc
+            errors.append(error)
     if paths:
         directory = os.path.dirname(paths[0]) or "."
         try:
             _fsync_dir(directory)
         except OSError as exc:
-            raise CheckpointWriteError(directory, f"could not sync: {exc.strerror}") from exc
+            error = CheckpointWriteError(directory, f"could not sync: {exc.strerror}")
+            error.__cause__ = exc
+            errors.append(error)
+    if errors:
+        if len(errors) > 1:
+            errors[0].add_note(f"also failed: {[str(e) for e in errors[1:]]}")
+        raise errors[0]
 
 
 def remove_temp_files(directory: str) -> list[str]:
@@ -244,7 +288,9 @@ def remove_temp_files(directory: str) -> list[str]:
     removed = []
     for name in list_names(directory):
         if TEMP_MARKER in name and name.startswith("."):
-            with contextlib.suppress(FileNotFoundError):
+            # Best effort: a leftover that cannot be removed (not ours, or not a file) must
+            # not fail the save that found it; it is never read as a checkpoint anyway.
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)
     return removed
@@ -273,7 +319,10 @@ class DirectoryLock:
             os.makedirs(self.directory, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise CheckpointWriteError(path, f"cannot open the lock file: {exc.strerror}") from exc
+            detail = f"cannot open the lock file: {exc.strerror}"
+            if exc.errno == errno.ELOOP:
+                detail += " (it is a symlink, which is never followed: remove it)"
+            raise CheckpointWriteError(path, detail) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -333,7 +382,9 @@ async def write_atomic(
         async_file = _async_wrap(file)
         for batch in _batches(pieces):
             # Each batch is bounded; shielding it lets a cancellation land between batches
-            # instead of abandoning a write that a worker thread is still doing.
+            # instead of abandoning a write that a worker thread is still doing. Entering a
+            # shielded scope is no checkpoint, so the cancellation is looked for here.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             with anyio.CancelScope(shield=True):
                 if isinstance(batch, list):
                     await async_file.writelines(batch)
@@ -413,11 +464,16 @@ def _open_read_sync(path: str) -> tuple[io.BufferedReader, int]:
         if exc.errno == errno.ELOOP:
             raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
         raise
-    file = open(fd, "rb", buffering=0)  # noqa: SIM115 - closed by open_for_read
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        file.close()
-        raise CheckpointNotFoundError(path, "not a regular file")
+    try:
+        # Checked before wrapping: open() on a directory's descriptor raises a bare
+        # IsADirectoryError (and would leak the descriptor).
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointNotFoundError(path, "not a regular file")
+        file = open(fd, "rb", buffering=0)  # noqa: SIM115 - closed by open_for_read
+    except BaseException:
+        os.close(fd)
+        raise
     return file, info.st_size  # type: ignore[return-value]
 
 
@@ -444,8 +500,8 @@ def open_mmap(path: str) -> mmap.mmap:
     """Map a checkpoint read-only; the mapping outlives the descriptor and the file's name."""
     file, size = _open_read_sync(path)
     with file:
-        if not size:
-            raise CheckpointNotFoundError(path, "empty file")
+        if not size:  # mmap cannot map nothing; report it as the streaming reader does
+            raise CheckpointCorruptedError(path, "prelude", "file is only 0 bytes")
         return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
 
 

@@ -16,6 +16,7 @@ A spec node is a list whose first item is a tag:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,11 +40,15 @@ __all__ = [
 ]
 
 MAX_DEPTH: Final = 200
-"""Deepest nesting saved or loaded; deeper trees are refused before Python's recursion limit."""
+"""Deepest nesting saved or loaded; deeper trees are refused before Python's recursion limit.
+
+Every dict, list, tuple and state_dict() object on the way from the root counts one level.
+"""
 
 _INT64_MIN: Final = -(2**63)
 _UINT64_END: Final = 2**64
 _MAX_BIGINT_DIGITS: Final = 4300  # Python's own int/str conversion limit
+_BIGINT_DIGITS: Final = re.compile(rf"-?[0-9]{{1,{_MAX_BIGINT_DIGITS}}}")
 
 Key = str | int
 TreePath = tuple[Key, ...]
@@ -117,8 +122,12 @@ class SnapshotPool:
         reusable = self._free.pop() if self._free else {}
         snapshot = Snapshot(spec=[], leaves=[], nbytes=0, _pool=self)
         try:
-            snapshot.spec = _Flattener(self, reusable, snapshot).node(tree, (), set())
+            snapshot.spec = _Flattener(self, reusable, snapshot).node(tree, (), set(), 0)
         except BaseException:
+            # Keep the buffers this attempt did not get to, so a rejected tree costs no
+            # reallocation on the next save.
+            for path, buffer in reusable.items():
+                snapshot._buffers.setdefault(path, buffer)
             snapshot.release()
             raise
         return snapshot
@@ -131,7 +140,10 @@ class SnapshotPool:
     ) -> np.ndarray[Any, Any]:
         buffer = reusable.pop(path, None)
         if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
-            buffer = np.empty(like.shape, like.dtype)
+            # copyto() copies a structured array field by field, never the padding between
+            # fields: zero it once, or the file would carry whatever the heap held there.
+            allocate = np.empty if like.dtype.fields is None else np.zeros
+            buffer = allocate(like.shape, like.dtype)
             self.buffers_allocated += 1
             self.bytes_allocated += buffer.nbytes
         return buffer
@@ -162,8 +174,9 @@ class _Flattener:
         self._snapshot.nbytes += array.nbytes
         return [tag, len(self._snapshot.leaves) - 1]
 
-    def node(self, value: object, path: TreePath, parents: set[int]) -> Spec:
-        if len(path) > MAX_DEPTH:
+    def node(self, value: object, path: TreePath, parents: set[int], depth: int) -> Spec:
+        # depth counts containers and state_dict() objects (an object adds no path key).
+        if depth > MAX_DEPTH:
             raise TypeError(f"tree deeper than {MAX_DEPTH} levels at {format_path(path)}")
         # numpy first: np.float64 is also a float, np.bool_ is not a bool.
         if isinstance(value, np.ndarray):
@@ -177,13 +190,15 @@ class _Flattener:
         if isinstance(value, bool):
             return ["b", value]
         if isinstance(value, int):
-            return ["i", int(value)] if _INT64_MIN <= value < _UINT64_END else ["I", str(value)]
+            if _INT64_MIN <= value < _UINT64_END:
+                return ["i", int(value)]
+            return ["I", _bigint_digits(value, path)]
         if isinstance(value, float):
             return ["f", float(value)]
         if isinstance(value, complex):
             return ["c", value.real, value.imag]
         if isinstance(value, str):
-            return ["s", str(value)]
+            return ["s", _check_text(str(value), path, "string")]
         if isinstance(value, bytes):
             return self._leaf("y", path, np.frombuffer(value, np.uint8))
         if isinstance(value, dict | list | tuple):
@@ -193,21 +208,63 @@ class _Flattener:
             if isinstance(value, dict):
                 items = []
                 for key, child in value.items():
-                    if isinstance(key, bool) or not isinstance(key, str | int):
-                        raise TypeError(
-                            f"cannot save dict key {key!r} ({type(key).__name__}) at "
-                            f"{format_path(path)}: keys must be str or int"
-                        )
-                    items.append([key, self.node(child, (*path, key), parents)])
+                    items.append(
+                        [_check_key(key, path), self.node(child, (*path, key), parents, depth + 1)]
+                    )
                 return ["d", items]
-            children = [self.node(child, (*path, i), parents) for i, child in enumerate(value)]
+            children = [
+                self.node(child, (*path, i), parents, depth + 1) for i, child in enumerate(value)
+            ]
             return ["t" if isinstance(value, tuple) else "l", children]
         if isinstance(value, SupportsStateDict):
-            return ["o", self.node(value.state_dict(), path, parents)]
+            if id(value) in parents:
+                raise TypeError(
+                    f"cannot save a tree that contains itself, at {format_path(path)} "
+                    f"({type(value).__name__}.state_dict() returns an object on the way to it)"
+                )
+            state = value.state_dict()
+            return ["o", self.node(state, path, parents | {id(value)}, depth + 1)]
         raise TypeError(
             f"cannot save {type(value).__name__} at {format_path(path)}: leaves must be numpy "
             "arrays, numbers, str, bytes or None, or objects with state_dict()/load_state_dict()"
         )
+
+
+def _check_key(key: object, path: TreePath) -> Key:
+    if isinstance(key, str):
+        return _check_text(key, path, "dict key")
+    if isinstance(key, int) and not isinstance(key, bool) and _INT64_MIN <= key < _UINT64_END:
+        return int(key)
+    raise TypeError(
+        f"cannot save dict key {key!r} ({type(key).__name__}) at {format_path(path)}: keys "
+        f"must be str or int in [-2**63, 2**64)"
+    )
+
+
+def _check_text(text: str, path: TreePath, what: str) -> str:
+    # msgpack stores UTF-8; a lone surrogate (os.fsdecode's escapes) has no UTF-8 form.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TypeError(
+            f"cannot save {what} {text!r} at {format_path(path)}: it is not valid Unicode "
+            f"({exc.reason}); encode it to bytes first"
+        ) from None
+    return text
+
+
+def _bigint_digits(value: int, path: TreePath) -> str:
+    # The reader's limit is fixed, whatever sys.set_int_max_str_digits() says here.
+    try:
+        digits = str(int(value))
+    except ValueError:  # over sys.get_int_max_str_digits() digits
+        digits = ""
+    if not _BIGINT_DIGITS.fullmatch(digits):
+        raise TypeError(
+            f"cannot save an int of more than {_MAX_BIGINT_DIGITS} digits at "
+            f"{format_path(path)}; store it as bytes"
+        )
+    return digits
 
 
 def _check_dtype(dtype: np.dtype[Any], path: TreePath) -> None:
@@ -216,6 +273,14 @@ def _check_dtype(dtype: np.dtype[Any], path: TreePath) -> None:
             f"cannot save an object array at {format_path(path)}: checkpoints never pickle; "
             "convert it to a numeric, string or bytes dtype"
         )
+    if dtype.fields is not None:
+        try:
+            dtype.descr  # noqa: B018 - the header stores it; numpy refuses some layouts
+        except ValueError as exc:
+            raise TypeError(
+                f"cannot save the structured dtype at {format_path(path)}: {exc}; "
+                "reorder its fields by offset"
+            ) from None
 
 
 # -- rebuilding ------------------------------------------------------------------------------
@@ -227,10 +292,10 @@ def _bad(source: str, path: TreePath, what: str) -> CheckpointFormatError:
 
 def iter_array_refs(spec: object, source: str) -> Iterator[tuple[TreePath, str, int]]:
     """Yield ``(path, tag, index)`` for every array reference in a spec, validating it."""
-    stack: list[tuple[object, TreePath]] = [(spec, ())]
+    stack: list[tuple[object, TreePath, int]] = [(spec, (), 0)]
     while stack:
-        node, path = stack.pop()
-        if len(path) > MAX_DEPTH:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
             raise _bad(source, path, f"nested deeper than {MAX_DEPTH} levels")
         if not isinstance(node, list) or not node or not isinstance(node[0], str):
             raise _bad(source, path, "malformed node")
@@ -249,16 +314,16 @@ def iter_array_refs(spec: object, source: str) -> Iterator[tuple[TreePath, str, 
                 key, child = item
                 if isinstance(key, bool) or not isinstance(key, str | int):
                     raise _bad(source, path, f"dict key of type {type(key).__name__}")
-                pending.append((child, (*path, key)))
+                pending.append((child, (*path, key), depth + 1))
             stack.extend(reversed(pending))
         elif tag in ("l", "t"):
             if len(args) != 1 or not isinstance(args[0], list):
                 raise _bad(source, path, "malformed sequence")
-            stack.extend(reversed([(c, (*path, i)) for i, c in enumerate(args[0])]))
+            stack.extend(reversed([(c, (*path, i), depth + 1) for i, c in enumerate(args[0])]))
         elif tag == "o":
             if len(args) != 1:
                 raise _bad(source, path, "malformed object")
-            stack.append((args[0], path))
+            stack.append((args[0], path, depth + 1))
         elif not _scalar_ok(tag, args):
             raise _bad(source, path, f"unknown or malformed leaf {tag!r}")
 
@@ -272,7 +337,7 @@ def _scalar_ok(tag: str, args: list[Any]) -> bool:
         case "i", [int()]:
             return not isinstance(args[0], bool)
         case "I", [str() as digits]:
-            return 0 < len(digits) <= _MAX_BIGINT_DIGITS and digits.lstrip("-").isdigit()
+            return _BIGINT_DIGITS.fullmatch(digits) is not None
         case "f", [float()]:
             return True
         case "c", [float(), float()]:
@@ -320,7 +385,8 @@ def _match(
             )
         saved_keys = [key for key, _ in node[1]]
         missing = [k for k in saved_keys if k not in live]
-        unexpected = [k for k in live if k not in set(saved_keys)]
+        saved = set(saved_keys)
+        unexpected = [k for k in live if k not in saved]
         if missing or unexpected:
             raise ValueError(
                 f"{source}: at {where} keys differ from into=: missing from into= "

@@ -174,9 +174,11 @@ class CheckpointManager:
         self._queue: _JobQueue | None = None
         self._stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._writer_scope: anyio.CancelScope | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._entered = False
         self._closed = False
+        self._stopping = False
         self._writing: _SaveJob | None = None
         self._writer_done = False
         self._unreported: list[CheckpointError] = []
@@ -198,16 +200,21 @@ class CheckpointManager:
         if self._entered:
             raise RuntimeError("a CheckpointManager can be entered only once; create a new one")
         self._entered = True
-        async with AsyncExitStack() as stack:
-            self._limiter = anyio.CapacityLimiter(_IO_THREADS)
-            await anyio.to_thread.run_sync(self._saver._hold, self.directory)
-            stack.callback(self._saver._release, self.directory)
-            names = self._saver.last_checkpoints(self.directory)
-            self._latest_step = self._step_of(os.path.basename(names[-1])) if names else None
-            self._queue = _JobQueue(self.max_pending)
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            await self._task_group.start(self._serve)
-            self._stack = stack.pop_all()
+        try:
+            async with AsyncExitStack() as stack:
+                self._limiter = anyio.CapacityLimiter(_IO_THREADS)
+                await anyio.to_thread.run_sync(self._saver._hold, self.directory)
+                stack.callback(self._saver._release, self.directory)
+                self._latest_step = self._listed_latest_step()
+                self._queue = _JobQueue(self.max_pending)
+                # Created here, not in __init__: a cancel scope needs a running event loop.
+                self._writer_scope = anyio.CancelScope(shield=True)
+                self._task_group = await stack.enter_async_context(anyio.create_task_group())
+                await self._task_group.start(self._serve)
+                self._stack = stack.pop_all()
+        except BaseException:
+            self._queue = None  # not open: save() refuses, aclose() has nothing to stop
+            raise
         return self
 
     async def __aexit__(
@@ -216,42 +223,67 @@ class CheckpointManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._close(exc)
+        stack, self._stack = self._stack, None
+        try:
+            await self._stop(exc)
+        finally:
+            if stack is not None:
+                try:
+                    await stack.aclose()  # the writer has stopped: the group exits at once
+                except BaseExceptionGroup as group:
+                    raise single_exception(group) from None
+        self._report(exc)
 
     async def aclose(self) -> None:
         """Write every accepted snapshot, stop the writer and release the directory (idempotent).
 
+        May be called from any task and inside any cancel scope (``anyio.fail_after``); the
+        ``async with`` block's exit then has nothing left to do.
+
         Raises:
             CheckpointWriteError: a write failed and was not reported yet.
         """
-        await self._close(None)
+        await self._stop(None)
+        self._report(None)
 
-    async def _close(self, exc: BaseException | None) -> None:
-        stack, self._stack = self._stack, None
-        if stack is None:
+    async def _stop(self, exc: BaseException | None) -> None:
+        """Write what must be written, stop the writer and release the directory.
+
+        The task group is not exited here but in ``__aexit__``: it was entered there, in the
+        owner's task, and cancel scopes must exit in the order they were entered, which an
+        ``aclose()`` under the caller's own ``fail_after`` would break.
+        """
+        queue = self._queue
+        if queue is None or self._stopping:
             return
-        assert self._queue is not None
-        assert self._task_group is not None
-        self._closed = True
+        self._stopping = self._closed = True
         try:
-            if exc is None:
-                self._queue.close()
-                await stack.aclose()  # the writer drains the queue, then the group exits
-            else:
+            try:
+                if exc is None:
+                    queue.close()
+                    await self._wait_idle()  # every accepted snapshot (the caller may cancel)
+            finally:
+                # An exception, a cancellation of the owner, or a cancelled drain: keep
+                # writing the snapshots already taken for up to the grace period. Only this
+                # bounded drain of our own writes is shielded, never the caller's code.
+                with anyio.move_on_after(self._grace, shield=True):
+                    await self._wait_idle()
+                queue.close()
+                # Only a write that outlived the grace period is abandoned (its temp file is
+                # removed); the previous checkpoint stays the latest. A cancelled write waits
+                # for its worker thread, so nothing is torn and this wait stays short.
+                assert self._writer_scope is not None
+                self._writer_scope.cancel()
                 with anyio.CancelScope(shield=True):
-                    with anyio.move_on_after(self._grace):
-                        await self._wait_idle()
-                    self._queue.close()
-                    # Only a write that outlived the grace period is abandoned (its temp file
-                    # is removed); the previous checkpoint stays the latest.
-                    self._task_group.cancel_scope.cancel()
-                    await stack.aclose()
-        except BaseExceptionGroup as group:
-            raise single_exception(group) from None
+                    while not self._writer_done:
+                        await queue.changed()
         finally:
-            for job in self._queue.jobs:
+            for job in queue.jobs:
                 job.snapshot.release()
-            self._queue.jobs.clear()
+            queue.jobs.clear()
+            self._saver._release(self.directory)
+
+    def _report(self, exc: BaseException | None) -> None:
         if exc is None:
             self._raise_unreported()
         elif self._unreported:
@@ -260,34 +292,42 @@ class CheckpointManager:
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         assert self._queue is not None
-        task_status.started()
-        try:
-            while (job := await self._queue.get()) is not None:
-                self._writing = job
-                try:
-                    size = await self._saver._commit(
-                        job.snapshot,
-                        job.path,
-                        step=job.step,
-                        metadata=job.metadata,
-                        limiter=self._limiter,
-                    )
-                except CheckpointError as exc:
-                    # Kept, not swallowed: raised by the next save(), wait() or close.
-                    self._failed += 1
-                    self._last_error = exc
-                    self._unreported.append(exc)
-                else:
-                    self._written += 1
-                    self._bytes += size
-                    self._latest_step = job.step
-                finally:
-                    job.snapshot.release()
-                    self._writing = None
-                    self._queue.notify()
-        finally:
-            self._writer_done = True
-            self._queue.notify()
+        assert self._writer_scope is not None
+        # The writer is shielded from cancellations of the owner (they would cut the grace
+        # period short); _stop() cancels this scope itself once the grace period is over.
+        with self._writer_scope:
+            task_status.started()
+            try:
+                while (job := await self._queue.get()) is not None:
+                    self._writing = job
+                    try:
+                        size = await self._saver._commit(
+                            job.snapshot,
+                            job.path,
+                            step=job.step,
+                            metadata=job.metadata,
+                            limiter=self._limiter,
+                        )
+                    except CheckpointError as exc:
+                        # Kept, not swallowed: raised by the next save(), wait() or close.
+                        self._failed += 1
+                        self._last_error = exc
+                        self._unreported.append(exc)
+                        # A failure after the state file was replaced (deleting old
+                        # checkpoints) leaves the new checkpoint listed as the latest: follow
+                        # the state file, or restore() would read an unlisted old file.
+                        self._latest_step = self._listed_latest_step()
+                    else:
+                        self._written += 1
+                        self._bytes += size
+                        self._latest_step = job.step
+                    finally:
+                        job.snapshot.release()
+                        self._writing = None
+                        self._queue.notify()
+            finally:
+                self._writer_done = True
+                self._queue.notify()
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -374,6 +414,10 @@ class CheckpointManager:
         prefix = f"{self.basename}-"
         suffix = name[len(prefix) :] if name.startswith(prefix) else ""
         return int(suffix) if suffix.isdigit() else None
+
+    def _listed_latest_step(self) -> int | None:
+        names = self._saver.last_checkpoints(self.directory)
+        return self._step_of(os.path.basename(names[-1])) if names else None
 
     def latest_step(self) -> int | None:
         """The step of the newest durable checkpoint, or None."""

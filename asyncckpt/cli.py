@@ -2,7 +2,7 @@
 
 Uses the saver, format and storage layers; never a session. Human-readable output by
 default, ``--json`` for scripts. Exit status: 0 success, 1 corruption found (verify) or a
-checkpoint error, 2 wrong usage.
+checkpoint error, 2 wrong usage, 141 (128 + SIGPIPE) the reader of the output went away.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = ["main"]
+
+_EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _when(timestamp: float) -> str:
@@ -324,6 +327,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     stream = out or sys.stdout
     try:
+        status = _run(args, stream)
+        stream.flush()  # a reader that went away shows up here, not at interpreter exit
+    except BrokenPipeError:
+        # `asyncckpt ls --json DIR | head -1`: stop quietly as Unix tools do, with the status
+        # a shell reports for SIGPIPE, and keep Python from failing again when it flushes
+        # stdout at exit.
+        _silence(stream)
+        return _EXIT_BROKEN_PIPE
+    return status
+
+
+def _run(args: argparse.Namespace, stream: TextIO) -> int:
+    try:
         return _COMMANDS[args.command](args, stream)
     except _Usage as exc:
         sys.stderr.write(f"asyncckpt: {exc}\n")
@@ -337,6 +353,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ValueError as exc:
         sys.stderr.write(f"asyncckpt: {exc}\n")
         return 2
+
+
+def _silence(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at /dev/null, so that its buffered rest goes nowhere."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (StringIO): nothing will flush it at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,8 +36,10 @@ class _Rule:
 class FaultyStorage:
     """Inject OSErrors into asyncckpt's storage operations while the context is active.
 
-    Operations: ``"open"`` (creating a temp file or opening one to read), ``"write"``,
-    ``"fsync"`` (of a file), ``"rename"`` (the atomic replace), ``"fsync_dir"``, ``"unlink"``
+    Operations: ``"open"`` (creating a temp file or opening one to read), ``"write"`` (of a
+    temp file), ``"fsync"`` (of a temp file), ``"rename"`` (the atomic replace, seen with the
+    final path), ``"fsync_dir"`` (after a rename it is seen with the renamed file's path, so
+    ``match`` picks which commit fails; after deletions, with the directory's), ``"unlink"``
     (retention and pruning) and ``"read"`` (the state file). Every operation is recorded in
     ``calls`` as ``(op, path)``, so a test can also fail the k-th one it observed.
 

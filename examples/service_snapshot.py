@@ -57,7 +57,10 @@ async def serve(directory: str, requests: int, every: int) -> dict[str, Any]:
             if state["requests"] % every == 0:
                 # Returns once the state is copied; "skip" drops it if a write is still busy.
                 await manager.save(state, state["requests"], metadata={"service": "demo"})
-        # Shutdown: a last snapshot, then the manager's exit waits until it is durable.
+        # Shutdown: let the writes in flight finish first, so that the last snapshot cannot
+        # be dropped by "skip"; then save it unless it is already the latest, and wait until
+        # it is durable.
+        await manager.wait()
         if manager.latest_step() != state["requests"]:
             await manager.save(state, state["requests"])
         await manager.wait()

@@ -1,0 +1,131 @@
+"""Every ``examples/*.py`` runs as a user runs it, in a fresh directory, with small arguments."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import io
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from asyncckpt import Saver, latest_checkpoint
+from asyncckpt.cli import main as cli_main
+from asyncckpt.testing import FaultyStorage
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
+
+# Small arguments for each example; a new example must add its own here.
+ARGS: dict[str, list[str]] = {
+    "service_snapshot.py": ["--dir", "svc", "--requests", "60", "--every", "10"],
+}
+
+
+def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES_DIR / name), *ARGS[name]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES_DIR / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_example_has_arguments() -> None:
+    assert EXAMPLES, "no examples found"
+    assert sorted(ARGS) == [path.name for path in EXAMPLES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+def test_example_runs(example: Path, tmp_path: Path) -> None:
+    result = run_example(example.name, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_service_snapshot_second_run_continues_the_first(tmp_path: Path) -> None:
+    first = run_example("service_snapshot.py", tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "restored" not in first.stdout
+    assert "served up to request 60;" in first.stdout
+    assert first.stdout.rstrip().endswith("latest 60")
+
+    second = run_example("service_snapshot.py", tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines()[0] == "restored 60 requests from step 60"
+    assert "served up to request 120;" in second.stdout
+    assert second.stdout.rstrip().endswith("latest 120")
+
+    directory = tmp_path / "svc"
+    latest = latest_checkpoint(directory)
+    assert latest == str(directory / "model.ckpt-120")
+    state = anyio.run(Saver().restore, latest)
+    assert state["requests"] == 120
+    assert int(state["histogram"].sum()) == 120  # every request landed in one bucket
+    assert cli_main(["verify", str(directory)], out=io.StringIO()) == 0
+
+
+class HeldFsync(FaultyStorage):
+    """Holds the fsync of one checkpoint in its worker thread until the test releases it."""
+
+    def __init__(self, match: str) -> None:
+        super().__init__()
+        self.match = match
+        self.reached = threading.Event()
+        self.released = threading.Event()
+
+    def check(self, op: str, path: str) -> None:
+        if op == "fsync" and self.match in path:
+            self.reached.set()
+            if not self.released.wait(5):
+                raise OSError(errno.ETIMEDOUT, "the test never released this fsync", path)
+        super().check(op, path)
+
+
+@pytest.mark.asyncio  # the example is an asyncio program (signal handlers, asyncio.sleep)
+async def test_service_last_snapshot_is_never_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    service = load_example("service_snapshot")
+    result: dict[str, Any] = {}
+
+    async def serve() -> None:
+        result["state"] = await service.serve(str(tmp_path), 30, 10)
+
+    with HeldFsync("model.ckpt-10") as held:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve)
+                reached = await anyio.to_thread.run_sync(
+                    held.reached.wait, 5.0, abandon_on_cancel=True
+                )
+                assert reached
+                # Served all 30 requests: 10 is being written, 20 waits, 30 was skipped.
+                await anyio.wait_all_tasks_blocked()
+                held.released.set()
+        finally:
+            held.released.set()
+    assert result["state"]["requests"] == 30
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-30")
+    assert "(1 skipped while a write was busy); latest 30" in capsys.readouterr().out

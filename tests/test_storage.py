@@ -1,0 +1,505 @@
+"""Storage as users see it: a failing disk at every step of a save, the directory lock, temp files.
+
+Faults are injected with ``asyncckpt.testing.FaultyStorage``. A save touches two files: the
+checkpoint (``model.ckpt-2``, written as ``.model.ckpt-2.asyncckpt-tmp-<hex>``) and the state
+file (``checkpoint``, written as ``.checkpoint.asyncckpt-tmp-<hex>``), so ``match="model.ckpt-2"``
+hits only the checkpoint and ``match="checkpoint"`` only the state file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import numpy as np
+import pytest
+
+from asyncckpt import (
+    CheckpointLockedError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    Saver,
+    get_checkpoint_state,
+    latest_checkpoint,
+)
+from asyncckpt.testing import FaultyStorage, StorageOp
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+TEMP_MARKER = ".asyncckpt-tmp-"
+LOCK_NAME = ".asyncckpt.lock"
+ERRNOS = [errno.ENOSPC, errno.EIO, errno.EACCES, errno.EROFS]
+SAVE_OPS: list[StorageOp] = ["open", "write", "fsync", "rename", "fsync_dir"]
+
+
+def make_state(step: int) -> dict[str, Any]:
+    return {"w": np.arange(6, dtype=np.float64) * step, "step": step, "tag": f"step {step}"}
+
+
+async def assert_restores(path: str, step: int) -> None:
+    tree = await Saver().restore(path)
+    expected = make_state(step)
+    np.testing.assert_array_equal(tree["w"], expected["w"])
+    assert (tree["step"], tree["tag"]) == (expected["step"], expected["tag"])
+
+
+def exists(path: Path) -> bool:
+    """Whether anything, even a dangling symlink, is at ``path``."""
+    return os.path.lexists(path)
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [name for name in os.listdir(directory) if TEMP_MARKER in name]
+
+
+def checkpoint_files(directory: Path) -> set[str]:
+    return {name for name in os.listdir(directory) if name.startswith("model.ckpt")}
+
+
+def lock_is_free(directory: Path) -> bool:
+    """Whether another process could take the directory lock right now (a fresh flock)."""
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also drops the lock if we took it
+    return True
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Not under tmp_path, whose name holds the test's name (which may say "checkpoint").
+    directory = tmp_path_factory.mktemp("run") / "ckpts"
+    # `match="checkpoint"` / `match="model.ckpt-2"` must hit only the files they are meant for.
+    assert "checkpoint" not in str(directory)
+    assert "model.ckpt" not in str(directory)
+    return directory
+
+
+class PausingStorage(FaultyStorage):
+    """Hold the thread doing one storage operation until the test calls ``release()``.
+
+    Create it inside the test's event loop; ``paused`` is set (on the loop) once the operation
+    has been reached.
+    """
+
+    def __init__(self, op: str, match: str) -> None:
+        super().__init__()
+        self._op, self._match = op, match
+        self._token = anyio.lowlevel.current_token()
+        self._release = threading.Event()
+        self._fired = False
+        self.paused = anyio.Event()
+
+    def check(self, op: str, path: str) -> None:
+        super().check(op, path)
+        if op == self._op and self._match in path and not self._fired:
+            self._fired = True
+            anyio.from_thread.run_sync(self.paused.set, token=self._token)
+            if not self._release.wait(timeout=10):
+                raise TimeoutError("the test never released the paused storage operation")
+
+    def release(self) -> None:
+        self._release.set()
+
+
+# -- a failing disk at every storage operation of a save --------------------------------------
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("target", ["model.ckpt-2", "checkpoint"], ids=["ckpt", "state"])
+@pytest.mark.parametrize("op", SAVE_OPS)
+async def test_failed_save_keeps_the_previous_checkpoint(
+    ckpt_dir: Path, op: StorageOp, target: str, code: int
+) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver(max_to_keep=1)  # a successful save of step 2 would delete step 1
+    await saver.save(make_state(1), prefix, global_step=1)
+    state_before = (ckpt_dir / "checkpoint").read_bytes()
+    names_before = sorted(os.listdir(ckpt_dir))
+
+    with FaultyStorage() as faults:
+        faults.fail(op, code, match=target)
+        with pytest.raises(CheckpointWriteError) as info:
+            await saver.save(make_state(2), prefix, global_step=2)
+
+    exc = info.value
+    assert type(exc) is CheckpointWriteError
+    assert exc.path == str(ckpt_dir / target)
+    assert isinstance(exc.__cause__, OSError)
+    assert exc.__cause__.errno == code
+    assert os.strerror(code) in str(exc)
+    assert temp_files(ckpt_dir) == []
+    assert lock_is_free(ckpt_dir)
+
+    if (op, target) == ("fsync_dir", "checkpoint"):
+        # Only the directory sync after the state file's rename failed: the rename happened,
+        # so readers already see the new checkpoint; only its durability is in doubt, and
+        # the error says so. No old checkpoint was deleted, so whichever state file a power
+        # loss leaves names files that exist (step 1 stays on disk, no longer listed).
+        assert "model.ckpt-2 is listed as the latest checkpoint" in str(exc)
+        assert "power loss" in str(exc)
+        assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+        await assert_restores(f"{prefix}-2", 2)
+        assert checkpoint_files(ckpt_dir) == {"model.ckpt-1", "model.ckpt-2"}
+        await assert_restores(f"{prefix}-1", 1)
+    else:
+        assert "the previous checkpoint is still the latest" in str(exc)
+        assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
+        await assert_restores(f"{prefix}-1", 1)
+        assert (ckpt_dir / "checkpoint").read_bytes() == state_before
+        # Nothing new is left behind: no temp file, no unlisted model.ckpt-2.
+        assert sorted(os.listdir(ckpt_dir)) == names_before
+
+    # Once the disk recovers, the same Saver saves normally (its bookkeeping is intact).
+    assert await saver.save(make_state(2), prefix, global_step=2) == f"{prefix}-2"
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+    assert saver.last_checkpoints(ckpt_dir) == [f"{prefix}-2"]
+    await assert_restores(f"{prefix}-2", 2)
+    assert "model.ckpt-2" in checkpoint_files(ckpt_dir)
+    assert temp_files(ckpt_dir) == []
+
+
+async def test_write_failure_in_a_large_checkpoint(ckpt_dir: Path) -> None:
+    """Large arrays go through the async file layer in several writes; a later one fails."""
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver()
+    await saver.save(make_state(1), prefix, global_step=1)
+    state_before = (ckpt_dir / "checkpoint").read_bytes()
+    big = {"a": np.ones(300_000), "b": np.zeros(300_000)}  # 2.4 MB each, over the buffer
+
+    with FaultyStorage() as faults:
+        faults.fail("write", errno.ENOSPC, match="model.ckpt-2", skip=1)
+        with pytest.raises(CheckpointWriteError) as info:
+            await saver.save(big, prefix, global_step=2)
+
+    writes = [path for op, path in faults.calls if op == "write"]
+    assert len(writes) >= 2
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
+    assert (ckpt_dir / "checkpoint").read_bytes() == state_before
+    assert checkpoint_files(ckpt_dir) == {"model.ckpt-1"}
+    assert temp_files(ckpt_dir) == []
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+async def test_retention_unlink_failure_reports_the_saved_checkpoint(
+    ckpt_dir: Path, code: int
+) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver(max_to_keep=1)
+    await saver.save(make_state(1), prefix, global_step=1)
+
+    with FaultyStorage() as faults:
+        faults.fail("unlink", code, match="model.ckpt-1")
+        with pytest.raises(CheckpointWriteError) as info:
+            await saver.save(make_state(2), prefix, global_step=2)
+
+    # The error names the file that could not be deleted and says the save itself worked.
+    exc = info.value
+    assert exc.path == f"{prefix}-1"
+    assert isinstance(exc.__cause__, OSError)
+    assert exc.__cause__.errno == code
+    message = str(exc)
+    assert "could not delete" in message
+    assert "the new checkpoint model.ckpt-2 was saved and is the latest" in message
+    assert "deleted by hand" in message
+    # The new checkpoint is durable and listed; the old one is unlisted but still on disk.
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+    await assert_restores(f"{prefix}-2", 2)
+    state = get_checkpoint_state(ckpt_dir)
+    assert state is not None
+    assert state.names == ("model.ckpt-2",)
+    assert saver.last_checkpoints(ckpt_dir) == [f"{prefix}-2"]
+    assert checkpoint_files(ckpt_dir) == {"model.ckpt-1", "model.ckpt-2"}
+    assert temp_files(ckpt_dir) == []
+    assert lock_is_free(ckpt_dir)
+
+
+async def test_one_undeletable_checkpoint_does_not_keep_the_others(ckpt_dir: Path) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    for step in (1, 2, 3):
+        await Saver(max_to_keep=None).save(make_state(step), prefix, global_step=step)
+
+    with FaultyStorage() as faults:
+        faults.fail("unlink", errno.EACCES, match="model.ckpt-1")
+        with pytest.raises(CheckpointWriteError) as info:
+            await Saver(max_to_keep=1).save(make_state(4), prefix, global_step=4)
+
+    assert info.value.path == f"{prefix}-1"
+    assert checkpoint_files(ckpt_dir) == {"model.ckpt-1", "model.ckpt-4"}
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-4"
+
+
+async def test_directory_sync_failure_after_deletions(ckpt_dir: Path) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver(max_to_keep=1)
+    await saver.save(make_state(1), prefix, global_step=1)
+
+    with FaultyStorage() as faults:
+        # The third directory sync of the save: after the checkpoint, the state file, and
+        # then the deletions.
+        faults.fail("fsync_dir", errno.EIO, skip=2)
+        with pytest.raises(CheckpointWriteError) as info:
+            await saver.save(make_state(2), prefix, global_step=2)
+
+    assert faults.calls[-1] == ("fsync_dir", str(ckpt_dir))
+    assert info.value.path == str(ckpt_dir)
+    assert "the new checkpoint model.ckpt-2 was saved and is the latest" in str(info.value)
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+    assert checkpoint_files(ckpt_dir) == {"model.ckpt-2"}
+
+
+# -- the directory lock -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "match"),
+    [
+        ("open", "model.ckpt-2"),
+        ("rename", "model.ckpt-2"),
+        ("open", "checkpoint"),
+        ("unlink", "model.ckpt-1"),
+    ],
+    ids=["ckpt-open", "ckpt-rename", "state-open", "retention"],
+)
+async def test_two_savers_cannot_interleave(ckpt_dir: Path, op: str, match: str) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    first, second = Saver(max_to_keep=1), Saver(max_to_keep=1)
+    await first.save(make_state(1), prefix, global_step=1)
+
+    with PausingStorage(op, match) as pause:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first.save, make_state(2), prefix, 2)
+            try:
+                with anyio.fail_after(5):
+                    await pause.paused.wait()
+                # The first save is in the middle of this operation, holding the directory.
+                with pytest.raises(CheckpointLockedError, match=f"pid {os.getpid()}"):
+                    await second.save(make_state(3), prefix, global_step=3)
+                assert not lock_is_free(ckpt_dir)
+            finally:
+                pause.release()
+
+    # The first save finished as if it had been alone.
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+    assert checkpoint_files(ckpt_dir) == {"model.ckpt-2"}
+    await assert_restores(f"{prefix}-2", 2)
+    # Now the second one saves, and applies retention to what the first one wrote.
+    await second.save(make_state(3), prefix, global_step=3)
+    assert checkpoint_files(ckpt_dir) == {"model.ckpt-3"}
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-3"
+
+
+async def test_checkpoint_manager_holds_the_directory(ckpt_dir: Path) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver()
+    async with CheckpointManager(ckpt_dir) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.wait()
+        with pytest.raises(CheckpointWriteError) as info:  # Locked is a WriteError
+            await saver.save(make_state(2), prefix, global_step=2)
+        assert isinstance(info.value, CheckpointLockedError)
+        assert info.value.path == str(ckpt_dir)
+        assert f"pid {os.getpid()}" in str(info.value)
+        assert "use another directory" in str(info.value)
+        assert not lock_is_free(ckpt_dir)
+        assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
+    # Released on exit: the Saver saves, and continues the manager's list.
+    assert lock_is_free(ckpt_dir)
+    await saver.save(make_state(2), prefix, global_step=2)
+    assert saver.last_checkpoints(ckpt_dir) == [f"{prefix}-1", f"{prefix}-2"]
+
+
+async def test_lock_is_released_after_every_save(ckpt_dir: Path) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver()
+    await saver.save(make_state(1), prefix, global_step=1)
+    assert lock_is_free(ckpt_dir)
+    with FaultyStorage() as faults:
+        faults.fail("rename", errno.EIO)
+        with pytest.raises(CheckpointWriteError):
+            await saver.save(make_state(2), prefix, global_step=2)
+    assert lock_is_free(ckpt_dir)
+    with pytest.raises(TypeError):
+        await saver.save({"bad": object()}, prefix, global_step=3)
+    assert lock_is_free(ckpt_dir)
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+async def test_lock_held_by_another_process(ckpt_dir: Path) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver()
+    await saver.save(make_state(1), prefix, global_step=1)
+    process = await anyio.open_process(
+        [sys.executable, "-c", _HOLD_LOCK, str(ckpt_dir / LOCK_NAME)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    async with process:
+        assert process.stdout is not None
+        with anyio.fail_after(10):
+            output = b""
+            while b"\n" not in output:
+                output += await process.stdout.receive()
+        assert output == b"locked\n"
+
+        with pytest.raises(CheckpointLockedError, match=f"pid {process.pid}"):
+            await saver.save(make_state(2), prefix, global_step=2)
+        assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
+
+        process.kill()  # the kernel drops a dead process's flock
+        with anyio.fail_after(10):
+            await process.wait()
+    await saver.save(make_state(2), prefix, global_step=2)
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+
+
+# -- temporary files and symlinks -------------------------------------------------------------
+
+LEFTOVERS = [".model.ckpt-3.asyncckpt-tmp-abc", ".checkpoint.asyncckpt-tmp-def"]
+NOT_OURS = ["notes.txt", ".hidden", "model.ckpt-3.asyncckpt-tmp-abc", ".model.ckpt-3.tmp"]
+
+
+def _plant(directory: Path, names: list[str]) -> None:
+    for name in names:
+        (directory / name).write_bytes(b"partial")
+
+
+async def test_next_save_removes_leftover_temp_files(ckpt_dir: Path) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    await Saver().save(make_state(1), prefix, global_step=1)
+    _plant(ckpt_dir, LEFTOVERS + NOT_OURS)
+
+    await Saver().save(make_state(2), prefix, global_step=2)  # a restarted writer
+
+    assert temp_files(ckpt_dir) == ["model.ckpt-3.asyncckpt-tmp-abc"]  # no leading dot
+    for name in NOT_OURS:
+        assert (ckpt_dir / name).read_bytes() == b"partial"
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+
+
+async def test_checkpoint_manager_removes_leftover_temp_files_on_open(ckpt_dir: Path) -> None:
+    os.makedirs(ckpt_dir)
+    _plant(ckpt_dir, LEFTOVERS + NOT_OURS)
+    async with CheckpointManager(ckpt_dir):
+        assert sorted(temp_files(ckpt_dir)) == ["model.ckpt-3.asyncckpt-tmp-abc"]
+        for name in NOT_OURS:
+            assert (ckpt_dir / name).exists()
+
+
+async def test_leftover_that_cannot_be_removed_does_not_fail_the_save(ckpt_dir: Path) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    (ckpt_dir / ".model.ckpt-9.asyncckpt-tmp-dir").mkdir(parents=True)
+    await Saver().save(make_state(1), prefix, global_step=1)
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-file", "dangling"])
+@pytest.mark.parametrize("target", ["model.ckpt-2", "checkpoint"], ids=["ckpt", "state"])
+async def test_symlink_planted_at_the_temp_name_is_not_followed(
+    ckpt_dir: Path, tmp_path: Path, target: str, dangling: bool
+) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_bytes(b"precious")
+    saver = Saver()
+    await saver.save(make_state(1), prefix, global_step=1)
+    state_before = (ckpt_dir / "checkpoint").read_bytes()
+
+    class PlantSymlink(FaultyStorage):
+        """An attacker wins the race: a symlink appears at the temp name just before open."""
+
+        def check(self, op: str, path: str) -> None:
+            super().check(op, path)
+            if op == "open" and TEMP_MARKER in path and target in path:
+                os.symlink(victim, path)
+
+    with PlantSymlink(), pytest.raises(CheckpointWriteError) as info:
+        await saver.save(make_state(2), prefix, global_step=2)
+
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.EEXIST
+    if dangling:
+        assert not exists(victim)
+    else:
+        assert victim.read_bytes() == b"precious"
+    assert (ckpt_dir / "checkpoint").read_bytes() == state_before
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
+    # The next save removes the planted link (never what it points to) and succeeds.
+    await saver.save(make_state(2), prefix, global_step=2)
+    assert temp_files(ckpt_dir) == []
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+    assert victim.exists() != dangling
+    if not dangling:
+        assert victim.read_bytes() == b"precious"
+
+
+async def test_symlink_planted_at_the_lock_is_not_followed(ckpt_dir: Path, tmp_path: Path) -> None:
+    os.makedirs(ckpt_dir)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, ckpt_dir / LOCK_NAME)
+
+    with pytest.raises(CheckpointWriteError) as info:
+        await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+    assert not isinstance(info.value, CheckpointLockedError)
+    assert info.value.path == str(ckpt_dir / LOCK_NAME)
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.ELOOP
+    assert "symlink, which is never followed: remove it" in str(info.value)
+    with pytest.raises(CheckpointWriteError):
+        async with CheckpointManager(ckpt_dir):
+            pass  # pragma: no cover - entering fails
+    assert victim.read_bytes() == b"precious"  # not truncated, no pid written into it
+    assert checkpoint_files(ckpt_dir) == set()
+
+
+@pytest.mark.parametrize("use_mmap", [False, True], ids=["read", "mmap"])
+async def test_restore_refuses_a_symlink(ckpt_dir: Path, use_mmap: bool) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    await Saver().save(make_state(1), prefix, global_step=1)
+    os.symlink(ckpt_dir / "model.ckpt-1", ckpt_dir / "model.ckpt-5")
+
+    with pytest.raises(CheckpointNotFoundError, match="symlink") as info:
+        await Saver().restore(f"{prefix}-5", mmap=use_mmap)
+    assert info.value.path == f"{prefix}-5"
+    await assert_restores(f"{prefix}-1", 1)
+
+
+@pytest.mark.parametrize("use_mmap", [False, True], ids=["read", "mmap"])
+async def test_restore_of_a_missing_path_or_a_directory(ckpt_dir: Path, use_mmap: bool) -> None:
+    (ckpt_dir / "model.ckpt-2").mkdir(parents=True)
+    with pytest.raises(CheckpointNotFoundError, match="not a regular file"):
+        await Saver().restore(ckpt_dir / "model.ckpt-2", mmap=use_mmap)
+    with pytest.raises(FileNotFoundError) as info:  # a CheckpointNotFoundError
+        await Saver().restore(ckpt_dir / "model.ckpt-3", mmap=use_mmap)
+    assert isinstance(info.value, CheckpointNotFoundError)
+    assert info.value.path == str(ckpt_dir / "model.ckpt-3")

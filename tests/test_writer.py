@@ -1,0 +1,846 @@
+"""CheckpointManager: snapshots, queue policies, write errors, lifecycle and cancellation.
+
+Stalls are deterministic: ``StallingStorage.check()`` runs in the worker thread doing the
+storage call, so holding it on a ``threading.Event`` stalls exactly that call, as a slow disk
+would, while the event loop keeps running. Nothing here sleeps for real.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import numpy as np
+import pytest
+
+from asyncckpt import (
+    CheckpointLockedError,
+    CheckpointManager,
+    CheckpointManagerStatistics,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
+from asyncckpt.cli import main as cli_main
+from asyncckpt.testing import FaultyStorage
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+    from types import TracebackType
+
+pytestmark = pytest.mark.anyio
+
+_STALL_LIMIT = 5.0  # a stalled call gives up (and fails the test) if it is never released
+_CKPT_FILE = re.compile(r"model\.ckpt-(\d+)$")
+
+
+class StallingStorage(FaultyStorage):
+    """FaultyStorage that can also hold one chosen storage call until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached = threading.Event()
+        self.released = threading.Event()
+        self.stalled: tuple[str, str] | None = None
+        self._plan_lock = threading.Lock()
+        self._target: tuple[str | None, str | None] | None = None
+        self._skip = 0
+
+    def stall(self, op: str | None = None, *, match: str | None = None, skip: int = 0) -> None:
+        """Hold the matching call (``op`` None: any op) after letting ``skip`` matches pass."""
+        with self._plan_lock:
+            self._target, self._skip = (op, match), skip
+
+    def check(self, op: str, path: str) -> None:
+        hold = False
+        with self._plan_lock:
+            if self._target is not None:
+                want_op, match = self._target
+                if (want_op in (None, op)) and (match is None or match in path):
+                    if self._skip:
+                        self._skip -= 1
+                    else:
+                        self._target, self.stalled, hold = None, (op, path), True
+        if hold:
+            self.reached.set()
+            if not self.released.wait(_STALL_LIMIT):
+                raise OSError(errno.ETIMEDOUT, "the test never released this call", path)
+        super().check(op, path)
+
+    async def wait_reached(self) -> None:
+        """Return once a worker thread is held in the stalled call."""
+        reached = await anyio.to_thread.run_sync(
+            self.reached.wait, _STALL_LIMIT, abandon_on_cancel=True
+        )
+        assert reached, "the storage call to stall never happened"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()  # never leave a worker thread waiting
+        super().__exit__(exc_type, exc, tb)
+
+
+@pytest.fixture
+def storage() -> Iterator[StallingStorage]:
+    with StallingStorage() as faults:
+        yield faults
+
+
+def written_steps(storage: FaultyStorage) -> list[int]:
+    """Steps whose checkpoint file was committed (renamed into place), in order."""
+    steps = []
+    for op, path in storage.calls:
+        match = _CKPT_FILE.search(path)
+        if op == "rename" and match:
+            steps.append(int(match.group(1)))
+    return steps
+
+
+def make_state(step: int) -> dict[str, Any]:
+    return {
+        "weights": np.full((4, 8), step, np.float32),
+        "counts": np.arange(6, dtype=np.int64) * step,
+        "step": step,
+        "name": f"state-{step}",
+        "nested": {"bias": np.float64(step / 2), "tags": ["a", step]},
+    }
+
+
+def assert_state(tree: Any, step: int) -> None:
+    expected = make_state(step)
+    assert tree.keys() == expected.keys()
+    np.testing.assert_array_equal(tree["weights"], expected["weights"])
+    assert tree["weights"].dtype == np.float32
+    np.testing.assert_array_equal(tree["counts"], expected["counts"])
+    assert tree["step"] == step
+    assert tree["name"] == f"state-{step}"
+    assert tree["nested"]["bias"] == step / 2
+    assert tree["nested"]["tags"] == ["a", step]
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop until ``predicate()`` holds (the writer's worker threads progress)."""
+    with anyio.fail_after(5):
+        while not predicate():
+            await anyio.lowlevel.checkpoint()
+
+
+def file_size(path: Path) -> int:
+    return os.path.getsize(path)
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [name for name in os.listdir(directory) if "asyncckpt-tmp" in name]
+
+
+def verify_exit(directory: Path) -> int:
+    """Exit status of ``asyncckpt verify DIR``."""
+    return cli_main(["verify", str(directory)], out=io.StringIO())
+
+
+async def restore_latest(directory: Path) -> tuple[int | None, Any]:
+    """Open a fresh manager on ``directory``: its latest step and restored tree."""
+    async with CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        tree = await manager.restore() if step is not None else None
+    return step, tree
+
+
+# -- basics -------------------------------------------------------------------------------------
+
+
+async def test_save_snapshots_then_mutation_does_not_change_what_is_written(
+    tmp_path: Path,
+) -> None:
+    state = make_state(1)
+    async with CheckpointManager(tmp_path) as manager:
+        assert await manager.save(state, 1) is True
+        # The writer has not run yet: save() returned after the copy, so this must not leak in.
+        state["weights"][:] = -7
+        state["counts"] += 1000
+        state["step"] = 99
+        state["nested"]["tags"].append("late")
+        await manager.wait()
+        assert manager.latest_step() == 1
+        assert_state(await manager.restore(), 1)
+    assert os.listdir(tmp_path).count("model.ckpt-1") == 1
+
+
+async def test_latest_all_steps_and_restore_by_step(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, max_to_keep=3) as manager:
+        assert manager.latest_step() is None
+        assert manager.all_steps() == []
+        for step in (10, 20, 30, 40):
+            await manager.save(make_state(step), step)
+            await manager.wait()
+            assert manager.latest_step() == step
+        assert manager.all_steps() == [20, 30, 40]
+        assert_state(await manager.restore(), 40)
+        assert_state(await manager.restore(step=20), 20)
+        with pytest.raises(CheckpointNotFoundError):
+            await manager.restore(step=10)  # fell out of max_to_keep
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("model")) == [
+        "model.ckpt-20",
+        "model.ckpt-30",
+        "model.ckpt-40",
+    ]
+
+
+async def test_restore_into_fills_arrays_in_place(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as manager:
+        await manager.save(make_state(3), 3)
+        live = make_state(0)
+        weights, counts = live["weights"], live["counts"]
+        restored = await manager.restore(into=live)
+    assert restored["weights"] is weights
+    assert restored["counts"] is counts
+    assert_state(restored, 3)
+    np.testing.assert_array_equal(weights, np.full((4, 8), 3, np.float32))
+
+
+async def test_restore_with_nothing_saved_raises_not_found(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as manager:
+        with pytest.raises(CheckpointNotFoundError) as caught:
+            await manager.restore()
+    assert isinstance(caught.value, FileNotFoundError)  # a builtin base users may catch
+
+
+async def test_second_manager_continues_latest_step_and_retention(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, max_to_keep=3) as first:
+        for step in (1, 2, 3):
+            await first.save(make_state(step), step)
+    async with CheckpointManager(tmp_path, max_to_keep=3) as second:
+        assert second.latest_step() == 3
+        assert second.all_steps() == [1, 2, 3]
+        assert_state(await second.restore(), 3)
+        for step in (4, 5):
+            await second.save(make_state(step), step)
+        await second.wait()
+        assert second.all_steps() == [3, 4, 5]
+    on_disk = sorted(int(n.split("-")[1]) for n in os.listdir(tmp_path) if _CKPT_FILE.match(n))
+    assert on_disk == [3, 4, 5]
+
+
+async def test_statistics_after_saves(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, max_to_keep=None, max_pending=2) as manager:
+        empty = manager.statistics()
+        assert isinstance(empty, CheckpointManagerStatistics)
+        assert (empty.pending, empty.max_pending, empty.written, empty.bytes_written) == (
+            0,
+            2,
+            0,
+            0,
+        )
+        assert empty.latest_step is None
+        for step in (1, 2, 3):
+            await manager.save(make_state(step), step)
+            await manager.wait()
+            assert manager.statistics().latest_step == step
+        stats = manager.statistics()
+    sizes = sum(file_size(tmp_path / f"model.ckpt-{step}") for step in (1, 2, 3))
+    assert stats.written == 3
+    assert stats.bytes_written == sizes
+    assert stats.latest_step == 3
+    assert (stats.pending, stats.skipped, stats.replaced, stats.failed) == (0, 0, 0, 0)
+    assert stats.last_error is None
+
+
+@pytest.mark.parametrize("wait_between", [True, False], ids=["sequential", "pipelined"])
+async def test_repeated_saves_reuse_snapshot_buffers(tmp_path: Path, wait_between: bool) -> None:
+    state = make_state(1)
+    async with CheckpointManager(tmp_path, max_to_keep=2, max_pending=2) as manager:
+        await manager.save(state, 0)
+        await manager.wait()
+        warm = manager.statistics()
+        assert warm.buffers_allocated > 0
+        for step in range(1, 12):
+            state["weights"] += 1
+            await manager.save(state, step)
+            if wait_between:
+                await manager.wait()
+        await manager.wait()
+        after = manager.statistics()
+        restored = await manager.restore()
+    np.testing.assert_array_equal(restored["weights"], np.full((4, 8), 12, np.float32))
+    # One buffer set per snapshot in flight at most: the writer's, plus max_pending waiting.
+    limit = warm.buffers_allocated * (1 if wait_between else 1 + manager.max_pending)
+    assert after.buffers_allocated <= limit
+    if wait_between:
+        assert after.bytes_allocated == warm.bytes_allocated
+
+
+# -- queue policies under a stalled writer ---------------------------------------------------------
+
+
+async def test_block_policy_waits_until_the_writer_moves_on(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.stall("fsync", match="model.ckpt-1")
+    done: list[list[int]] = []
+
+    async def third(manager: CheckpointManager) -> None:
+        assert await manager.save(make_state(3), 3) is True
+        done.append(written_steps(storage))
+
+    async with CheckpointManager(tmp_path, max_pending=1, policy="block") as manager:
+        assert await manager.save(make_state(1), 1) is True
+        await storage.wait_reached()  # checkpoint 1 is being written, held in fsync
+        assert await manager.save(make_state(2), 2) is True  # room for one waiting snapshot
+        assert manager.statistics().pending == 2
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(third, manager)
+                await anyio.wait_all_tasks_blocked()
+                assert done == []  # blocked: the queue is full
+                assert manager.statistics().pending == 2
+                storage.release()
+        assert len(done) == 1
+        assert done[0][:1] == [1]  # it got in only after checkpoint 1 was written
+        await manager.wait()
+        assert manager.statistics().skipped == manager.statistics().replaced == 0
+    assert written_steps(storage) == [1, 2, 3]
+
+
+async def test_skip_policy_drops_and_counts(tmp_path: Path, storage: StallingStorage) -> None:
+    storage.stall("fsync", match="model.ckpt-1")
+    async with CheckpointManager(tmp_path, max_pending=1, policy="skip") as manager:
+        assert await manager.save(make_state(1), 1) is True
+        await storage.wait_reached()
+        assert await manager.save(make_state(2), 2) is True
+        assert await manager.save(make_state(3), 3) is False
+        stats = manager.statistics()
+        assert (stats.pending, stats.skipped, stats.written) == (2, 1, 0)
+        storage.release()
+        await manager.wait()
+        assert manager.latest_step() == 2
+        assert manager.all_steps() == [1, 2]
+        assert manager.statistics().skipped == 1
+        assert_state(await manager.restore(), 2)
+    assert written_steps(storage) == [1, 2]
+
+
+async def test_replace_policy_swaps_the_waiting_snapshot(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.stall("fsync", match="model.ckpt-1")
+    async with CheckpointManager(tmp_path, max_pending=1, policy="replace") as manager:
+        assert await manager.save(make_state(1), 1) is True
+        await storage.wait_reached()
+        assert await manager.save(make_state(2), 2) is True
+        assert await manager.save(make_state(3), 3) is True
+        stats = manager.statistics()
+        assert (stats.pending, stats.replaced, stats.skipped) == (2, 1, 0)
+        storage.release()
+        await manager.wait()
+        assert manager.all_steps() == [1, 3]
+        assert manager.statistics().replaced == 1
+        assert manager.statistics().written == 2
+        assert_state(await manager.restore(), 3)
+    assert written_steps(storage) == [1, 3]
+
+
+# -- write errors ----------------------------------------------------------------------------------
+
+
+def assert_enospc(error: BaseException) -> None:
+    assert type(error) is CheckpointWriteError  # the error itself, never an ExceptionGroup
+    assert isinstance(error.__cause__, OSError)
+    assert error.__cause__.errno == errno.ENOSPC
+    assert "model.ckpt-2" in str(error)
+
+
+async def test_write_error_raised_once_by_next_save(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+    async with CheckpointManager(tmp_path) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.wait()
+        await manager.save(make_state(2), 2)
+        await until(lambda: manager.statistics().failed == 1)
+        with pytest.raises(CheckpointWriteError) as caught:
+            await manager.save(make_state(3), 3)
+        assert_enospc(caught.value)
+        stats = manager.statistics()
+        assert stats.last_error is caught.value
+        assert (stats.failed, stats.written, stats.pending) == (1, 1, 0)
+        assert manager.latest_step() == 1
+        assert_state(await manager.restore(), 1)  # already reported: restore does not re-raise
+        # The failed save did not take a snapshot; the next one works (the fault was one-shot).
+        assert await manager.save(make_state(4), 4) is True
+        await manager.wait()
+        assert manager.latest_step() == 4
+        assert manager.all_steps() == [1, 4]
+    assert written_steps(storage) == [1, 4]
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("boundary", ["wait", "restore"])
+async def test_write_error_raised_once_by_wait_or_restore(
+    tmp_path: Path, storage: StallingStorage, boundary: str
+) -> None:
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+    async with CheckpointManager(tmp_path) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.save(make_state(2), 2)
+        with pytest.raises(CheckpointWriteError) as caught:
+            await (manager.wait() if boundary == "wait" else manager.restore())
+        assert_enospc(caught.value)
+        await manager.wait()  # reported once only
+        assert manager.latest_step() == 1
+        assert manager.statistics().failed == 1
+        assert_state(await manager.restore(), 1)
+        await manager.save(make_state(3), 3)
+    assert (await restore_latest(tmp_path))[0] == 3
+
+
+async def test_write_error_raised_once_by_exit(tmp_path: Path, storage: StallingStorage) -> None:
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+    manager = CheckpointManager(tmp_path)
+
+    async def body() -> None:
+        async with manager:
+            await manager.save(make_state(1), 1)
+            await manager.save(make_state(2), 2)
+
+    with pytest.raises(CheckpointWriteError) as caught:
+        await body()
+    assert_enospc(caught.value)
+    await manager.aclose()  # already closed and reported: nothing more
+    assert manager.latest_step() == 1
+    assert manager.statistics().last_error is caught.value
+    step, tree = await restore_latest(tmp_path)
+    assert step == 1
+    assert_state(tree, 1)
+    assert temp_files(tmp_path) == []
+    assert verify_exit(tmp_path) == 0
+
+
+async def test_body_exception_wins_and_notes_the_write_error(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.fail("fsync", errno.EIO, match="model.ckpt-1")
+    boom = ValueError("boom")
+
+    async def body() -> None:
+        async with CheckpointManager(tmp_path) as manager:
+            await manager.save(make_state(1), 1)
+            raise boom
+
+    with pytest.raises(ValueError, match="boom") as caught:
+        await body()
+    assert caught.value is boom
+    assert any("checkpoint write" in note for note in getattr(boom, "__notes__", []))
+
+
+async def test_state_file_write_error_keeps_previous_latest(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    async with CheckpointManager(tmp_path) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.wait()
+        storage.fail("rename", errno.EACCES, match=f"{os.sep}checkpoint")
+        await manager.save(make_state(2), 2)
+        with pytest.raises(CheckpointWriteError):
+            await manager.wait()
+        assert manager.latest_step() == 1
+        assert manager.all_steps() == [1]
+        assert_state(await manager.restore(), 1)
+    step, _tree = await restore_latest(tmp_path)
+    assert step == 1
+
+
+async def test_failed_deletion_after_the_commit_keeps_the_new_checkpoint_latest(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.fail("unlink", errno.EACCES, match="model.ckpt-1")
+    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.wait()
+        await manager.save(make_state(2), 2)
+        with pytest.raises(CheckpointWriteError, match=r"model\.ckpt-1") as caught:
+            await manager.wait()
+        assert type(caught.value) is CheckpointWriteError
+        # The state file already lists checkpoint 2: the manager must agree with it.
+        assert manager.latest_step() == manager.statistics().latest_step == 2
+        assert manager.all_steps() == [2]
+        assert_state(await manager.restore(), 2)
+    assert (await restore_latest(tmp_path))[0] == 2
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+async def test_enter_twice_raises(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    async with manager:
+        with pytest.raises(RuntimeError, match="entered only once"):
+            await manager.__aenter__()
+        await manager.save(make_state(1), 1)  # still usable
+    with pytest.raises(RuntimeError, match="entered only once"):
+        async with manager:
+            pass
+    assert (await restore_latest(tmp_path))[0] == 1
+
+
+async def test_a_locked_directory_fails_the_enter_and_nothing_else(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as first:
+        second = CheckpointManager(tmp_path)
+        with pytest.raises(CheckpointLockedError, match="another writer holds"):
+            await second.__aenter__()
+        with pytest.raises(RuntimeError, match="async with"):
+            await second.save(make_state(1), 1)
+        await second.aclose()  # nothing to stop
+        await first.save(make_state(1), 1)
+    assert first.all_steps() == [1]
+
+
+async def test_save_and_wait_outside_the_block_raise(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(RuntimeError, match="async with"):
+        await manager.save(make_state(1), 1)
+    with pytest.raises(RuntimeError, match="async with"):
+        await manager.wait()
+    async with manager:
+        await manager.save(make_state(1), 1)
+    with pytest.raises(RuntimeError, match="closed"):
+        await manager.save(make_state(2), 2)
+    with pytest.raises(RuntimeError, match="closed"):
+        await manager.wait()
+    assert manager.all_steps() == [1]
+
+
+async def test_aclose_is_idempotent_and_writes_everything(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, max_pending=2)
+    async with manager:
+        await manager.save(make_state(1), 1)
+        await manager.save(make_state(2), 2)
+        await manager.aclose()
+        assert manager.latest_step() == 2
+        await manager.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await manager.save(make_state(3), 3)
+    await manager.aclose()
+    assert manager.all_steps() == [1, 2]
+
+
+async def test_aclose_from_another_task_and_under_a_deadline(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, max_pending=2) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.save(make_state(2), 2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.aclose)  # e.g. a shutdown handler's task
+        assert manager.all_steps() == [1, 2]
+        with anyio.fail_after(5):  # the documented way to bound any await
+            await manager.aclose()
+        # aclose() released the directory: another writer may open it before the block ends.
+        assert (await restore_latest(tmp_path))[0] == 2
+
+
+async def test_aclose_raises_a_write_error_once(tmp_path: Path, storage: StallingStorage) -> None:
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+    async with CheckpointManager(tmp_path) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.save(make_state(2), 2)
+        with anyio.fail_after(5), pytest.raises(CheckpointWriteError) as caught:
+            await manager.aclose()
+        assert_enospc(caught.value)
+        await manager.aclose()
+    assert manager.latest_step() == 1
+
+
+async def test_exit_leaves_no_task_and_releases_the_directory(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    before = {task.id for task in anyio.get_running_tasks()}
+    async with CheckpointManager(tmp_path, max_pending=2) as manager:
+        assert {task.id for task in anyio.get_running_tasks()} > before  # the writer runs
+        await manager.save(make_state(1), 1)
+        await manager.save(make_state(2), 2)
+        assert manager.statistics().pending == 2  # nothing written yet: exit must drain
+    assert {task.id for task in anyio.get_running_tasks()} == before
+    listing, calls = sorted(os.listdir(tmp_path)), len(storage.calls)
+    await anyio.wait_all_tasks_blocked()
+    assert sorted(os.listdir(tmp_path)) == listing
+    assert len(storage.calls) == calls  # no storage call after the exit
+    assert written_steps(storage) == [1, 2]
+    # The directory lock was released: another manager can open it at once.
+    step, tree = await restore_latest(tmp_path)
+    assert step == 2
+    assert_state(tree, 2)
+
+
+async def test_body_exception_still_writes_taken_snapshots(tmp_path: Path) -> None:
+    boom = KeyError("boom")
+    manager = CheckpointManager(tmp_path, max_pending=2)
+
+    async def body() -> None:
+        async with manager:
+            await manager.save(make_state(1), 1)
+            await manager.save(make_state(2), 2)
+            raise boom
+
+    with pytest.raises(KeyError) as caught:
+        await body()
+    assert caught.value is boom
+    assert not getattr(boom, "__notes__", None)
+    assert manager.all_steps() == [1, 2]
+    assert (await restore_latest(tmp_path))[0] == 2
+
+
+async def test_zero_grace_abandons_a_stalled_write(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    go = anyio.Event()
+    exited: list[str] = []
+
+    async def body() -> None:
+        async with CheckpointManager(tmp_path, stop_grace_period_secs=0) as manager:
+            await manager.save(make_state(1), 1)
+            await manager.wait()
+            storage.stall("open", match="model.ckpt-2")
+            await manager.save(make_state(2), 2)
+            await go.wait()
+            raise LookupError("body failed")
+
+    async def owner() -> None:
+        with pytest.raises(LookupError, match="body failed"):
+            await body()
+        exited.append("exit")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner)
+            await storage.wait_reached()  # checkpoint 2 is held in a worker thread
+            go.set()
+            await anyio.wait_all_tasks_blocked()
+            assert exited == []  # the exit waits for the worker thread, never abandons it
+            storage.release()
+    assert exited == ["exit"]
+    assert "model.ckpt-2" not in os.listdir(tmp_path)
+    assert temp_files(tmp_path) == []
+    step, tree = await restore_latest(tmp_path)
+    assert step == 1
+    assert_state(tree, 1)
+    assert verify_exit(tmp_path) == 0
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+
+
+async def test_owner_cancellation_writes_taken_snapshots_then_propagates(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.stall("fsync", match="model.ckpt-1")
+    scope = anyio.CancelScope()
+    progress: list[str] = []
+
+    async def owner() -> None:
+        with scope:
+            async with CheckpointManager(tmp_path, max_pending=2) as manager:
+                await manager.save(make_state(1), 1)
+                await manager.save(make_state(2), 2)
+                progress.append("saved")
+                await anyio.sleep_forever()
+            progress.append("after the block")  # must not run: the cancellation propagates
+        progress.append("exited")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner)
+            await storage.wait_reached()
+            assert progress == ["saved"]
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert progress == ["saved"]  # the exit is writing the taken snapshots
+            storage.release()
+    assert progress == ["saved", "exited"]
+    assert scope.cancelled_caught
+    assert written_steps(storage) == [1, 2]
+    assert (await restore_latest(tmp_path))[0] == 2
+
+
+async def test_owner_cancelled_during_a_normal_exit_still_drains(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.stall("fsync", match="model.ckpt-1")
+    scope = anyio.CancelScope()
+    progress: list[str] = []
+
+    async def owner() -> None:
+        with scope:
+            async with CheckpointManager(tmp_path, max_pending=2) as manager:
+                await manager.save(make_state(1), 1)
+                await manager.save(make_state(2), 2)
+                progress.append("leaving")
+            progress.append("after the block")  # must not run: the cancellation propagates
+        progress.append("exited")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner)
+            await storage.wait_reached()
+            await anyio.wait_all_tasks_blocked()
+            assert progress == ["leaving"]  # the exit waits for checkpoint 1
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert progress == ["leaving"]  # cancelled, but taken snapshots are still written
+            storage.release()
+    assert progress == ["leaving", "exited"]
+    assert scope.cancelled_caught
+    assert written_steps(storage) == [1, 2]
+    assert (await restore_latest(tmp_path))[0] == 2
+
+
+async def test_cancelled_blocked_save_leaves_nothing_queued(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    storage.stall("fsync", match="model.ckpt-1")
+    async with CheckpointManager(tmp_path, max_pending=1, policy="block") as manager:
+        await manager.save(make_state(1), 1)
+        await storage.wait_reached()
+        await manager.save(make_state(2), 2)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(manager.save, make_state(3), 3)
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+        assert manager.statistics().pending == 2
+        storage.release()
+        await manager.wait()
+        stats = manager.statistics()
+        assert (stats.written, stats.skipped, stats.replaced, stats.pending) == (2, 0, 0, 0)
+        assert manager.all_steps() == [1, 2]
+    assert written_steps(storage) == [1, 2]
+
+
+# A save into a directory holding checkpoint 1, with max_to_keep=1, makes these storage calls:
+# the checkpoint file (open, write, fsync, rename, fsync_dir), then the state file (the same
+# five, in one worker-thread hop), then the deletion of checkpoint 1 (unlink, fsync_dir).
+_SAVE_OPS = [
+    "open", "write", "fsync", "rename", "fsync_dir",
+    "open", "write", "fsync", "rename", "fsync_dir",
+    "unlink", "fsync_dir",
+]  # fmt: skip
+_STATE_FILE_FIRST_CALL = 5
+
+
+async def test_save_commits_file_then_state_file_then_deletes(
+    tmp_path: Path, storage: StallingStorage
+) -> None:
+    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
+        await manager.save(make_state(1), 1)
+        await manager.wait()
+        first = len(storage.calls)
+        await manager.save(make_state(2), 2)
+        await manager.wait()
+    calls = storage.calls[first:]
+    assert [op for op, _path in calls] == _SAVE_OPS
+    assert ".model.ckpt-2" in calls[0][1]
+    assert calls[3][1].endswith("model.ckpt-2")
+    assert calls[8][1] == str(tmp_path / "checkpoint")
+    assert calls[10][1].endswith("model.ckpt-1")
+
+
+@pytest.mark.parametrize(
+    "k", range(len(_SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(_SAVE_OPS)]
+)
+async def test_cancel_at_each_storage_call_leaves_a_restorable_directory(
+    tmp_path: Path, storage: StallingStorage, k: int
+) -> None:
+    scope = anyio.CancelScope()
+
+    async def owner() -> None:
+        with scope:
+            async with CheckpointManager(
+                tmp_path, max_to_keep=1, stop_grace_period_secs=0
+            ) as manager:
+                await manager.save(make_state(1), 1)
+                await manager.wait()
+                storage.stall(skip=k)
+                await manager.save(make_state(2), 2)
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner)
+            await storage.wait_reached()
+            assert storage.stalled is not None
+            assert storage.stalled[0] == _SAVE_OPS[k]
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()  # the exit waits on the held worker thread
+            storage.release()
+    assert scope.cancelled_caught
+    assert temp_files(tmp_path) == []
+    step, tree = await restore_latest(tmp_path)
+    # Until the state file is replaced, checkpoint 1 stays the latest; after, it is 2.
+    expected = 1 if k < _STATE_FILE_FIRST_CALL else 2
+    assert step == expected
+    assert_state(tree, expected)
+    assert verify_exit(tmp_path) == 0
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_pending": 0}, ValueError, "max_pending must be >= 1"),
+        ({"max_pending": -3}, ValueError, "max_pending must be >= 1"),
+        ({"max_pending": True}, TypeError, "max_pending must be an int, not bool"),
+        ({"max_pending": 1.5}, TypeError, "max_pending must be an int, not float"),
+        ({"policy": "drop"}, ValueError, r"policy must be one of \('block', 'skip', 'replace'\)"),
+        ({"stop_grace_period_secs": -1}, ValueError, "stop_grace_period_secs must be >= 0"),
+        ({"stop_grace_period_secs": float("nan")}, ValueError, "stop_grace_period_secs"),
+        ({"max_to_keep": -1}, ValueError, "max_to_keep must be >= 0"),
+        ({"basename": "../escape"}, ValueError, "must stay inside the directory"),
+    ],
+)
+async def test_constructor_validates_arguments(
+    tmp_path: Path, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        CheckpointManager(tmp_path, **kwargs)
+    assert os.listdir(tmp_path) == []  # validation happens before touching the directory
+
+
+async def test_unsupported_leaf_names_its_path_and_manager_keeps_working(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as manager:
+        bad = make_state(1)
+        bad["nested"]["handle"] = object()
+        with pytest.raises(TypeError, match=r"cannot save object at nested/handle"):
+            await manager.save(bad, 1)
+        with pytest.raises(TypeError, match="step must be an int"):
+            await manager.save(make_state(1), "1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"must be in \[0, 2\*\*63\), not -1"):
+            await manager.save(make_state(1), -1)
+        assert manager.statistics().pending == 0
+        assert await manager.save(make_state(2), 2) is True
+        await manager.wait()
+        assert manager.all_steps() == [2]
+        assert_state(await manager.restore(), 2)
+
+
+def test_manager_is_created_outside_an_event_loop(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)  # e.g. built in sync setup code, used later
+
+    async def use() -> list[int]:
+        async with manager:
+            await manager.save(make_state(1), 1)
+        return manager.all_steps()
+
+    assert anyio.run(use) == [1]
