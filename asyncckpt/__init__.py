@@ -14,14 +14,35 @@ from ._errors import CheckpointWriteError as CheckpointWriteError
 from ._errors import NanLossDuringTrainingError as NanLossDuringTrainingError
 from ._errors import OutOfRangeError as OutOfRangeError
 from ._errors import PreemptedError as PreemptedError
+from ._hooks._base import CheckpointSaverListener as CheckpointSaverListener
+from ._hooks._base import SessionRunArgs as SessionRunArgs
+from ._hooks._base import SessionRunContext as SessionRunContext
+from ._hooks._base import SessionRunHook as SessionRunHook
+from ._hooks._base import SessionRunValues as SessionRunValues
+from ._hooks._basic import FinalOpsHook as FinalOpsHook
+from ._hooks._basic import LoggingTensorHook as LoggingTensorHook
+from ._hooks._basic import NanTensorHook as NanTensorHook
+from ._hooks._basic import StepCounterHook as StepCounterHook
+from ._hooks._basic import StopAtStepHook as StopAtStepHook
+from ._hooks._checkpoint import CheckpointSaverHook as CheckpointSaverHook
+from ._hooks._timer import NeverTriggerTimer as NeverTriggerTimer
+from ._hooks._timer import SecondOrStepTimer as SecondOrStepTimer
 from ._saver import CheckpointState as CheckpointState
 from ._saver import Saver as Saver
 from ._saver import get_checkpoint_state as get_checkpoint_state
 from ._saver import latest_checkpoint as latest_checkpoint
+from ._session._coordinator import Coordinator as Coordinator
+from ._session._creators import ChiefSessionCreator as ChiefSessionCreator
+from ._session._creators import StepSession as StepSession
+from ._session._monitored import MonitoredSession as MonitoredSession
+from ._session._monitored import MonitoredTrainingSession as MonitoredTrainingSession
+from ._session._scaffold import Scaffold as Scaffold
+from ._session._signals import stop_on_signals as stop_on_signals
 from ._types import StateTree as StateTree
 from ._types import SupportsStateDict as SupportsStateDict
 from ._writer import CheckpointManager as CheckpointManager
 from ._writer import CheckpointManagerStatistics as CheckpointManagerStatistics
+from ._writer import SaveOutcome as SaveOutcome
 
 __version__ = "0.1.0"
 
@@ -33,16 +54,37 @@ __all__ = [
     "CheckpointManager",
     "CheckpointManagerStatistics",
     "CheckpointNotFoundError",
+    "CheckpointSaverHook",
+    "CheckpointSaverListener",
     "CheckpointState",
     "CheckpointWriteError",
+    "ChiefSessionCreator",
+    "Coordinator",
+    "FinalOpsHook",
+    "LoggingTensorHook",
+    "MonitoredSession",
+    "MonitoredTrainingSession",
     "NanLossDuringTrainingError",
+    "NanTensorHook",
+    "NeverTriggerTimer",
     "OutOfRangeError",
     "PreemptedError",
+    "SaveOutcome",
     "Saver",
+    "Scaffold",
+    "SecondOrStepTimer",
+    "SessionRunArgs",
+    "SessionRunContext",
+    "SessionRunHook",
+    "SessionRunValues",
     "StateTree",
+    "StepCounterHook",
+    "StepSession",
+    "StopAtStepHook",
     "SupportsStateDict",
     "get_checkpoint_state",
     "latest_checkpoint",
+    "stop_on_signals",
 ]
 
 # Tracebacks and reprs show the public path, not the private module (as trio does).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
 
 import anyio
@@ -22,11 +22,12 @@ from ._tree import Snapshot, SnapshotPool
 from ._util import check_int, single_exception
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
     from ._types import StateTree
 
-__all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy"]
+__all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy", "SaveOutcome"]
 
 Policy = Literal["block", "skip", "replace"]
 _POLICIES: Final = get_args(Policy)
@@ -59,6 +60,22 @@ class CheckpointManagerStatistics:
     """Snapshot buffers ever allocated; flat once the pool is warm."""
     bytes_allocated: int
     """Bytes of snapshot buffers ever allocated."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveOutcome:
+    """How one accepted save ended, as reported to ``add_done_callback`` callbacks."""
+
+    step: int
+    """The checkpoint's step."""
+    path: str
+    """The checkpoint's path."""
+    written: bool
+    """Whether it is durable and listed (False: dropped by ``"replace"``, abandoned at
+    close, or failed)."""
+    error: CheckpointError | None = None
+    """The write error, if any (a checkpoint can be written and still report one, e.g. when
+    deleting an old checkpoint failed)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -185,6 +202,7 @@ class CheckpointManager:
         self._latest_step: int | None = None
         self._written = self._skipped = self._replaced = self._failed = self._bytes = 0
         self._last_error: CheckpointError | None = None
+        self._done_callbacks: list[Callable[[SaveOutcome], object]] = []
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._entered else "new"
@@ -280,6 +298,7 @@ class CheckpointManager:
         finally:
             for job in queue.jobs:
                 job.snapshot.release()
+                self._settle(SaveOutcome(step=job.step, path=job.path, written=False))
             queue.jobs.clear()
             self._saver._release(self.directory)
 
@@ -300,6 +319,7 @@ class CheckpointManager:
             try:
                 while (job := await self._queue.get()) is not None:
                     self._writing = job
+                    outcome = SaveOutcome(step=job.step, path=job.path, written=False)
                     try:
                         size = await self._saver._commit(
                             job.snapshot,
@@ -317,14 +337,18 @@ class CheckpointManager:
                         # checkpoints) leaves the new checkpoint listed as the latest: follow
                         # the state file, or restore() would read an unlisted old file.
                         self._latest_step = self._listed_latest_step()
+                        listed = self._latest_step == job.step
+                        outcome = replace(outcome, written=listed, error=exc)
                     else:
                         self._written += 1
                         self._bytes += size
                         self._latest_step = job.step
+                        outcome = replace(outcome, written=True)
                     finally:
                         job.snapshot.release()
                         self._writing = None
                         self._queue.notify()
+                        self._settle(outcome)
             finally:
                 self._writer_done = True
                 self._queue.notify()
@@ -387,8 +411,10 @@ class CheckpointManager:
                 queue = self._open_queue()
         job = _SaveJob(self._pool.take(state), step_value, path, meta)
         if queue.full():  # only "replace" gets here full
-            queue.replace_newest(job).snapshot.release()
+            dropped = queue.replace_newest(job)
+            dropped.snapshot.release()
             self._replaced += 1
+            self._settle(SaveOutcome(step=dropped.step, path=dropped.path, written=False))
         else:
             queue.put(job)
         return True
@@ -458,6 +484,19 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
         path = os.path.join(self.directory, f"{self.basename}-{step}")
         return await self._saver.restore(path, into, mmap=mmap, verify=verify)
+
+    def add_done_callback(self, fn: Callable[[SaveOutcome], object]) -> None:
+        """Call ``fn(outcome)`` on the event loop each time an accepted save is settled.
+
+        Outcomes arrive in the order the saves were written or dropped. ``fn`` must be quick
+        and must not block (hand the work to a task); an exception from it ends the
+        manager with that exception.
+        """
+        self._done_callbacks.append(fn)
+
+    def _settle(self, outcome: SaveOutcome) -> None:
+        for fn in self._done_callbacks:
+            fn(outcome)
 
     def statistics(self) -> CheckpointManagerStatistics:
         """Return the counters (pending, written, skipped, replaced, errors, bytes)."""

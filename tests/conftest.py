@@ -1,10 +1,26 @@
-"""Shared fixtures: every async test runs on asyncio and on trio (skipped if trio is missing)."""
+"""Shared fixtures: every async test runs on asyncio and on trio (skipped if trio is missing).
+
+Hypothesis runs are reproducible: derandomized, without an example database or a deadline
+(the ``asyncckpt`` profile, loaded here); each test sets only its size and health checks.
+Also the service example as a module, for the tests that drive it in-process.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+_EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+settings.register_profile("asyncckpt", deadline=None, derandomize=True, database=None)
+settings.load_profile("asyncckpt")
 
 _BACKENDS = ["asyncio"]
 if importlib.util.find_spec("trio") is not None:
@@ -15,3 +31,16 @@ if importlib.util.find_spec("trio") is not None:
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run anyio-marked tests once per backend (not the plugin's default)."""
     return str(request.param)
+
+
+@pytest.fixture
+def service_example() -> ModuleType:
+    """``examples/service_snapshot.py`` loaded afresh (examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "example_service_snapshot", _EXAMPLES_DIR / "service_snapshot.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

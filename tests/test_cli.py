@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib.util
 import io
 import json
 import os
@@ -16,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,9 +25,9 @@ from asyncckpt import CheckpointManager, get_checkpoint_state
 from asyncckpt.cli import main
 
 if TYPE_CHECKING:
+    from pathlib import Path
     from types import ModuleType
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 METADATA = {"run": "cli-test", "lr": 0.5}
 
 
@@ -54,15 +52,6 @@ def build(directory: Path, steps: list[int], *, max_to_keep: int | None = None) 
                 await manager.save(state_at(step), step, metadata=METADATA)
 
     anyio.run(save_all)
-
-
-def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -171,10 +160,11 @@ def test_ls_empty_directory(tmp_path: Path) -> None:
     assert json.loads(out) == {"directory": str(tmp_path), "latest": None, "checkpoints": []}
 
 
-def test_ls_of_a_service_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    service = load_example("service_snapshot")
+def test_ls_of_a_service_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], service_example: ModuleType
+) -> None:
     directory = tmp_path / "svc"
-    final = asyncio.run(service.serve(str(directory), 40, 10))
+    final = asyncio.run(service_example.serve(str(directory), 40, 10))
     assert final["requests"] == 40
     capsys.readouterr()
     status, out = run("ls", "--json", str(directory))

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
-import importlib.util
 import io
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +24,8 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
 # Small arguments for each example; a new example must add its own here.
 ARGS: dict[str, list[str]] = {
     "service_snapshot.py": ["--dir", "svc", "--requests", "60", "--every", "10"],
+    "train_numpy.py": ["--dir", "train", "--last-step", "60", "--save-steps", "20"],
+    "listener_upload.py": ["--dir", "up", "--remote", "remote", "--max-steps", "300"],
 }
 
 
@@ -39,15 +38,6 @@ def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
-
-
-def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES_DIR / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_example_has_arguments() -> None:
@@ -86,46 +76,26 @@ def test_service_snapshot_second_run_continues_the_first(tmp_path: Path) -> None
     assert cli_main(["verify", str(directory)], out=io.StringIO()) == 0
 
 
-class HeldFsync(FaultyStorage):
-    """Holds the fsync of one checkpoint in its worker thread until the test releases it."""
-
-    def __init__(self, match: str) -> None:
-        super().__init__()
-        self.match = match
-        self.reached = threading.Event()
-        self.released = threading.Event()
-
-    def check(self, op: str, path: str) -> None:
-        if op == "fsync" and self.match in path:
-            self.reached.set()
-            if not self.released.wait(5):
-                raise OSError(errno.ETIMEDOUT, "the test never released this fsync", path)
-        super().check(op, path)
-
-
 @pytest.mark.asyncio  # the example is an asyncio program (signal handlers, asyncio.sleep)
 async def test_service_last_snapshot_is_never_skipped(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], service_example: ModuleType
 ) -> None:
-    service = load_example("service_snapshot")
     result: dict[str, Any] = {}
 
     async def serve() -> None:
-        result["state"] = await service.serve(str(tmp_path), 30, 10)
+        result["state"] = await service_example.serve(str(tmp_path), 30, 10)
 
-    with HeldFsync("model.ckpt-10") as held:
+    with FaultyStorage() as faults:
+        stall = faults.stall("fsync", match="model.ckpt-10")
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(serve)
-                reached = await anyio.to_thread.run_sync(
-                    held.reached.wait, 5.0, abandon_on_cancel=True
-                )
-                assert reached
+                await stall.wait_reached()
                 # Served all 30 requests: 10 is being written, 20 waits, 30 was skipped.
                 await anyio.wait_all_tasks_blocked()
-                held.released.set()
+                stall.release()
         finally:
-            held.released.set()
+            stall.release()
     assert result["state"]["requests"] == 30
     assert latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-30")
     assert "(1 skipped while a write was busy); latest 30" in capsys.readouterr().out

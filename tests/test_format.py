@@ -830,6 +830,7 @@ def fuzz_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     return directory / "mutant.ckpt", data
 
 
+FUZZ = settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 MUTATIONS = st.lists(
     st.tuples(st.integers(min_value=0, max_value=2**16), st.integers(min_value=1, max_value=255)),
     max_size=4,
@@ -837,13 +838,7 @@ MUTATIONS = st.lists(
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@FUZZ
 @given(
     mutations=MUTATIONS,
     cut=st.none() | st.integers(min_value=0, max_value=2**16),
@@ -886,13 +881,7 @@ def _reframed(original: bytes, mutations: list[tuple[int, int]], cut: int | None
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@FUZZ
 @given(mutations=MUTATIONS, cut=st.none() | st.integers(min_value=0, max_value=2**16))
 async def test_decoder_fuzz_behind_valid_checksums(
     fuzz_file: tuple[Path, bytes], mutations: list[tuple[int, int]], cut: int | None
@@ -941,13 +930,7 @@ WIRE_VALUES: st.SearchStrategy[Any] = st.recursive(
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@FUZZ
 @given(
     tree=WIRE_VALUES, arrays=st.lists(WIRE_VALUES, max_size=3), data_size=st.sampled_from([0, 64])
 )

@@ -485,44 +485,21 @@ async def test_restore_none_says_to_check_latest_checkpoint(ckpt_dir: Path) -> N
         await Saver().restore(latest_checkpoint(ckpt_dir))
 
 
-class PausingStorage(FaultyStorage):
-    """Hold the thread doing one storage operation until the test calls ``release()``."""
-
-    def __init__(self, op: str, match: str) -> None:
-        super().__init__()
-        self._op, self._match = op, match
-        self._token = anyio.lowlevel.current_token()
-        self._release = threading.Event()
-        self._fired = False
-        self.paused = anyio.Event()
-
-    def check(self, op: str, path: str) -> None:
-        super().check(op, path)
-        if op == self._op and self._match in path and not self._fired:
-            self._fired = True
-            anyio.from_thread.run_sync(self.paused.set, token=self._token)
-            if not self._release.wait(timeout=10):
-                raise TimeoutError("the test never released the paused storage operation")
-
-    def release(self) -> None:
-        self._release.set()
-
-
 async def test_second_concurrent_save_into_one_directory(tmp_path: Path) -> None:
     saver = Saver()
     first, other = tmp_path / "first", tmp_path / "other"
-    with PausingStorage("rename", "model.ckpt-1") as pause:
+    with FaultyStorage() as faults:
+        stall = faults.stall("rename", match="model.ckpt-1")
         async with anyio.create_task_group() as tg:
             tg.start_soon(saver.save, make_state(1), str(first / "model.ckpt"), 1)
             try:
-                with anyio.fail_after(5):
-                    await pause.paused.wait()
+                await stall.wait_reached()
                 with pytest.raises(RuntimeError, match="already running; await it"):
                     await saver.save(make_state(2), str(first / "model.ckpt"), global_step=2)
                 # Saves into another directory are independent.
                 await saver.save(make_state(3), str(other / "model.ckpt"), global_step=3)
             finally:
-                pause.release()
+                stall.release()
     assert listed(first) == [1]
     assert listed(other) == [3]
     await saver.save(make_state(2), str(first / "model.ckpt"), global_step=2)  # now it's fine

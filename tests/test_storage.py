@@ -13,7 +13,6 @@ import fcntl
 import os
 import subprocess
 import sys
-import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -88,33 +87,6 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "checkpoint" not in str(directory)
     assert "model.ckpt" not in str(directory)
     return directory
-
-
-class PausingStorage(FaultyStorage):
-    """Hold the thread doing one storage operation until the test calls ``release()``.
-
-    Create it inside the test's event loop; ``paused`` is set (on the loop) once the operation
-    has been reached.
-    """
-
-    def __init__(self, op: str, match: str) -> None:
-        super().__init__()
-        self._op, self._match = op, match
-        self._token = anyio.lowlevel.current_token()
-        self._release = threading.Event()
-        self._fired = False
-        self.paused = anyio.Event()
-
-    def check(self, op: str, path: str) -> None:
-        super().check(op, path)
-        if op == self._op and self._match in path and not self._fired:
-            self._fired = True
-            anyio.from_thread.run_sync(self.paused.set, token=self._token)
-            if not self._release.wait(timeout=10):
-                raise TimeoutError("the test never released the paused storage operation")
-
-    def release(self) -> None:
-        self._release.set()
 
 
 # -- a failing disk at every storage operation of a save --------------------------------------
@@ -278,23 +250,23 @@ async def test_directory_sync_failure_after_deletions(ckpt_dir: Path) -> None:
     ],
     ids=["ckpt-open", "ckpt-rename", "state-open", "retention"],
 )
-async def test_two_savers_cannot_interleave(ckpt_dir: Path, op: str, match: str) -> None:
+async def test_two_savers_cannot_interleave(ckpt_dir: Path, op: StorageOp, match: str) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     first, second = Saver(max_to_keep=1), Saver(max_to_keep=1)
     await first.save(make_state(1), prefix, global_step=1)
 
-    with PausingStorage(op, match) as pause:
+    with FaultyStorage() as faults:
+        stall = faults.stall(op, match=match)
         async with anyio.create_task_group() as tg:
             tg.start_soon(first.save, make_state(2), prefix, 2)
             try:
-                with anyio.fail_after(5):
-                    await pause.paused.wait()
+                await stall.wait_reached()
                 # The first save is in the middle of this operation, holding the directory.
                 with pytest.raises(CheckpointLockedError, match=f"pid {os.getpid()}"):
                     await second.save(make_state(3), prefix, global_step=3)
                 assert not lock_is_free(ckpt_dir)
             finally:
-                pause.release()
+                stall.release()
 
     # The first save finished as if it had been alone.
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"

@@ -325,13 +325,7 @@ def hypothesis_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=80,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(tree=TREES)
 async def test_hypothesis_trees_round_trip(hypothesis_dir: Path, tree: Any) -> None:
     expected = _contiguous_copy(tree)

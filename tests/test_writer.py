@@ -1,8 +1,8 @@
 """CheckpointManager: snapshots, queue policies, write errors, lifecycle and cancellation.
 
-Stalls are deterministic: ``StallingStorage.check()`` runs in the worker thread doing the
-storage call, so holding it on a ``threading.Event`` stalls exactly that call, as a slow disk
-would, while the event loop keeps running. Nothing here sleeps for real.
+Stalls are deterministic: ``FaultyStorage.stall()`` holds the worker thread doing the chosen
+storage call, so exactly that call stalls, as on a slow disk, while the event loop keeps
+running. Nothing here sleeps for real.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import errno
 import io
 import os
 import re
-import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,75 +26,22 @@ from asyncckpt import (
     CheckpointWriteError,
 )
 from asyncckpt.cli import main as cli_main
-from asyncckpt.testing import FaultyStorage
+from asyncckpt.testing import FaultyStorage, StorageStall
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
-    from types import TracebackType
+
+    from anyio.abc import TaskStatus
 
 pytestmark = pytest.mark.anyio
 
-_STALL_LIMIT = 5.0  # a stalled call gives up (and fails the test) if it is never released
 _CKPT_FILE = re.compile(r"model\.ckpt-(\d+)$")
 
 
-class StallingStorage(FaultyStorage):
-    """FaultyStorage that can also hold one chosen storage call until the test releases it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reached = threading.Event()
-        self.released = threading.Event()
-        self.stalled: tuple[str, str] | None = None
-        self._plan_lock = threading.Lock()
-        self._target: tuple[str | None, str | None] | None = None
-        self._skip = 0
-
-    def stall(self, op: str | None = None, *, match: str | None = None, skip: int = 0) -> None:
-        """Hold the matching call (``op`` None: any op) after letting ``skip`` matches pass."""
-        with self._plan_lock:
-            self._target, self._skip = (op, match), skip
-
-    def check(self, op: str, path: str) -> None:
-        hold = False
-        with self._plan_lock:
-            if self._target is not None:
-                want_op, match = self._target
-                if (want_op in (None, op)) and (match is None or match in path):
-                    if self._skip:
-                        self._skip -= 1
-                    else:
-                        self._target, self.stalled, hold = None, (op, path), True
-        if hold:
-            self.reached.set()
-            if not self.released.wait(_STALL_LIMIT):
-                raise OSError(errno.ETIMEDOUT, "the test never released this call", path)
-        super().check(op, path)
-
-    async def wait_reached(self) -> None:
-        """Return once a worker thread is held in the stalled call."""
-        reached = await anyio.to_thread.run_sync(
-            self.reached.wait, _STALL_LIMIT, abandon_on_cancel=True
-        )
-        assert reached, "the storage call to stall never happened"
-
-    def release(self) -> None:
-        self.released.set()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()  # never leave a worker thread waiting
-        super().__exit__(exc_type, exc, tb)
-
-
 @pytest.fixture
-def storage() -> Iterator[StallingStorage]:
-    with StallingStorage() as faults:
+def storage() -> Iterator[FaultyStorage]:
+    with FaultyStorage() as faults:
         yield faults
 
 
@@ -286,9 +232,9 @@ async def test_repeated_saves_reuse_snapshot_buffers(tmp_path: Path, wait_betwee
 
 
 async def test_block_policy_waits_until_the_writer_moves_on(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    storage.stall("fsync", match="model.ckpt-1")
+    stall = storage.stall("fsync", match="model.ckpt-1")
     done: list[list[int]] = []
 
     async def third(manager: CheckpointManager) -> None:
@@ -297,7 +243,7 @@ async def test_block_policy_waits_until_the_writer_moves_on(
 
     async with CheckpointManager(tmp_path, max_pending=1, policy="block") as manager:
         assert await manager.save(make_state(1), 1) is True
-        await storage.wait_reached()  # checkpoint 1 is being written, held in fsync
+        await stall.wait_reached()  # checkpoint 1 is being written, held in fsync
         assert await manager.save(make_state(2), 2) is True  # room for one waiting snapshot
         assert manager.statistics().pending == 2
         with anyio.fail_after(5):
@@ -306,7 +252,7 @@ async def test_block_policy_waits_until_the_writer_moves_on(
                 await anyio.wait_all_tasks_blocked()
                 assert done == []  # blocked: the queue is full
                 assert manager.statistics().pending == 2
-                storage.release()
+                stall.release()
         assert len(done) == 1
         assert done[0][:1] == [1]  # it got in only after checkpoint 1 was written
         await manager.wait()
@@ -314,16 +260,16 @@ async def test_block_policy_waits_until_the_writer_moves_on(
     assert written_steps(storage) == [1, 2, 3]
 
 
-async def test_skip_policy_drops_and_counts(tmp_path: Path, storage: StallingStorage) -> None:
-    storage.stall("fsync", match="model.ckpt-1")
+async def test_skip_policy_drops_and_counts(tmp_path: Path, storage: FaultyStorage) -> None:
+    stall = storage.stall("fsync", match="model.ckpt-1")
     async with CheckpointManager(tmp_path, max_pending=1, policy="skip") as manager:
         assert await manager.save(make_state(1), 1) is True
-        await storage.wait_reached()
+        await stall.wait_reached()
         assert await manager.save(make_state(2), 2) is True
         assert await manager.save(make_state(3), 3) is False
         stats = manager.statistics()
         assert (stats.pending, stats.skipped, stats.written) == (2, 1, 0)
-        storage.release()
+        stall.release()
         await manager.wait()
         assert manager.latest_step() == 2
         assert manager.all_steps() == [1, 2]
@@ -333,17 +279,17 @@ async def test_skip_policy_drops_and_counts(tmp_path: Path, storage: StallingSto
 
 
 async def test_replace_policy_swaps_the_waiting_snapshot(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    storage.stall("fsync", match="model.ckpt-1")
+    stall = storage.stall("fsync", match="model.ckpt-1")
     async with CheckpointManager(tmp_path, max_pending=1, policy="replace") as manager:
         assert await manager.save(make_state(1), 1) is True
-        await storage.wait_reached()
+        await stall.wait_reached()
         assert await manager.save(make_state(2), 2) is True
         assert await manager.save(make_state(3), 3) is True
         stats = manager.statistics()
         assert (stats.pending, stats.replaced, stats.skipped) == (2, 1, 0)
-        storage.release()
+        stall.release()
         await manager.wait()
         assert manager.all_steps() == [1, 3]
         assert manager.statistics().replaced == 1
@@ -362,9 +308,7 @@ def assert_enospc(error: BaseException) -> None:
     assert "model.ckpt-2" in str(error)
 
 
-async def test_write_error_raised_once_by_next_save(
-    tmp_path: Path, storage: StallingStorage
-) -> None:
+async def test_write_error_raised_once_by_next_save(tmp_path: Path, storage: FaultyStorage) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
     async with CheckpointManager(tmp_path) as manager:
         await manager.save(make_state(1), 1)
@@ -390,7 +334,7 @@ async def test_write_error_raised_once_by_next_save(
 
 @pytest.mark.parametrize("boundary", ["wait", "restore"])
 async def test_write_error_raised_once_by_wait_or_restore(
-    tmp_path: Path, storage: StallingStorage, boundary: str
+    tmp_path: Path, storage: FaultyStorage, boundary: str
 ) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
     async with CheckpointManager(tmp_path) as manager:
@@ -407,7 +351,7 @@ async def test_write_error_raised_once_by_wait_or_restore(
     assert (await restore_latest(tmp_path))[0] == 3
 
 
-async def test_write_error_raised_once_by_exit(tmp_path: Path, storage: StallingStorage) -> None:
+async def test_write_error_raised_once_by_exit(tmp_path: Path, storage: FaultyStorage) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
     manager = CheckpointManager(tmp_path)
 
@@ -430,7 +374,7 @@ async def test_write_error_raised_once_by_exit(tmp_path: Path, storage: Stalling
 
 
 async def test_body_exception_wins_and_notes_the_write_error(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
     storage.fail("fsync", errno.EIO, match="model.ckpt-1")
     boom = ValueError("boom")
@@ -447,7 +391,7 @@ async def test_body_exception_wins_and_notes_the_write_error(
 
 
 async def test_state_file_write_error_keeps_previous_latest(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
     async with CheckpointManager(tmp_path) as manager:
         await manager.save(make_state(1), 1)
@@ -464,7 +408,7 @@ async def test_state_file_write_error_keeps_previous_latest(
 
 
 async def test_failed_deletion_after_the_commit_keeps_the_new_checkpoint_latest(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
     storage.fail("unlink", errno.EACCES, match="model.ckpt-1")
     async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
@@ -550,7 +494,7 @@ async def test_aclose_from_another_task_and_under_a_deadline(tmp_path: Path) -> 
         assert (await restore_latest(tmp_path))[0] == 2
 
 
-async def test_aclose_raises_a_write_error_once(tmp_path: Path, storage: StallingStorage) -> None:
+async def test_aclose_raises_a_write_error_once(tmp_path: Path, storage: FaultyStorage) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
     async with CheckpointManager(tmp_path) as manager:
         await manager.save(make_state(1), 1)
@@ -563,7 +507,7 @@ async def test_aclose_raises_a_write_error_once(tmp_path: Path, storage: Stallin
 
 
 async def test_exit_leaves_no_task_and_releases_the_directory(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
     before = {task.id for task in anyio.get_running_tasks()}
     async with CheckpointManager(tmp_path, max_pending=2) as manager:
@@ -601,9 +545,8 @@ async def test_body_exception_still_writes_taken_snapshots(tmp_path: Path) -> No
     assert (await restore_latest(tmp_path))[0] == 2
 
 
-async def test_zero_grace_abandons_a_stalled_write(
-    tmp_path: Path, storage: StallingStorage
-) -> None:
+async def test_zero_grace_abandons_a_stalled_write(tmp_path: Path, storage: FaultyStorage) -> None:
+    stall = storage.stall("open", match="model.ckpt-2")
     go = anyio.Event()
     exited: list[str] = []
 
@@ -611,7 +554,6 @@ async def test_zero_grace_abandons_a_stalled_write(
         async with CheckpointManager(tmp_path, stop_grace_period_secs=0) as manager:
             await manager.save(make_state(1), 1)
             await manager.wait()
-            storage.stall("open", match="model.ckpt-2")
             await manager.save(make_state(2), 2)
             await go.wait()
             raise LookupError("body failed")
@@ -624,11 +566,11 @@ async def test_zero_grace_abandons_a_stalled_write(
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(owner)
-            await storage.wait_reached()  # checkpoint 2 is held in a worker thread
+            await stall.wait_reached()  # checkpoint 2 is held in a worker thread
             go.set()
             await anyio.wait_all_tasks_blocked()
             assert exited == []  # the exit waits for the worker thread, never abandons it
-            storage.release()
+            stall.release()
     assert exited == ["exit"]
     assert "model.ckpt-2" not in os.listdir(tmp_path)
     assert temp_files(tmp_path) == []
@@ -641,10 +583,11 @@ async def test_zero_grace_abandons_a_stalled_write(
 # -- cancellation ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("in_exit", [False, True], ids=["in-the-block", "during-a-normal-exit"])
 async def test_owner_cancellation_writes_taken_snapshots_then_propagates(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage, in_exit: bool
 ) -> None:
-    storage.stall("fsync", match="model.ckpt-1")
+    stall = storage.stall("fsync", match="model.ckpt-1")
     scope = anyio.CancelScope()
     progress: list[str] = []
 
@@ -654,64 +597,34 @@ async def test_owner_cancellation_writes_taken_snapshots_then_propagates(
                 await manager.save(make_state(1), 1)
                 await manager.save(make_state(2), 2)
                 progress.append("saved")
-                await anyio.sleep_forever()
+                if not in_exit:
+                    await anyio.sleep_forever()
             progress.append("after the block")  # must not run: the cancellation propagates
         progress.append("exited")
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(owner)
-            await storage.wait_reached()
-            assert progress == ["saved"]
+            await stall.wait_reached()
+            await anyio.wait_all_tasks_blocked()
+            assert progress == ["saved"]  # in the block, or in the exit waiting for checkpoint 1
             scope.cancel()
             await anyio.wait_all_tasks_blocked()
-            assert progress == ["saved"]  # the exit is writing the taken snapshots
-            storage.release()
+            assert progress == ["saved"]  # cancelled, but taken snapshots are still written
+            stall.release()
     assert progress == ["saved", "exited"]
     assert scope.cancelled_caught
     assert written_steps(storage) == [1, 2]
     assert (await restore_latest(tmp_path))[0] == 2
 
 
-async def test_owner_cancelled_during_a_normal_exit_still_drains(
-    tmp_path: Path, storage: StallingStorage
-) -> None:
-    storage.stall("fsync", match="model.ckpt-1")
-    scope = anyio.CancelScope()
-    progress: list[str] = []
-
-    async def owner() -> None:
-        with scope:
-            async with CheckpointManager(tmp_path, max_pending=2) as manager:
-                await manager.save(make_state(1), 1)
-                await manager.save(make_state(2), 2)
-                progress.append("leaving")
-            progress.append("after the block")  # must not run: the cancellation propagates
-        progress.append("exited")
-
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(owner)
-            await storage.wait_reached()
-            await anyio.wait_all_tasks_blocked()
-            assert progress == ["leaving"]  # the exit waits for checkpoint 1
-            scope.cancel()
-            await anyio.wait_all_tasks_blocked()
-            assert progress == ["leaving"]  # cancelled, but taken snapshots are still written
-            storage.release()
-    assert progress == ["leaving", "exited"]
-    assert scope.cancelled_caught
-    assert written_steps(storage) == [1, 2]
-    assert (await restore_latest(tmp_path))[0] == 2
-
-
 async def test_cancelled_blocked_save_leaves_nothing_queued(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    storage.stall("fsync", match="model.ckpt-1")
+    stall = storage.stall("fsync", match="model.ckpt-1")
     async with CheckpointManager(tmp_path, max_pending=1, policy="block") as manager:
         await manager.save(make_state(1), 1)
-        await storage.wait_reached()
+        await stall.wait_reached()
         await manager.save(make_state(2), 2)
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
@@ -719,7 +632,7 @@ async def test_cancelled_blocked_save_leaves_nothing_queued(
                 await anyio.wait_all_tasks_blocked()
                 tg.cancel_scope.cancel()
         assert manager.statistics().pending == 2
-        storage.release()
+        stall.release()
         await manager.wait()
         stats = manager.statistics()
         assert (stats.written, stats.skipped, stats.replaced, stats.pending) == (2, 0, 0, 0)
@@ -739,7 +652,7 @@ _STATE_FILE_FIRST_CALL = 5
 
 
 async def test_save_commits_file_then_state_file_then_deletes(
-    tmp_path: Path, storage: StallingStorage
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
     async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
         await manager.save(make_state(1), 1)
@@ -759,30 +672,29 @@ async def test_save_commits_file_then_state_file_then_deletes(
     "k", range(len(_SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(_SAVE_OPS)]
 )
 async def test_cancel_at_each_storage_call_leaves_a_restorable_directory(
-    tmp_path: Path, storage: StallingStorage, k: int
+    tmp_path: Path, storage: FaultyStorage, k: int
 ) -> None:
     scope = anyio.CancelScope()
 
-    async def owner() -> None:
+    async def owner(*, task_status: TaskStatus[StorageStall]) -> None:
         with scope:
             async with CheckpointManager(
                 tmp_path, max_to_keep=1, stop_grace_period_secs=0
             ) as manager:
                 await manager.save(make_state(1), 1)
                 await manager.wait()
-                storage.stall(skip=k)
+                task_status.started(storage.stall(skip=k))  # the k-th call of the next save
                 await manager.save(make_state(2), 2)
                 await anyio.sleep_forever()
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(owner)
-            await storage.wait_reached()
-            assert storage.stalled is not None
-            assert storage.stalled[0] == _SAVE_OPS[k]
+            stall = await tg.start(owner)
+            op, _path = await stall.wait_reached()
+            assert op == _SAVE_OPS[k]
             scope.cancel()
             await anyio.wait_all_tasks_blocked()  # the exit waits on the held worker thread
-            storage.release()
+            stall.release()
     assert scope.cancelled_caught
     assert temp_files(tmp_path) == []
     step, tree = await restore_latest(tmp_path)

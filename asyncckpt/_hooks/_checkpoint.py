@@ -1,0 +1,251 @@
+"""CheckpointSaverHook: periodic background saves with awaited listeners.
+
+Owns the save schedule and the listener calls; the CheckpointManager below it owns the
+snapshots, the queue and the files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from .._util import call_maybe_async
+from .._writer import CheckpointManager, Policy, SaveOutcome
+from ._base import (
+    CheckpointSaverListener,
+    CoordinatorLike,
+    SessionLike,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
+from ._timer import SecondOrStepTimer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Sequence
+
+    from .._errors import CheckpointError
+    from .._saver import Saver
+
+__all__ = ["CheckpointSaverHook"]
+
+
+class _HasSaver(Protocol):
+    @property
+    def saver(self) -> Saver | None: ...
+
+
+class CheckpointSaverHook(SessionRunHook):
+    """Save checkpoints every N steps or seconds, in the background (TensorFlow's hook).
+
+    Saves the state at the starting step in ``after_create_session`` (also after every
+    recovery); then whenever its timer triggers after a step; and in ``end()`` the last step,
+    unless it was just saved. Around each save, every listener's ``before_save`` is awaited
+    before the snapshot, and, once the checkpoint is durable and listed, every listener's
+    ``after_save`` is awaited in order by a background task: the loop never waits for it.
+    If any returns True (the others are still called), the session stops at its next step
+    boundary; a True from the final save is ignored. The loop waits only for the snapshot
+    (and, under the ``"block"`` policy, for room in the queue).
+
+    A failed write is raised from the next step's ``after_run`` (so ``end()`` is not called
+    and the session ends with the error); the previous checkpoint stays the latest.
+
+    Args:
+        checkpoint_dir: where checkpoints go.
+        save_secs: save every this many seconds (exactly one of ``save_secs``/``save_steps``).
+        save_steps: save every this many steps.
+        saver: a ``Saver`` whose ``max_to_keep`` / ``keep_checkpoint_every_n_hours`` apply.
+        checkpoint_basename: files are ``<checkpoint_basename>-<step>``.
+        scaffold: where to find the saver instead (not together with ``saver``).
+        listeners: ``CheckpointSaverListener`` instances, called in order.
+        max_pending: snapshots that may wait while another is written.
+        policy: ``"block"``, ``"skip"`` or ``"replace"`` when they are all waiting.
+        stop_grace_period_secs: on an exceptional exit, how long taken snapshots are still
+            written.
+        clock: the monotonic clock of the timer (inject a fake in tests).
+
+    Raises:
+        ValueError: not exactly one of ``save_steps`` / ``save_secs``; both ``saver`` and
+            ``scaffold``.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str],
+        save_secs: float | None = None,
+        save_steps: int | None = None,
+        saver: Saver | None = None,
+        checkpoint_basename: str = "model.ckpt",
+        scaffold: _HasSaver | None = None,
+        listeners: Sequence[CheckpointSaverListener] | None = None,
+        *,
+        max_pending: int = 1,
+        policy: Policy = "block",
+        stop_grace_period_secs: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if (save_secs is None) == (save_steps is None):
+            raise ValueError("pass exactly one of save_steps= or save_secs=")
+        if saver is not None and scaffold is not None:
+            raise ValueError("pass saver= or scaffold=, not both")
+        listeners = list(listeners or ())
+        for listener in listeners:
+            if not isinstance(listener, CheckpointSaverListener):
+                raise TypeError(
+                    f"listeners must be CheckpointSaverListener instances: {listener!r}"
+                )
+        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
+        saver = saver if saver is not None else getattr(scaffold, "saver", None)
+        self._manager_args: dict[str, Any] = {
+            "directory": os.fspath(checkpoint_dir),
+            "max_to_keep": saver.max_to_keep if saver is not None else 5,
+            "keep_checkpoint_every_n_hours": (
+                saver.keep_checkpoint_every_n_hours if saver is not None else None
+            ),
+            "basename": checkpoint_basename,
+            "max_pending": max_pending,
+            "policy": policy,
+            "stop_grace_period_secs": stop_grace_period_secs,
+        }
+        # Fail on bad arguments now, not when the session starts.
+        CheckpointManager(**self._manager_args)
+        self.checkpoint_dir = self._manager_args["directory"]
+        self._listeners = tuple(listeners)
+        self._manager: CheckpointManager | None = None
+        self._coord: CoordinatorLike | None = None
+        self._session: SessionLike | None = None
+        self._closing: anyio.Event | None = None
+        self._outcomes: deque[SaveOutcome] = deque()
+        self._outcome_arrived: anyio.Event | None = None
+        self._delivering = False
+        self._failure: CheckpointError | None = None
+        self._final_step: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointSaverHook({self.checkpoint_dir!r}, timer={self._timer!r}, "
+            f"listeners={len(self._listeners)})"
+        )
+
+    @property
+    def manager(self) -> CheckpointManager | None:
+        """The CheckpointManager writing the checkpoints, while the session is open."""
+        return self._manager
+
+    async def begin(self) -> None:
+        """Call every listener's ``begin()``."""
+        for listener in self._listeners:
+            await call_maybe_async(listener.begin)
+
+    async def after_create_session(self, session: SessionLike, coord: CoordinatorLike) -> None:
+        """Open the manager (first time only), then save the starting step."""
+        self._coord = coord
+        self._session = session
+        if self._manager is None:
+            ready = anyio.Event()
+            self._closing = anyio.Event()
+            self._outcome_arrived = anyio.Event()
+            coord.start_soon(self._own_manager, ready)
+            coord.start_soon(self._deliver_outcomes)
+            await ready.wait()
+        step = session.global_step
+        self._timer.update_last_triggered_step(step)
+        await self._save(session, step)
+
+    def after_run(
+        self, run_context: SessionRunContext, run_values: SessionRunValues
+    ) -> Coroutine[Any, Any, None] | None:
+        """Save if the timer triggers; raise a failed background write. Costs no await
+        (no coroutine at all) on steps that do not save."""
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        session = run_context.session
+        step = session.global_step
+        if not self._timer.should_trigger_for_step(step):
+            return None
+        self._timer.update_last_triggered_step(step)
+        return self._save(session, step)
+
+    async def end(self, session: SessionLike) -> None:
+        """Save the last step unless it was saved, wait for every write and listener, then
+        call every listener's ``end``."""
+        manager = self._manager
+        step = session.global_step
+        if manager is not None:
+            if step != self._timer.last_triggered_step():
+                self._final_step = step
+                self._timer.update_last_triggered_step(step)
+                await self._save(session, step)
+            await manager.wait()
+            while self._outcomes or self._delivering:
+                assert self._outcome_arrived is not None
+                await self._outcome_arrived.wait()
+        for listener in self._listeners:
+            await call_maybe_async(listener.end, session, step)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if self._closing is not None:
+            self._closing.set()
+
+    async def _save(self, session: SessionLike, step: int) -> None:
+        assert self._manager is not None
+        assert self._coord is not None
+        for listener in self._listeners:
+            await call_maybe_async(listener.before_save, session, step)
+        if await self._manager.save(session.state, step):
+            self._coord.pending_started()
+
+    def _settled(self, outcome: SaveOutcome) -> None:
+        # Runs on the loop inside the writer task: only record, never await.
+        if outcome.error is not None:
+            self._failure = outcome.error
+        self._outcomes.append(outcome)
+        self._wake()
+
+    def _wake(self) -> None:
+        assert self._outcome_arrived is not None
+        self._outcome_arrived.set()
+        self._outcome_arrived = anyio.Event()
+
+    async def _own_manager(self, ready: anyio.Event) -> None:
+        assert self._closing is not None
+        async with CheckpointManager(**self._manager_args) as manager:
+            manager.add_done_callback(self._settled)
+            self._manager = manager
+            ready.set()
+            await self._closing.wait()
+
+    async def _deliver_outcomes(self) -> None:
+        # One task calls the listeners, so after_save calls keep the order of the saves and a
+        # slow listener delays only later listener calls, never the step loop.
+        assert self._coord is not None
+        while True:
+            if not self._outcomes:
+                assert self._outcome_arrived is not None
+                await self._outcome_arrived.wait()
+                continue
+            outcome = self._outcomes.popleft()
+            self._delivering = True
+            try:
+                if outcome.written and self._listeners:
+                    await self._after_save(outcome.step)
+            finally:
+                self._delivering = False
+                self._coord.pending_finished()
+                self._wake()
+
+    async def _after_save(self, step: int) -> None:
+        assert self._session is not None
+        assert self._coord is not None
+        stop = False
+        for listener in self._listeners:
+            if await call_maybe_async(listener.after_save, self._session, step):
+                stop = True
+        if stop and step != self._final_step:
+            self._coord.request_stop()

@@ -1,0 +1,1 @@
+"""The session layer: monitored sessions, scaffold, session creators, recovery (private)."""

@@ -1,0 +1,139 @@
+"""Session creators: build the raw step session, restoring the latest checkpoint or
+initializing. Knows nothing of hooks beyond the session they receive."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+from .._errors import OutOfRangeError
+from .._saver import latest_checkpoint, read_checkpoint
+from .._util import call_maybe_async
+from ._fetches import resolve_fetches
+from ._scaffold import Scaffold
+
+if TYPE_CHECKING:
+    from .._types import StateTree
+
+__all__ = ["ChiefSessionCreator", "SessionCreator", "StepFn", "StepSession"]
+
+StepFn: TypeAlias = Callable[..., "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"]
+"""``step_fn(state, **feeds)``, plain or async, returning named outputs (or None)."""
+
+
+def _end_of_input(exc: BaseException) -> OutOfRangeError:
+    error = OutOfRangeError("the step function's input is exhausted")
+    error.__cause__ = exc
+    return error
+
+
+class StepSession:
+    """The raw session hooks receive: the live state, the global step, and a hook-free run.
+
+    ``run()`` calls the step function once and counts it; no hook sees it (TensorFlow's
+    raw ``session.run`` inside a hook).
+    """
+
+    __slots__ = ("_is_async", "global_step", "state", "step_fn")
+
+    def __init__(self, state: StateTree, step_fn: StepFn, global_step: int = 0) -> None:
+        self.state = state
+        self.step_fn = step_fn
+        self.global_step = global_step
+        self._is_async = inspect.iscoroutinefunction(step_fn)
+
+    def __repr__(self) -> str:
+        return f"<StepSession global_step={self.global_step} step_fn={self.step_fn!r}>"
+
+    async def _step(self, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Call the step function; a ``StopIteration`` (which cannot cross a coroutine) comes
+        out as ``OutOfRangeError``, the end of the input."""
+        try:
+            outputs: Any = self.step_fn(self.state, **feeds)
+            if self._is_async or inspect.isawaitable(outputs):
+                outputs = await outputs
+        except StopIteration as exc:
+            raise _end_of_input(exc) from exc
+        except RuntimeError as exc:
+            # PEP 479: a StopIteration escaping an async step becomes this RuntimeError.
+            if isinstance(exc.__cause__, StopIteration):
+                raise _end_of_input(exc) from exc
+            raise
+        self.global_step += 1
+        if outputs is None:
+            return {}
+        if not isinstance(outputs, Mapping):
+            raise TypeError(
+                f"step_fn must return a mapping of named outputs (or None), not "
+                f"{type(outputs).__name__}"
+            )
+        return outputs
+
+    async def run(self, fetches: Any = None, feed_dict: Mapping[str, Any] | None = None) -> Any:
+        """Run one step without hooks; return the fetched outputs (all of them for None)."""
+        outputs = await self._step(dict(feed_dict or {}))
+        return resolve_fetches(fetches, outputs, self.global_step, all_if_none=True)
+
+
+class SessionCreator(Protocol):
+    """Creates the raw session; called at start and again after each recovery."""
+
+    async def create_session(self) -> StepSession:
+        """Return a session whose state is restored or initialized."""
+
+
+class ChiefSessionCreator:
+    """Create the session from the latest checkpoint of ``checkpoint_dir``, or initialize it.
+
+    On a fresh start (no checkpoint) ``scaffold.init_fn(scaffold, session)`` is called. When
+    a checkpoint exists, it is read into ``state`` in place (its arrays are filled, dicts
+    and lists updated, ``load_state_dict`` called) and the global step is the checkpoint's.
+
+    Args:
+        state: the live state tree.
+        step_fn: ``step_fn(state, **feeds)``.
+        scaffold: where ``init_fn`` comes from.
+        checkpoint_dir: restore the latest checkpoint of this directory.
+        checkpoint_filename_with_path: restore exactly this checkpoint instead.
+    """
+
+    def __init__(
+        self,
+        state: StateTree,
+        step_fn: StepFn,
+        scaffold: Scaffold | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_filename_with_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not callable(step_fn):
+            raise TypeError("step_fn must be callable as step_fn(state, **feeds)")
+        if checkpoint_dir is not None and checkpoint_filename_with_path is not None:
+            raise ValueError("pass checkpoint_dir= or checkpoint_filename_with_path=, not both")
+        self.state = state
+        self.step_fn = step_fn
+        self.scaffold = scaffold or Scaffold()
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.checkpoint_filename_with_path = (
+            None
+            if checkpoint_filename_with_path is None
+            else os.fspath(checkpoint_filename_with_path)
+        )
+
+    def __repr__(self) -> str:
+        return f"ChiefSessionCreator(checkpoint_dir={self.checkpoint_dir!r})"
+
+    async def create_session(self) -> StepSession:
+        """Restore the latest checkpoint into the state, or call ``init_fn``."""
+        path = self.checkpoint_filename_with_path
+        if path is None and self.checkpoint_dir is not None:
+            path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            session = StepSession(self.state, self.step_fn, 0)
+            if self.scaffold.init_fn is not None:
+                await call_maybe_async(self.scaffold.init_fn, self.scaffold, session)
+            return session
+        header, tree = await read_checkpoint(path, into=self.state)
+        self.state = tree
+        return StepSession(tree, self.step_fn, header.step or 0)

@@ -1,0 +1,404 @@
+"""MonitoredSession and MonitoredTrainingSession: the step loop, its hooks, stops, recovery.
+
+Owns one task group per session (the hooks' background tasks live there), the lifecycle of
+hooks (see ``asyncckpt._hooks._base``), and recovery from recoverable errors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from .._errors import OutOfRangeError, PreemptedError
+from .._hooks._base import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
+from .._hooks._basic import StepCounterHook
+from .._hooks._checkpoint import CheckpointSaverHook
+from .._util import single_exception
+from ._coordinator import Coordinator
+from ._creators import ChiefSessionCreator, SessionCreator, StepFn, StepSession
+from ._fetches import merge_feeds, resolve_fetches
+from ._scaffold import Scaffold
+
+if TYPE_CHECKING:
+    import os
+    from types import TracebackType
+
+    from .._types import StateTree
+
+__all__ = ["MonitoredSession", "MonitoredTrainingSession"]
+
+_END_OF_INPUT: Final = (StopIteration, StopAsyncIteration, OutOfRangeError)
+
+
+def _is_end_of_input(exc: BaseException | None) -> bool:
+    return isinstance(exc, _END_OF_INPUT) or (
+        isinstance(exc, RuntimeError) and isinstance(exc.__cause__, StopIteration)
+    )
+
+
+def _overrides(hook: SessionRunHook, method: str) -> bool:
+    base = getattr(SessionRunHook, method)
+    return getattr(type(hook), method, base) is not base
+
+
+class _Default:
+    """Marks an argument left out, where None has a meaning of its own (turn a hook off)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT: Final = _Default()
+
+
+class MonitoredSession:
+    """Run a step function under hooks, as TensorFlow's ``MonitoredSession``.
+
+    An async context manager: entering calls every hook's ``begin()``, creates the session
+    (restoring the latest checkpoint or initializing), then calls ``after_create_session``;
+    leaving calls ``end()`` on a normal exit or at the end of the input, and closes the hooks'
+    background tasks. See ``asyncckpt._hooks._base`` for the exact call sequence.
+
+    Usage::
+
+        async with MonitoredSession(ChiefSessionCreator(state, step_fn, checkpoint_dir=d),
+                                    hooks=[...]) as sess:
+            while not sess.should_stop():
+                await sess.run()
+
+    Args:
+        session_creator: builds the raw session (``ChiefSessionCreator``).
+        hooks: ``SessionRunHook`` instances, called in this order.
+        stop_grace_period_secs: on an exceptional exit, how long snapshots already taken
+            keep being written before the exception propagates.
+        recoverable_errors: exceptions from the step after which the session restores the
+            latest checkpoint and retries the step.
+    """
+
+    def __init__(
+        self,
+        session_creator: SessionCreator | None = None,
+        hooks: Sequence[SessionRunHook] | None = None,
+        stop_grace_period_secs: float = 120.0,
+        *,
+        recoverable_errors: tuple[type[BaseException], ...] = (PreemptedError,),
+    ) -> None:
+        if session_creator is None:
+            raise ValueError(
+                "pass a session_creator, e.g. ChiefSessionCreator(state, step_fn), or use "
+                "MonitoredTrainingSession(state=..., step_fn=...)"
+            )
+        hooks = list(hooks or ())
+        for hook in hooks:
+            if not isinstance(hook, SessionRunHook):
+                raise TypeError(f"hooks must be SessionRunHook instances, not {hook!r}")
+        if not stop_grace_period_secs >= 0:
+            raise ValueError("stop_grace_period_secs must be >= 0")
+        self._creator = session_creator
+        self._hooks: tuple[SessionRunHook, ...] = tuple(hooks)
+        self._grace = stop_grace_period_secs
+        self._recoverable = tuple(recoverable_errors)
+        self._coord = Coordinator()
+        self._raw: StepSession | None = None
+        self._stack: AsyncExitStack | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._entered = False
+        self._closed = False
+        self._before_run: tuple[SessionRunHook, ...] = ()
+        self._after_run: tuple[SessionRunHook, ...] = ()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._entered else "new"
+        step = self._raw.global_step if self._raw is not None else None
+        return (
+            f"<{type(self).__name__} {state} global_step={step} hooks={len(self._hooks)} "
+            f"stop_requested={self._coord.should_stop()}>"
+        )
+
+    @property
+    def hooks(self) -> tuple[SessionRunHook, ...]:
+        """The hooks, in calling order (frozen once the session begins)."""
+        return self._hooks
+
+    @property
+    def coordinator(self) -> Coordinator:
+        """The coordinator hooks receive as ``coord``."""
+        return self._coord
+
+    def _session(self) -> StepSession:
+        if self._raw is None:
+            raise RuntimeError("the session is not open: use `async with` first")
+        return self._raw
+
+    @property
+    def state(self) -> StateTree:
+        """The live state (restored from the checkpoint when one existed)."""
+        return self._session().state
+
+    @property
+    def global_step(self) -> int:
+        """How many steps have completed, counting the restored checkpoint's."""
+        return self._session().global_step
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MonitoredSession:
+        if self._entered:
+            raise RuntimeError("a session can be entered only once; create a new one")
+        self._entered = True
+        for hook in self._hooks:
+            if _overrides(hook, "begin"):
+                await _maybe_await(hook.begin())
+        try:
+            async with AsyncExitStack() as stack:
+                self._task_group = await stack.enter_async_context(anyio.create_task_group())
+                self._coord._attach(self._task_group)
+                stack.callback(self._coord._detach)
+                await self._create()
+                self._before_run = tuple(h for h in self._hooks if _overrides(h, "before_run"))
+                self._after_run = tuple(h for h in self._hooks if _overrides(h, "after_run"))
+                self._stack = stack.pop_all()
+        except BaseExceptionGroup as group:
+            # A hook's background task failed while the session was being created.
+            raise single_exception(group) from None
+        return self
+
+    async def _create(self) -> None:
+        self._raw = await self._creator.create_session()
+        for hook in self._hooks:
+            if _overrides(hook, "after_create_session"):
+                await _maybe_await(hook.after_create_session(self._raw, self._coord))
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._close(exc)
+
+    async def close(self) -> None:
+        """End the session as a normal exit does (``end()`` on every hook); idempotent."""
+        await self._close(None)
+
+    async def _close(self, exc: BaseException | None) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None or self._closed:
+            return False
+        self._closed = True
+        normal = exc is None or _is_end_of_input(exc)
+        try:
+            if normal:
+                raw = self._session()
+                for hook in self._hooks:
+                    if _overrides(hook, "end"):
+                        await _maybe_await(hook.end(raw))
+        finally:
+            self._coord.request_stop()
+            # Background tasks are cancelled; a checkpoint writer among them still writes
+            # the snapshots already taken, within its grace period, before it returns.
+            assert self._task_group is not None
+            self._task_group.cancel_scope.cancel()
+            try:
+                await stack.aclose()
+            except BaseExceptionGroup as group:
+                raise single_exception(group) from None
+        return normal and exc is not None
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def should_stop(self) -> bool:
+        """Whether a hook, a listener or the caller asked to stop (or the session is closed)."""
+        return self._coord.should_stop() or self._closed
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop at its next step boundary (never interrupts a step)."""
+        self._coord.request_stop()
+
+    async def run(self, fetches: Any = None, feed_dict: Mapping[str, Any] | None = None) -> Any:
+        """Run one step under the hooks; return the caller's fetches (all outputs for None).
+
+        Raises:
+            RuntimeError: a stop was already requested, or two parties feed one input.
+            KeyError: a fetch names no output of the step.
+            OutOfRangeError: the step's input is exhausted (the ``async with`` block then
+                ends normally).
+        """
+        if self.should_stop():
+            raise RuntimeError("Run called even after should_stop requested.")
+        raw = self._session()
+        while True:
+            try:
+                return await self._run_once(raw, fetches, feed_dict)
+            except self._recoverable:
+                raw = await self._recover()
+
+    async def _run_once(
+        self, raw: StepSession, fetches: Any, feed_dict: Mapping[str, Any] | None
+    ) -> Any:
+        if self._coord.pending:
+            # Let background writes progress even if the step function never awaits.
+            await anyio.lowlevel.checkpoint()
+        context = SessionRunContext(SessionRunArgs(fetches, feed_dict), raw)
+        hook_fetches: dict[int, Any] = {}
+        hook_feeds: list[Mapping[str, Any]] = []
+        for hook in self._before_run:
+            args = await _maybe_await(hook.before_run(context))
+            if args is not None:
+                hook_fetches[id(hook)] = args.fetches
+                if args.feed_dict:
+                    hook_feeds.append(args.feed_dict)
+        feeds = merge_feeds(feed_dict, hook_feeds) if hook_feeds else dict(feed_dict or {})
+        outputs = await raw._step(feeds)
+        step = raw.global_step
+        results = resolve_fetches(fetches, outputs, step, all_if_none=True)
+        for hook in self._after_run:
+            values = SessionRunValues(resolve_fetches(hook_fetches.get(id(hook)), outputs, step))
+            await _maybe_await(hook.after_run(context, values))
+        if context.stop_requested:
+            self._coord.request_stop()
+        return results
+
+    async def _recover(self) -> StepSession:
+        # TensorFlow's recoverable session: finish what was being saved, restore the latest
+        # checkpoint, tell the hooks, and retry the same run.
+        await self._coord.wait_pending()
+        await self._create()
+        return self._session()
+
+    async def until_stopped(self, source: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        """Yield items of ``source`` (sync or async) until a stop is requested.
+
+        A stop request cancels a pending wait for the next item; it never interrupts a step.
+        The input running out ends the iteration normally.
+        """
+        if isinstance(source, AsyncIterable):
+            iterator = aiter(source)
+            while not self.should_stop():
+                with anyio.CancelScope() as scope:
+                    self._coord._stop_cancels(scope)
+                    try:
+                        item = await anext(iterator)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        self._coord._forget(scope)
+                if scope.cancelled_caught:
+                    return
+                yield item
+            return
+        for item in source:
+            if self.should_stop():
+                return
+            yield item
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _interval(
+    steps: int | _Default | None,
+    secs: float | _Default | None,
+    default_secs: float | None,
+    default_steps: int | None,
+    what: str,
+) -> tuple[int | None, float | None]:
+    """Resolve a (steps, secs) schedule: both given -> error; neither -> the default."""
+    if not isinstance(steps, _Default) and not isinstance(secs, _Default):
+        if steps is not None and secs is not None:
+            raise ValueError(f"pass save_{what}_steps= or save_{what}_secs=, not both")
+        return steps, secs
+    if isinstance(steps, _Default) and isinstance(secs, _Default):
+        return default_steps, default_secs
+    return (
+        None if isinstance(steps, _Default) else steps,
+        None if isinstance(secs, _Default) else secs,
+    )
+
+
+class MonitoredTrainingSession(MonitoredSession):
+    """A MonitoredSession with TensorFlow's training defaults.
+
+    Restores the latest checkpoint of ``checkpoint_dir`` (state and global step) before the
+    hooks' ``after_create_session``, and, where ``is_chief``, adds the default hooks in
+    TensorFlow's order: ``chief_only_hooks``, then a ``StepCounterHook`` (every
+    ``log_step_count_steps``), then a ``CheckpointSaverHook`` (every
+    ``save_checkpoint_secs``, 600 by default, or ``save_checkpoint_steps``), then ``hooks``.
+    Passing None for an interval turns that hook off; passing both the steps and the secs of
+    one schedule is a ``ValueError``. Summary hooks come with the summaries release.
+
+    Args:
+        state: the live state tree (restored in place).
+        step_fn: ``step_fn(state, **feeds)``, plain or async, returning named outputs.
+        is_chief: only the chief saves and runs ``chief_only_hooks`` and the default hooks.
+        checkpoint_dir: where checkpoints are restored from and saved to.
+        scaffold: ``init_fn`` for a fresh start, ``saver`` for retention settings.
+        hooks: user hooks, after the default ones.
+        chief_only_hooks: hooks that run only on the chief.
+        save_checkpoint_secs, save_checkpoint_steps: the checkpoint schedule.
+        save_summaries_steps, save_summaries_secs: the summary schedule (validated now,
+            used once summaries exist).
+        summary_dir: where summaries go (``checkpoint_dir`` by default).
+        log_step_count_steps: how often steps/sec is logged (None or 0: never).
+        stop_grace_period_secs: see ``MonitoredSession``.
+        recoverable_errors: see ``MonitoredSession``.
+    """
+
+    def __init__(
+        self,
+        state: StateTree,
+        step_fn: StepFn,
+        is_chief: bool = True,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        scaffold: Scaffold | None = None,
+        hooks: Sequence[SessionRunHook] | None = None,
+        chief_only_hooks: Sequence[SessionRunHook] | None = None,
+        save_checkpoint_secs: float | _Default | None = _DEFAULT,
+        save_checkpoint_steps: int | _Default | None = _DEFAULT,
+        save_summaries_steps: int | _Default | None = _DEFAULT,
+        save_summaries_secs: float | _Default | None = _DEFAULT,
+        summary_dir: str | os.PathLike[str] | None = None,
+        log_step_count_steps: int | None = 100,
+        stop_grace_period_secs: float = 120.0,
+        *,
+        recoverable_errors: tuple[type[BaseException], ...] = (PreemptedError,),
+    ) -> None:
+        scaffold = scaffold or Scaffold()
+        ckpt_steps, ckpt_secs = _interval(
+            save_checkpoint_steps, save_checkpoint_secs, 600.0, None, "checkpoint"
+        )
+        self.save_summaries_steps, self.save_summaries_secs = _interval(
+            save_summaries_steps, save_summaries_secs, None, 100, "summaries"
+        )
+        self.summary_dir = summary_dir if summary_dir is not None else checkpoint_dir
+        all_hooks: list[SessionRunHook] = []
+        if is_chief:
+            all_hooks.extend(chief_only_hooks or ())
+            if log_step_count_steps:
+                all_hooks.append(
+                    StepCounterHook(every_n_steps=log_step_count_steps, output_dir=self.summary_dir)
+                )
+            if checkpoint_dir is not None and (ckpt_steps or ckpt_secs):
+                all_hooks.append(
+                    CheckpointSaverHook(
+                        checkpoint_dir,
+                        save_secs=ckpt_secs or None,
+                        save_steps=ckpt_steps or None,
+                        scaffold=scaffold,
+                        stop_grace_period_secs=stop_grace_period_secs,
+                    )
+                )
+        all_hooks.extend(hooks or ())
+        creator = ChiefSessionCreator(state, step_fn, scaffold, checkpoint_dir=checkpoint_dir)
+        super().__init__(
+            creator, all_hooks, stop_grace_period_secs, recoverable_errors=recoverable_errors
+        )
