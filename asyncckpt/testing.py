@@ -387,9 +387,28 @@ class FakeClock:
 
 
 Call = tuple[str, "int | None"]
+SharedLog = list[tuple[str, str, "int | None"]]
 
 
-class RecordingHook(SessionRunHook):
+class _Recorder:
+    """``calls`` of one object, mirrored as ``(name, method, step)`` into a shared log."""
+
+    def __init__(self, name: str, log: SharedLog | None, stop_at: int | None) -> None:
+        self.name = name
+        self.calls: list[Call] = []
+        self._log = log
+        self._stop_at = stop_at
+
+    def _record(self, method: str, step: int | None) -> None:
+        self.calls.append((method, step))
+        if self._log is not None:
+            self._log.append((self.name, method, step))
+
+    def _stop_due(self, step: int) -> bool:
+        return self._stop_at is not None and step >= self._stop_at
+
+
+class RecordingHook(_Recorder, SessionRunHook):
     """A hook that records every call as ``(method, global_step)`` in ``calls``.
 
     ``before_run`` records the step before the run, ``after_run`` the step after it. With
@@ -403,24 +422,16 @@ class RecordingHook(SessionRunHook):
         self,
         name: str = "hook",
         *,
-        log: list[tuple[str, str, int | None]] | None = None,
+        log: SharedLog | None = None,
         fetches: object = None,
         feed_dict: dict[str, object] | None = None,
         stop_at: int | None = None,
     ) -> None:
-        self.name = name
-        self.calls: list[Call] = []
+        super().__init__(name, log, stop_at)
         self.results: list[object] = []
-        self._log = log
         self._args = (
             SessionRunArgs(fetches, feed_dict) if fetches is not None or feed_dict else None
         )
-        self._stop_at = stop_at
-
-    def _record(self, method: str, step: int | None) -> None:
-        self.calls.append((method, step))
-        if self._log is not None:
-            self._log.append((self.name, method, step))
 
     def begin(self) -> None:
         """Record ``("begin", None)``."""
@@ -440,7 +451,7 @@ class RecordingHook(SessionRunHook):
         step = run_context.session.global_step
         self._record("after_run", step)
         self.results.append(run_values.results)
-        if self._stop_at is not None and step >= self._stop_at:
+        if self._stop_due(step):
             run_context.request_stop()
 
     def end(self, session: SessionLike) -> None:
@@ -448,7 +459,7 @@ class RecordingHook(SessionRunHook):
         self._record("end", session.global_step)
 
 
-class RecordingListener(CheckpointSaverListener):
+class RecordingListener(_Recorder, CheckpointSaverListener):
     """A listener that records ``(method, step)`` in ``calls`` (``begin`` with None).
 
     ``stop_at``: ``after_save`` returns True from that step on. ``log`` as for
@@ -459,18 +470,10 @@ class RecordingListener(CheckpointSaverListener):
         self,
         name: str = "listener",
         *,
-        log: list[tuple[str, str, int | None]] | None = None,
+        log: SharedLog | None = None,
         stop_at: int | None = None,
     ) -> None:
-        self.name = name
-        self.calls: list[Call] = []
-        self._log = log
-        self._stop_at = stop_at
-
-    def _record(self, method: str, step: int | None) -> None:
-        self.calls.append((method, step))
-        if self._log is not None:
-            self._log.append((self.name, method, step))
+        super().__init__(name, log, stop_at)
 
     def begin(self) -> None:
         """Record ``("begin", None)``."""
@@ -483,7 +486,7 @@ class RecordingListener(CheckpointSaverListener):
     def after_save(self, session: SessionLike, global_step_value: int) -> bool:
         """Record ``("after_save", step)``; True once ``stop_at`` is reached."""
         self._record("after_save", global_step_value)
-        return self._stop_at is not None and global_step_value >= self._stop_at
+        return self._stop_due(global_step_value)
 
     def end(self, session: SessionLike, global_step_value: int) -> None:
         """Record ``("end", step)``."""

@@ -1,10 +1,12 @@
 """A CheckpointSaverListener that uploads each durable checkpoint and stops training early.
 
 After every save the listener (async) copies the new checkpoint to a "remote" directory
-(standing in for object storage) and evaluates the model on held-out data; when the
+(standing in for object storage) and evaluates the uploaded copy on held-out data; when the
 validation loss has not improved for ``--patience`` evaluations it returns True, and the
 session stops at its next step boundary, saving the last step. The training loop never
-waits for the upload or the evaluation: both run in the background while it keeps stepping.
+waits for the upload or the evaluation: both run in the background while it keeps stepping,
+which is why the listener evaluates the checkpoint it was called for, never
+``session.state`` (by then the loop has moved on by a few steps).
 
     python examples/listener_upload.py --dir ckpt/upload --remote ckpt/remote
 """
@@ -31,6 +33,7 @@ class UploadAndEarlyStop(asyncckpt.CheckpointSaverListener):
         self.checkpoint_dir = checkpoint_dir
         self.remote = remote
         self.patience = patience
+        self.saver = asyncckpt.Saver()
         self.best = float("inf")
         self.stale = 0
         self.uploaded: list[int] = []
@@ -39,9 +42,9 @@ class UploadAndEarlyStop(asyncckpt.CheckpointSaverListener):
 
     async def after_save(self, session: Any, global_step_value: int) -> bool:
         source = os.path.join(self.checkpoint_dir, f"model.ckpt-{global_step_value}")
-        await anyio.to_thread.run_sync(shutil.copy2, source, self.remote)
+        uploaded = await anyio.to_thread.run_sync(shutil.copy2, source, self.remote)
         self.uploaded.append(global_step_value)
-        state = session.state
+        state = await self.saver.restore(uploaded)  # the uploaded copy, checksums verified
         targets = self.val_inputs @ state["true_weights"]
         val_loss = float(np.mean((self.val_inputs @ state["weights"] - targets) ** 2))
         if val_loss < self.best * 0.99:
@@ -49,7 +52,12 @@ class UploadAndEarlyStop(asyncckpt.CheckpointSaverListener):
         else:
             self.stale += 1
         print(f"step {global_step_value}: uploaded, validation loss {val_loss:.6f}")
-        return self.stale >= self.patience  # True asks the session to stop
+        if self.stale < self.patience:
+            return False
+        # The stop lands at the loop's next step boundary: a few steps later, since this
+        # listener runs in the background while the loop keeps stepping.
+        print(f"step {global_step_value}: no improvement in {self.stale} evaluations, stopping")
+        return True  # asks the session to stop
 
     def end(self, session: Any, global_step_value: int) -> None:
         print(f"done at step {global_step_value}; uploaded {len(self.uploaded)} checkpoints")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import filecmp
 import io
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
-from asyncckpt import Saver, latest_checkpoint
+from asyncckpt import Saver, get_checkpoint_state, latest_checkpoint
 from asyncckpt.cli import main as cli_main
 from asyncckpt.testing import FaultyStorage
 
@@ -99,3 +102,84 @@ async def test_service_last_snapshot_is_never_skipped(
     assert result["state"]["requests"] == 30
     assert latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-30")
     assert "(1 skipped while a write was busy); latest 30" in capsys.readouterr().out
+
+
+def run_with(name: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run example ``name`` with these arguments instead of its small default ones."""
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES_DIR / name), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_train_numpy_second_run_resumes_where_the_first_stopped(tmp_path: Path) -> None:
+    directory = tmp_path / "train"
+    first = run_with(
+        "train_numpy.py", tmp_path, "--dir", "train", "--last-step", "60", "--save-steps", "20"
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0] == "starting at step 0"
+    assert "stopped at step 60," in first.stdout
+    assert latest_checkpoint(directory) == str(directory / "model.ckpt-60")
+
+    second = run_with(
+        "train_numpy.py", tmp_path, "--dir", "train", "--last-step", "120", "--save-steps", "20"
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.stderr == ""
+    lines = second.stdout.splitlines()
+    assert lines[0] == "starting at step 60"
+    assert lines[-1].startswith("stopped at step 120,")
+    assert lines[-1].endswith(f"latest checkpoint {os.path.join('train', 'model.ckpt-120')}")
+    assert latest_checkpoint(directory) == str(directory / "model.ckpt-120")
+    # The first run's state went on: 60 (saved again at the start), 80, 100, then 120.
+    state = get_checkpoint_state(directory)
+    assert state is not None
+    assert state.names[-4:] == tuple(f"model.ckpt-{step}" for step in (60, 80, 100, 120))
+    tree = anyio.run(Saver().restore, latest_checkpoint(directory))
+    assert isinstance(tree, dict)
+    assert tree["weights"].shape == tree["momentum"].shape == (32,)
+    assert cli_main(["verify", str(directory)], out=io.StringIO()) == 0
+
+
+@pytest.mark.slow
+def test_listener_upload_copies_every_checkpoint_and_stops_early(tmp_path: Path) -> None:
+    max_steps = 20_000
+    result = run_with(
+        "listener_upload.py", tmp_path, "--dir", "up", "--remote", "remote",
+        "--max-steps", str(max_steps),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    stopped = re.fullmatch(r"stopped at step (\d+)", lines[-1])
+    assert stopped, result.stdout
+    last_step = int(stopped.group(1))
+    # The listener decided to stop after an evaluation; the loop stopped at a step boundary
+    # after that (the listener runs in the background), long before max_steps.
+    decisions = [
+        int(m.group(1)) for line in lines if (m := re.match(r"step (\d+): no improv", line))
+    ]
+    assert decisions
+    assert decisions[0] <= last_step < max_steps
+    uploaded = [int(m.group(1)) for line in lines if (m := re.match(r"step (\d+): uploaded", line))]
+    assert lines[-2] == f"done at step {last_step}; uploaded {len(uploaded)} checkpoints"
+    # Every save was uploaded, in order, the final one (made in end()) included.
+    assert uploaded == sorted(uploaded)
+    assert uploaded[0] == 0
+    assert uploaded[-1] == last_step
+    assert all(step % 25 == 0 for step in uploaded[:-1])
+    remote, local = tmp_path / "remote", tmp_path / "up"
+    assert sorted(os.listdir(remote)) == sorted(f"model.ckpt-{step}" for step in uploaded)
+    # The copies are the checkpoints: identical to those still kept locally, and whole.
+    kept = [name for name in os.listdir(local) if name.startswith("model.ckpt-")]
+    assert kept
+    for name in kept:
+        assert filecmp.cmp(local / name, remote / name, shallow=False)
+    assert cli_main(["verify", str(remote)], out=io.StringIO()) == 0
+    assert latest_checkpoint(local) == str(local / f"model.ckpt-{last_step}")

@@ -173,7 +173,8 @@ class LoggingTensorHook(SessionRunHook):
     """Log step outputs every N local iterations or seconds, and/or at the end.
 
     Args:
-        tensors: a dict from tags to output names, or a list of output names.
+        tensors: a dict from tags to output names (logged in sorted tag order, as in
+            TensorFlow), or a list of output names (logged in that order).
         every_n_iter: log every this many runs of this session (a local counter from 0,
             not the global step, as in TensorFlow).
         every_n_secs: log every this many seconds.
@@ -204,8 +205,11 @@ class LoggingTensorHook(SessionRunHook):
             raise ValueError(f"every_n_iter must be > 0, not {every_n_iter}")
         if isinstance(tensors, str):
             raise TypeError("tensors must be a dict of tags to output names or a list of names")
+        # TensorFlow logs a dict's tags sorted, a list's names in the order given.
         self._tensors: dict[str, str] = (
-            dict(tensors) if isinstance(tensors, Mapping) else {name: name for name in tensors}
+            dict(sorted(tensors.items()))
+            if isinstance(tensors, Mapping)
+            else {name: name for name in tensors}
         )
         self._timer = (
             None
@@ -222,8 +226,9 @@ class LoggingTensorHook(SessionRunHook):
         """Every line logged so far."""
 
     def begin(self) -> None:
-        """Reset the local counter and the timer."""
+        """Reset the local counter, the timer and the values kept for ``at_end``."""
         self._iteration = 0
+        self._last_values = None
         if self._timer is not None:
             self._timer.reset()
 
@@ -282,6 +287,10 @@ class FinalOpsHook(SessionRunHook):
     def final_ops_values(self) -> Any:
         """The final values (None until the session ended)."""
         return self._values
+
+    def begin(self) -> None:
+        """Forget the outputs of a previous session (a hook may be used again)."""
+        self._last = None
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
         """Fetch the named outputs every step (their last values are the final ones)."""

@@ -49,7 +49,10 @@ class CheckpointSaverHook(SessionRunHook):
     ``after_save`` is awaited in order by a background task: the loop never waits for it.
     If any returns True (the others are still called), the session stops at its next step
     boundary; a True from the final save is ignored. The loop waits only for the snapshot
-    (and, under the ``"block"`` policy, for room in the queue).
+    (and, under the ``"block"`` policy, for room in the queue). Under ``"skip"``, a save
+    dropped because the queue was full got its ``before_save`` calls but gets no
+    ``after_save``; the final save in ``end()`` waits for room instead, so it is never
+    dropped. A hook may serve several sessions in turn: ``begin()`` starts it afresh.
 
     A failed write is raised from the next step's ``after_run`` (so ``end()`` is not called
     and the session ends with the error); the previous checkpoint stays the latest.
@@ -124,6 +127,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._delivering = False
         self._failure: CheckpointError | None = None
         self._final_step: int | None = None
+        self._saved_step: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -137,7 +141,15 @@ class CheckpointSaverHook(SessionRunHook):
         return self._manager
 
     async def begin(self) -> None:
-        """Call every listener's ``begin()``."""
+        """Forget any earlier session (a hook may serve several in turn), then call every
+        listener's ``begin()``."""
+        self._manager = self._coord = self._session = None
+        self._closing = self._outcome_arrived = None
+        self._outcomes.clear()
+        self._delivering = False
+        self._failure = None
+        self._final_step = self._saved_step = None
+        self._timer.reset()
         for listener in self._listeners:
             await call_maybe_async(listener.begin)
 
@@ -177,7 +189,11 @@ class CheckpointSaverHook(SessionRunHook):
         manager = self._manager
         step = session.global_step
         if manager is not None:
-            if step != self._timer.last_triggered_step():
+            # Compared with the last save accepted, not the last trigger: a trigger that the
+            # "skip" policy dropped did not save its step.
+            if step != self._saved_step:
+                if manager.policy == "skip":
+                    await manager.wait()  # make room: the final save is never dropped
                 self._final_step = step
                 self._timer.update_last_triggered_step(step)
                 await self._save(session, step)
@@ -199,6 +215,7 @@ class CheckpointSaverHook(SessionRunHook):
         for listener in self._listeners:
             await call_maybe_async(listener.before_save, session, step)
         if await self._manager.save(session.state, step):
+            self._saved_step = step
             self._coord.pending_started()
 
     def _settled(self, outcome: SaveOutcome) -> None:
@@ -232,13 +249,15 @@ class CheckpointSaverHook(SessionRunHook):
                 continue
             outcome = self._outcomes.popleft()
             self._delivering = True
-            try:
-                if outcome.written and self._listeners:
-                    await self._after_save(outcome.step)
-            finally:
-                self._delivering = False
-                self._coord.pending_finished()
-                self._wake()
+            if outcome.written and self._listeners:
+                # A listener's error (or a cancellation) ends this task, and the session with
+                # it: stay "delivering" and wake no one, so an end() waiting for the listeners
+                # does not go on to call their end() as if all went well; the session's task
+                # group cancels it and raises the error instead.
+                await self._after_save(outcome.step)
+            self._delivering = False
+            self._coord.pending_finished()
+            self._wake()
 
     async def _after_save(self, step: int) -> None:
         assert self._session is not None

@@ -34,10 +34,14 @@ class SecondOrStepTimer:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if (every_secs is None) == (every_steps is None):
+        # TensorFlow's messages, then what to do.
+        if every_secs is None and every_steps is None:
             raise ValueError(
-                "pass exactly one of every_secs= or every_steps= "
-                + ("(got both)" if every_secs is not None else "(got neither)")
+                "Either every_secs or every_steps should be provided: pass exactly one of them."
+            )
+        if every_secs is not None and every_steps is not None:
+            raise ValueError(
+                "Can not provide both every_secs and every_steps: pass exactly one of them."
             )
         if every_steps is not None and (isinstance(every_steps, bool) or every_steps <= 0):
             raise ValueError(f"every_steps must be a positive int, not {every_steps!r}")

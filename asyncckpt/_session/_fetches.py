@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,9 +14,11 @@ def resolve_fetches(
 ) -> Any:
     """Resolve output names in a (nested) fetch structure against the step's outputs.
 
-    A name, a list, a tuple or a dict of them, nested as you like; ``"global_step"`` is the
-    session's step counter after the run. ``None`` is None, or every output with
-    ``all_if_none`` (what a caller of ``run()`` gets).
+    A name, a list, a tuple or a dict of them, nested as you like; each structure comes back
+    with its type (a namedtuple, an ``OrderedDict`` or a ``defaultdict`` too; a mapping that
+    is not a dict comes back as a dict). ``"global_step"`` is the session's step counter
+    after the run. ``None`` is None, or every output with ``all_if_none`` (what a caller of
+    ``run()`` gets).
 
     Raises:
         KeyError: an unknown name; the message lists the outputs that exist.
@@ -34,9 +37,17 @@ def resolve_fetches(
                 f"{sorted(outputs)} (and 'global_step' is always available)"
             ) from None
     if isinstance(fetches, list | tuple):
-        return type(fetches)(resolve_fetches(f, outputs, global_step) for f in fetches)
+        items = [resolve_fetches(f, outputs, global_step) for f in fetches]
+        if hasattr(fetches, "_fields"):  # a namedtuple takes its fields one by one
+            return type(fetches)(*items)
+        return type(fetches)(items)
     if isinstance(fetches, Mapping):
-        return {key: resolve_fetches(f, outputs, global_step) for key, f in fetches.items()}
+        resolved = {key: resolve_fetches(f, outputs, global_step) for key, f in fetches.items()}
+        if isinstance(fetches, defaultdict):
+            return defaultdict(fetches.default_factory, resolved)
+        if isinstance(fetches, dict) and type(fetches) is not dict:
+            return type(fetches)(resolved)  # OrderedDict and other dict subclasses
+        return resolved
     raise TypeError(
         f"fetches must be output names (str) or lists, tuples or dicts of them, not "
         f"{type(fetches).__name__}"

@@ -257,13 +257,14 @@ class MonitoredSession:
         feeds = merge_feeds(feed_dict, hook_feeds) if hook_feeds else dict(feed_dict or {})
         outputs = await raw._step(feeds)
         step = raw.global_step
-        results = resolve_fetches(fetches, outputs, step, all_if_none=True)
         for hook in self._after_run:
             values = SessionRunValues(resolve_fetches(hook_fetches.get(id(hook)), outputs, step))
             await _maybe_await(hook.after_run(context, values))
         if context.stop_requested:
             self._coord.request_stop()
-        return results
+        # The caller's fetches are resolved last: a typo there must not hide the completed
+        # step from the hooks (a stop at this step, a save) if the caller catches the KeyError.
+        return resolve_fetches(fetches, outputs, step, all_if_none=True)
 
     async def _recover(self) -> StepSession:
         # TensorFlow's recoverable session: finish what was being saved, restore the latest
@@ -293,8 +294,13 @@ class MonitoredSession:
                     return
                 yield item
             return
-        for item in source:
-            if self.should_stop():
+        # Check for a stop before taking the next item, never after: an item taken and then
+        # dropped would be lost to a resumable input whose position is saved at the end.
+        items = iter(source)
+        while not self.should_stop():
+            try:
+                item = next(items)
+            except StopIteration:
                 return
             yield item
 
