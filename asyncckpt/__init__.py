@@ -1,5 +1,7 @@
 """asyncckpt: TensorFlow-style checkpointing for async/await trainers and services.
 
+Summary builders live in ``asyncckpt.summary``; the test kit in ``asyncckpt.testing``.
+
 Public names are re-exported here from private modules; import them from ``asyncckpt``.
 """
 
@@ -25,6 +27,7 @@ from ._hooks._basic import NanTensorHook as NanTensorHook
 from ._hooks._basic import StepCounterHook as StepCounterHook
 from ._hooks._basic import StopAtStepHook as StopAtStepHook
 from ._hooks._checkpoint import CheckpointSaverHook as CheckpointSaverHook
+from ._hooks._summary import SummarySaverHook as SummarySaverHook
 from ._hooks._timer import NeverTriggerTimer as NeverTriggerTimer
 from ._hooks._timer import SecondOrStepTimer as SecondOrStepTimer
 from ._saver import CheckpointState as CheckpointState
@@ -38,6 +41,8 @@ from ._session._monitored import MonitoredSession as MonitoredSession
 from ._session._monitored import MonitoredTrainingSession as MonitoredTrainingSession
 from ._session._scaffold import Scaffold as Scaffold
 from ._session._signals import stop_on_signals as stop_on_signals
+from ._summary._proto import SessionLog as SessionLog
+from ._summary._writer import SummaryWriter as SummaryWriter
 from ._types import StateTree as StateTree
 from ._types import SupportsStateDict as SupportsStateDict
 from ._writer import CheckpointManager as CheckpointManager
@@ -73,6 +78,7 @@ __all__ = [
     "Saver",
     "Scaffold",
     "SecondOrStepTimer",
+    "SessionLog",
     "SessionRunArgs",
     "SessionRunContext",
     "SessionRunHook",
@@ -81,6 +87,8 @@ __all__ = [
     "StepCounterHook",
     "StepSession",
     "StopAtStepHook",
+    "SummarySaverHook",
+    "SummaryWriter",
     "SupportsStateDict",
     "get_checkpoint_state",
     "latest_checkpoint",

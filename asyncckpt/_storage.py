@@ -42,10 +42,12 @@ if TYPE_CHECKING:
 __all__ = [
     "LOCK_NAME",
     "TEMP_MARKER",
+    "AppendFile",
     "DirectoryLock",
     "DirectorySyncError",
     "FaultPlan",
     "ReadFile",
+    "create_new_file",
     "file_info",
     "install_faults",
     "list_names",
@@ -517,3 +519,52 @@ def read_prefix(path: str, size: int) -> bytes:
         return os.pread(fd, size, 0)
     finally:
         os.close(fd)
+
+
+@dataclass(slots=True)
+class AppendFile:
+    """A new file written front to back through the async file layer (event files)."""
+
+    path: str
+    _file: Any
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` (whole records: shielded, so a cancellation never tears one)."""
+        with anyio.CancelScope(shield=True):
+            await self._file.write(data)
+
+    async def flush(self) -> None:
+        """Hand buffered bytes to the operating system (no fsync: TensorBoard's writer
+        does not either, and readers tolerate a torn last record)."""
+        with anyio.CancelScope(shield=True):
+            await self._file.flush()
+
+    async def aclose(self) -> None:
+        """Flush and close (idempotent)."""
+        with anyio.CancelScope(shield=True):
+            await (self._file.close() if _on_asyncio() else self._file.aclose())
+
+
+def _create_new_sync(path: str) -> io.BufferedWriter:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    _check("open", path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    try:
+        raw = _CheckedFileIO(fd, "wb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    raw.check_path = path
+    return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER)
+
+
+async def create_new_file(path: str) -> AppendFile:
+    """Create ``path`` (and its directory); it must not exist yet.
+
+    Raises:
+        OSError: the file exists or cannot be created.
+    """
+    file = await anyio.to_thread.run_sync(_create_new_sync, path)
+    return AppendFile(path, _async_wrap(file))

@@ -3,7 +3,9 @@
 Fits a linear model with SGD under MonitoredTrainingSession: the state (weights, optimizer
 momentum, the data order's RNG state) is restored from the latest checkpoint at start,
 checkpointed in the background every ``--save-steps`` steps without stalling the loop, and
-saved one last time when StopAtStepHook ends the run (or on SIGTERM / Ctrl-C):
+saved one last time when StopAtStepHook ends the run (or on SIGTERM / Ctrl-C). Every 25 steps
+it writes TensorBoard summaries (the loss, a histogram and an image of the weights, a note)
+next to the checkpoints (``tensorboard --logdir ckpt/train``):
 
     python examples/train_numpy.py --dir ckpt/train --last-step 200
     python examples/train_numpy.py --dir ckpt/train --last-step 400   # resumes at 200
@@ -15,12 +17,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
 
 import asyncckpt
+from asyncckpt import summary
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 FEATURES = 32
 BATCH = 64
@@ -36,7 +42,7 @@ def make_state(seed: int = 0) -> dict[str, Any]:
     }
 
 
-async def train_step(state: dict[str, Any], learning_rate: float = 0.05) -> dict[str, float]:
+async def train_step(state: dict[str, Any], learning_rate: float = 0.05) -> dict[str, Any]:
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
     inputs = rng.standard_normal((BATCH, FEATURES))
@@ -48,7 +54,19 @@ async def train_step(state: dict[str, Any], learning_rate: float = 0.05) -> dict
     state["weights"] -= learning_rate * state["momentum"]
     state["rng"] = rng.bit_generator.state
     await anyio.lowlevel.checkpoint()  # a real trainer awaits its data loader here
-    return {"loss": float(np.mean(error**2))}
+    return {"loss": float(np.mean(error**2)), "weights": state["weights"]}
+
+
+def summaries(outputs: Mapping[str, Any]) -> list[summary.SummaryValue]:
+    """What TensorBoard shows: the loss, the weights' histogram, a note, an image of them."""
+    weights = outputs["weights"]
+    picture = np.abs(weights.reshape(4, 8)) / max(float(np.abs(weights).max()), 1e-12)
+    return [
+        summary.scalar("loss", outputs["loss"]),
+        summary.histogram("weights", weights),
+        summary.text("notes", f"max |w| = {np.abs(weights).max():.3f}"),
+        summary.image("weights_image", np.kron(picture, np.ones((8, 8)))[:, :, None]),
+    ]
 
 
 async def train(directory: str, last_step: int, save_steps: int) -> tuple[int, float]:
@@ -65,8 +83,9 @@ async def train(directory: str, last_step: int, save_steps: int) -> tuple[int, f
             train_step,
             checkpoint_dir=directory,
             save_checkpoint_steps=save_steps,
+            save_summaries_steps=25,
+            scaffold=asyncckpt.Scaffold(summary_op=summaries),
             hooks=hooks,
-            log_step_count_steps=None,
         ) as sess,
         asyncckpt.stop_on_signals(sess),
     ):

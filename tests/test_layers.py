@@ -19,7 +19,7 @@ LAYER_RANKS = {
     "_hooks": 5,
     "_session": 6,
     "cli": 7,
-    "testing": 8, "__init__": 8, "__main__": 8,
+    "testing": 8, "summary": 8, "__init__": 8, "__main__": 8,
 }  # fmt: skip
 BASE = {"_errors", "_types", "_util", "_crc32c"}
 

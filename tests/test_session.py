@@ -41,6 +41,7 @@ from asyncckpt import (
     SessionRunValues,
     StepCounterHook,
     StopAtStepHook,
+    SummarySaverHook,
     get_checkpoint_state,
     latest_checkpoint,
 )
@@ -158,13 +159,14 @@ def storage() -> Iterator[FaultyStorage]:
 
 
 async def test_default_hooks_in_tensorflow_order(tmp_path: Path) -> None:
-    # TF 29: chief_only_hooks + StepCounterHook + (summaries) + CheckpointSaverHook + hooks.
+    # TF 29: chief_only_hooks + StepCounterHook + SummarySaverHook + CheckpointSaverHook + hooks.
     chief_only, user = RecordingHook("chief"), RecordingHook("user")
     sess = training_session(tmp_path, hooks=[user], chief_only_hooks=[chief_only])
     hooks = sess.hooks
     assert [type(hook) for hook in hooks] == [
         RecordingHook,
         StepCounterHook,
+        SummarySaverHook,
         CheckpointSaverHook,
         RecordingHook,
     ]
@@ -199,7 +201,8 @@ async def test_none_turns_checkpoints_off(tmp_path: Path, kwargs: dict[str, Any]
     assert not [h for h in sess.hooks if isinstance(h, CheckpointSaverHook)]
     async with sess:
         await run_steps(sess, 3)
-    assert os.listdir(tmp_path) == []
+    # Only the summaries' event file: no checkpoint, no state file.
+    assert [name for name in os.listdir(tmp_path) if "tfevents" not in name] == []
 
 
 async def test_save_checkpoint_steps_or_secs_replace_the_default(tmp_path: Path) -> None:
@@ -243,7 +246,7 @@ async def test_without_checkpoint_dir_nothing_is_saved(tmp_path: Path) -> None:
 async def test_log_step_count_steps_none_drops_the_step_counter(tmp_path: Path) -> None:
     for value in (None, 0):
         sess = training_session(tmp_path, log_step_count_steps=value)
-        assert [type(h) for h in sess.hooks] == [CheckpointSaverHook]
+        assert [type(h) for h in sess.hooks] == [SummarySaverHook, CheckpointSaverHook]
 
 
 async def test_non_chief_runs_only_user_hooks_and_never_saves(tmp_path: Path) -> None:

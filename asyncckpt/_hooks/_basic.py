@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,13 @@ from ._base import (
     SessionRunHook,
     SessionRunValues,
 )
+from ._summary import summary_writer_for
 from ._timer import SecondOrStepTimer
+
+if TYPE_CHECKING:
+    import os
+
+    from .._summary._writer import SummaryWriter
 
 __all__ = [
     "FinalOpsHook",
@@ -84,9 +90,9 @@ class StopAtStepHook(SessionRunHook):
 class StepCounterHook(SessionRunHook):
     """Log the steps per second every N steps or seconds (``global_step/sec``).
 
-    The first trigger only arms the timer, as in TensorFlow. Writing the figure as a
-    TensorBoard summary comes with the summaries release; ``output_dir`` and
-    ``summary_writer`` are accepted now for TensorFlow's signature.
+    The first trigger only arms the timer, as in TensorFlow. The figure is also written as
+    the scalar ``global_step/sec`` to ``summary_writer``, or to the session's writer for
+    ``output_dir`` when one is given.
 
     Args:
         every_n_steps: log every this many steps (the default, 100).
@@ -100,8 +106,8 @@ class StepCounterHook(SessionRunHook):
         self,
         every_n_steps: int | None = 100,
         every_n_secs: float | None = None,
-        output_dir: str | Any = None,
-        summary_writer: Any = None,
+        output_dir: str | os.PathLike[str] | None = None,
+        summary_writer: SummaryWriter | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -122,17 +128,27 @@ class StepCounterHook(SessionRunHook):
         """Reset the timer (a new session starts counting afresh)."""
         self._timer.reset()
 
-    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+    async def after_create_session(self, session: SessionLike, coord: CoordinatorLike) -> None:
+        """Get the session's summary writer for ``output_dir`` (if any)."""
+        if self.summary_writer is None and self.output_dir is not None:
+            self.summary_writer = await summary_writer_for(coord, self.output_dir)
+
+    def after_run(
+        self, run_context: SessionRunContext, run_values: SessionRunValues
+    ) -> Coroutine[Any, Any, None] | None:
         """Log steps/sec when the timer triggers (the first trigger only arms it)."""
         step = run_context.session.global_step
         if not self._timer.should_trigger_for_step(step):
-            return
+            return None
         elapsed_secs, elapsed_steps = self._timer.update_last_triggered_step(step)
         if elapsed_secs is None or elapsed_steps is None:
-            return
+            return None
         rate = elapsed_steps / elapsed_secs if elapsed_secs > 0 else math.inf
         self.steps_per_sec.append((step, rate))
         logger.info("global_step/sec: %g", rate)
+        if self.summary_writer is None:
+            return None
+        return self.summary_writer.add_scalar("global_step/sec", rate, step)
 
 
 class NanTensorHook(SessionRunHook):

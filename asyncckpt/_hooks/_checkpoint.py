@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from .._summary._proto import SessionLog
 from .._util import call_maybe_async
 from .._writer import CheckpointManager, Policy, SaveOutcome
 from ._base import (
@@ -23,6 +24,7 @@ from ._base import (
     SessionRunHook,
     SessionRunValues,
 )
+from ._summary import summary_writer_for
 from ._timer import SecondOrStepTimer
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
     from .._errors import CheckpointError
     from .._saver import Saver
+    from .._summary._writer import SummaryWriter
 
 __all__ = ["CheckpointSaverHook"]
 
@@ -119,6 +122,7 @@ class CheckpointSaverHook(SessionRunHook):
         self.checkpoint_dir = self._manager_args["directory"]
         self._listeners = tuple(listeners)
         self._manager: CheckpointManager | None = None
+        self._summary_writer: SummaryWriter | None = None
         self._coord: CoordinatorLike | None = None
         self._session: SessionLike | None = None
         self._closing: anyio.Event | None = None
@@ -158,6 +162,8 @@ class CheckpointSaverHook(SessionRunHook):
         self._coord = coord
         self._session = session
         if self._manager is None:
+            # TensorFlow's hook logs each checkpoint to its directory's event file.
+            self._summary_writer = await summary_writer_for(coord, self.checkpoint_dir)
             ready = anyio.Event()
             self._closing = anyio.Event()
             self._outcome_arrived = anyio.Event()
@@ -249,6 +255,10 @@ class CheckpointSaverHook(SessionRunHook):
                 continue
             outcome = self._outcomes.popleft()
             self._delivering = True
+            if outcome.written and self._summary_writer is not None:
+                await self._summary_writer.add_session_log(
+                    SessionLog.CHECKPOINT, outcome.step, checkpoint_path=outcome.path
+                )
             if outcome.written and self._listeners:
                 # A listener's error (or a cancellation) ends this task, and the session with
                 # it: stay "delivering" and wake no one, so an end() waiting for the listeners

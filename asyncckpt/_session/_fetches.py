@@ -26,6 +26,8 @@ def resolve_fetches(
     """
     if fetches is None:
         return dict(outputs) if all_if_none else None
+    if fetches is Ellipsis:
+        return dict(outputs)
     if isinstance(fetches, str):
         if fetches == "global_step":
             return global_step

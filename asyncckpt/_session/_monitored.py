@@ -19,6 +19,7 @@ from .._errors import OutOfRangeError, PreemptedError
 from .._hooks._base import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
 from .._hooks._basic import StepCounterHook
 from .._hooks._checkpoint import CheckpointSaverHook
+from .._hooks._summary import SummarySaverHook
 from .._util import single_exception
 from ._coordinator import Coordinator
 from ._creators import ChiefSessionCreator, SessionCreator, StepFn, StepSession
@@ -336,11 +337,13 @@ class MonitoredTrainingSession(MonitoredSession):
 
     Restores the latest checkpoint of ``checkpoint_dir`` (state and global step) before the
     hooks' ``after_create_session``, and, where ``is_chief``, adds the default hooks in
-    TensorFlow's order: ``chief_only_hooks``, then a ``StepCounterHook`` (every
-    ``log_step_count_steps``), then a ``CheckpointSaverHook`` (every
-    ``save_checkpoint_secs``, 600 by default, or ``save_checkpoint_steps``), then ``hooks``.
-    Passing None for an interval turns that hook off; passing both the steps and the secs of
-    one schedule is a ``ValueError``. Summary hooks come with the summaries release.
+    TensorFlow's order: ``chief_only_hooks``, then, when there is a summary directory, a
+    ``StepCounterHook`` (every ``log_step_count_steps``) and a ``SummarySaverHook`` (every
+    ``save_summaries_steps``, 100 by default, or ``save_summaries_secs``; it writes every
+    numeric scalar output unless ``scaffold.summary_op`` says otherwise), then a
+    ``CheckpointSaverHook`` (every ``save_checkpoint_secs``, 600 by default, or
+    ``save_checkpoint_steps``), then ``hooks``. Passing None for an interval turns that hook
+    off; passing both the steps and the secs of one schedule is a ``ValueError``.
 
     Args:
         state: the live state tree (restored in place).
@@ -351,8 +354,7 @@ class MonitoredTrainingSession(MonitoredSession):
         hooks: user hooks, after the default ones.
         chief_only_hooks: hooks that run only on the chief.
         save_checkpoint_secs, save_checkpoint_steps: the checkpoint schedule.
-        save_summaries_steps, save_summaries_secs: the summary schedule (validated now,
-            used once summaries exist).
+        save_summaries_steps, save_summaries_secs: the summary schedule.
         summary_dir: where summaries go (``checkpoint_dir`` by default).
         log_step_count_steps: how often steps/sec is logged (None or 0: never).
         stop_grace_period_secs: see ``MonitoredSession``.
@@ -389,9 +391,20 @@ class MonitoredTrainingSession(MonitoredSession):
         all_hooks: list[SessionRunHook] = []
         if is_chief:
             all_hooks.extend(chief_only_hooks or ())
-            if log_step_count_steps:
+            if self.summary_dir is not None and log_step_count_steps:
                 all_hooks.append(
                     StepCounterHook(every_n_steps=log_step_count_steps, output_dir=self.summary_dir)
+                )
+            if self.summary_dir is not None and (
+                self.save_summaries_steps or self.save_summaries_secs
+            ):
+                all_hooks.append(
+                    SummarySaverHook(
+                        save_steps=self.save_summaries_steps or None,
+                        save_secs=self.save_summaries_secs or None,
+                        output_dir=self.summary_dir,
+                        scaffold=scaffold,
+                    )
                 )
             if checkpoint_dir is not None and (ckpt_steps or ckpt_secs):
                 all_hooks.append(

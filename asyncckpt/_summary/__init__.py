@@ -1,0 +1,1 @@
+"""The summary layer: TensorBoard event files (protobuf bytes, TFRecord framing, writer)."""
