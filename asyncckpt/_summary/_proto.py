@@ -115,8 +115,10 @@ class SummaryValue:
 
 
 def _check_tag(tag: object) -> bytes:
-    if not isinstance(tag, str) or not tag:
-        raise ValueError(f"a summary tag must be a non-empty str, not {tag!r}")
+    if not isinstance(tag, str):
+        raise TypeError(f"a summary tag must be a str, not {type(tag).__name__}")
+    if not tag:
+        raise ValueError("a summary tag must not be empty")
     return _string(1, tag)
 
 
@@ -127,39 +129,61 @@ def scalar(tag: str, value: float) -> SummaryValue:
         tag: the chart's name (``/`` groups charts).
         value: any real number (stored as float32; NaN and infinities are kept).
     """
-    if isinstance(value, complex) or not isinstance(value, int | float | np.number):
+    if isinstance(value, complex | np.complexfloating) or not isinstance(
+        value, int | float | np.number
+    ):
         raise TypeError(f"scalar {tag!r} must be a real number, not {type(value).__name__}")
-    tensor = _RANK0_FLOAT_HEAD + struct.pack("<f", float(value))
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64: infinite, as numpy casts it
+        number = -math.inf if value < 0 else math.inf
+    with np.errstate(over="ignore"):  # beyond float32: infinite, as TensorBoard's scalar_pb
+        packed = np.array(number, "<f4").tobytes()
+    tensor = _RANK0_FLOAT_HEAD + packed
     return SummaryValue(tag, _check_tag(tag) + _message(8, tensor) + _SCALARS)
 
 
 def histogram_buckets(values: Any, bins: int = 30) -> np.ndarray[Any, np.dtype[np.float64]]:
-    """Return ``[k, 3]`` rows ``[left, right, count]`` as TensorBoard's own summaries do.
+    """Return ``[bins, 3]`` rows ``[left, right, count]``, exactly as TensorBoard's own
+    ``histogram_pb`` computes them (so a histogram is the same whichever library wrote it).
 
-    ``bins`` equal-width buckets between the minimum and the maximum; when every value is
-    equal, ``bins`` zero-width buckets at that value with the whole count in the last one.
+    ``bins`` equal-width buckets between the minimum and the maximum, a value going to bucket
+    ``floor((value - min) / width)`` (the maximum to the last); when every value is equal,
+    ``bins`` zero-width buckets at that value with the whole count in the last one; no values,
+    ``bins`` all-zero rows.
     """
     data = np.asarray(values, dtype=np.float64).ravel()
+    if isinstance(bins, bool) or not isinstance(bins, int):
+        raise TypeError(f"bins must be an int, not {type(bins).__name__}")
     if bins < 1:
         raise ValueError(f"bins must be >= 1, not {bins}")
+    rows = np.zeros((bins, 3), np.float64)
     if not data.size:
-        return np.zeros((0, 3), np.float64)
+        return rows
     if not np.isfinite(data).all():
         raise ValueError("histogram values must be finite (drop NaN and infinities first)")
     low, high = float(data.min()), float(data.max())
-    rows = np.empty((bins, 3), np.float64)
     if low == high:
         rows[:, 0] = rows[:, 1] = low
-        rows[:, 2] = 0.0
         rows[-1, 2] = data.size
         return rows
-    counts, edges = np.histogram(data, bins=bins, range=(low, high))
-    rows[:, 0], rows[:, 1], rows[:, 2] = edges[:-1], edges[1:], counts
+    if not np.isfinite(high - low):
+        raise ValueError("histogram values must span less than the float64 range")
+    # TensorBoard's arithmetic, step by step: np.histogram assigns values that fall on an
+    # edge by comparing with the edges, which differs from this in the last bit.
+    width = (high - low) / bins
+    with np.errstate(divide="ignore", invalid="ignore"):  # width 0: a subnormal range
+        position = np.minimum(np.floor((data - low) / width), bins - 1)
+    index = np.nan_to_num(position, nan=0.0).astype(np.int64)
+    edges = np.linspace(low, high, bins + 1)
+    rows[:, 0], rows[:, 1] = edges[:-1], edges[1:]
+    rows[:, 2] = np.bincount(index, minlength=bins)
     return rows
 
 
 def histogram(tag: str, values: Any, bins: int = 30) -> SummaryValue:
-    """A histogram of ``values``: a ``[k, 3]`` float64 tensor with the ``histograms`` plugin."""
+    """A histogram of ``values``: a ``[bins, 3]`` float64 tensor with the ``histograms``
+    plugin (see ``histogram_buckets``)."""
     rows = histogram_buckets(values, bins)
     content = rows.astype("<f8").tobytes()
     tensor = _uint(1, _DT_DOUBLE) + _shape(rows.shape) + _string(4, content)

@@ -31,14 +31,19 @@ if TYPE_CHECKING:
 __all__ = ["SummaryWriter"]
 
 _WRITER_NAME: Final = "asyncckpt"
-_uids = itertools.count()  # two writers of one process never share a file name
+# Two writers of one process never share a file name, and a later writer's name sorts after
+# an earlier one's within the same second: TensorBoard reads a run's files in name order, so
+# ".10" sorting before ".9" would replay a resumed session before the one it resumed.
+_uids = itertools.count()
+_UID_DIGITS: Final = 6
 
 
 class _FlushRequest:
-    __slots__ = ("done",)
+    __slots__ = ("done", "flushed")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
+        self.flushed = False
 
 
 _Item = bytes | _FlushRequest
@@ -47,7 +52,8 @@ _Item = bytes | _FlushRequest
 class SummaryWriter:
     """Write TensorBoard event files from a background task (TensorFlow's ``FileWriter``).
 
-    Each writer creates one new file, ``events.out.tfevents.<secs>.<host>.<pid>.<uid>``, in
+    Each writer creates one new file, ``events.out.tfevents.<secs>.<host>.<pid>.<uid>``
+    (``<uid>``: a zero-padded counter of the process, so names sort in creation order), in
     ``logdir`` and writes ``brain.Event:2`` first. ``add_*`` encode the event on the caller's
     loop and put it in a queue of ``max_queue`` events (waiting when it is full); a
     background task writes whole records and flushes every ``flush_secs``, whenever it finds
@@ -95,7 +101,7 @@ class SummaryWriter:
         self._clock = clock
         name = (
             f"events.out.tfevents.{int(clock()):010d}.{socket.gethostname()}."
-            f"{os.getpid()}.{next(_uids)}{filename_suffix}"
+            f"{os.getpid()}.{next(_uids):0{_UID_DIGITS}d}{filename_suffix}"
         )
         self.path = os.path.join(self.logdir, name)
         self._last_steps: dict[str, int] = {}
@@ -105,6 +111,7 @@ class SummaryWriter:
         self._entered = self._closed = False
         self._written = 0
         self._writer_done: anyio.Event | None = None
+        self._flush_requests: set[_FlushRequest] = set()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._entered else "new"
@@ -185,6 +192,10 @@ class SummaryWriter:
             await self._write_until_closed(file, receive)
         finally:
             self._writer_done.set()
+            # A writer that failed (or outlived the grace period) leaves requests behind:
+            # wake their callers, whose flush() then raises instead of waiting forever.
+            for request in list(self._flush_requests):
+                request.done.set()
 
     async def _write_until_closed(
         self, file: _storage.AppendFile, receive: MemoryObjectReceiveStream[_Item]
@@ -224,6 +235,8 @@ class SummaryWriter:
                     dirty = False
                     next_flush = anyio.current_time() + self.flush_secs
                 for request in flushes:
+                    request.flushed = True
+                    self._flush_requests.discard(request)
                     request.done.set()
             if dirty:
                 await file.flush()
@@ -258,8 +271,13 @@ class SummaryWriter:
                     "add_session_log(SessionLog.START, step) first to announce a restart"
                 )
 
-    async def _put(self, event: bytes) -> None:
-        await self._sender().send(frame(event))
+    async def _put(self, item: _Item) -> None:
+        try:
+            await self._sender().send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # Closed while this call waited for room, or the writer task failed (its error
+            # ends the writer's `async with`): the item was not accepted.
+            raise RuntimeError("the SummaryWriter closed before this call was accepted") from None
 
     async def add_summary(
         self,
@@ -283,9 +301,21 @@ class SummaryWriter:
         self._sender()
         self._check_steps(tags, step)
         event = _proto.encode_event(wall_time=self._wall_time(wall_time), step=step, values=values)
-        await self._put(event)
-        for tag in tags:
-            self._last_steps[tag] = step
+        # Claim the step before waiting for room in the queue, so that a concurrent add for
+        # the same tag is checked against it; give it back if this event is not accepted.
+        previous = {tag: self._last_steps.get(tag) for tag in tags}
+        self._last_steps.update(dict.fromkeys(tags, step))
+        try:
+            await self._put(frame(event))
+        except BaseException:
+            for tag, last in previous.items():
+                if self._last_steps.get(tag) != step:
+                    continue  # moved since (a later add claimed a step, or a START): keep it
+                if last is None:
+                    del self._last_steps[tag]
+                else:
+                    self._last_steps[tag] = last
+            raise
 
     async def add_scalar(
         self, tag: str, value: float, step: int, *, wall_time: float | None = None
@@ -332,8 +362,16 @@ class SummaryWriter:
         msg: str = "",
         wall_time: float | None = None,
     ) -> None:
-        """Write a ``SessionLog``: ``START`` (a restart from ``step``: TensorBoard drops the
-        points of later steps written before), ``STOP``, or ``CHECKPOINT`` with its path."""
+        """Write a ``SessionLog``: ``START`` (a restart from ``step``), ``STOP``, or
+        ``CHECKPOINT`` with its path.
+
+        After ``START`` at ``step``, every tag accepts steps from ``step`` on again.
+        TensorBoard's Python loader then drops the points of steps >= ``step`` written
+        before, except at the first ``START`` of a run, which it takes for the run's
+        beginning; the default (Rust) loader ignores ``START`` and drops the earlier points
+        of a tag at or after each step that goes back. Write ``START`` when a session
+        begins, as ``SummarySaverHook`` does, so that a restart is never the first.
+        """
         status = _proto.SessionLog(status)
         self._sender()
         check_int("step", step, minimum=0)
@@ -342,14 +380,24 @@ class SummaryWriter:
             step=step,
             session_log=_proto.session_log(status, checkpoint_path, msg),
         )
-        await self._put(event)
+        await self._put(frame(event))
         if status == _proto.SessionLog.START:
             for tag, last in self._last_steps.items():
                 if last >= step:
                     self._last_steps[tag] = step - 1
 
     async def flush(self) -> None:
-        """Wait until every event added so far is written and handed to the OS."""
+        """Wait until every event added so far is written and handed to the OS.
+
+        Raises:
+            RuntimeError: the writer is not open, or stopped (its disk write failed) first.
+        """
         request = _FlushRequest()
-        await self._sender().send(request)
-        await request.done.wait()
+        self._flush_requests.add(request)
+        try:
+            await self._put(request)
+            await request.done.wait()
+        finally:
+            self._flush_requests.discard(request)
+        if not request.flushed:
+            raise RuntimeError("the SummaryWriter stopped before this flush was done")
