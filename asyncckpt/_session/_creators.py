@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from .._errors import OutOfRangeError
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from .._types import StateTree
 
 __all__ = ["ChiefSessionCreator", "SessionCreator", "StepFn", "StepSession"]
+
+_NO_OUTPUTS: Mapping[str, Any] = MappingProxyType({})
 
 StepFn: TypeAlias = Callable[..., "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"]
 """``step_fn(state, **feeds)``, plain or async, returning named outputs (or None)."""
@@ -63,8 +66,8 @@ class StepSession:
             raise
         self.global_step += 1
         if outputs is None:
-            return {}
-        if not isinstance(outputs, Mapping):
+            return _NO_OUTPUTS
+        if type(outputs) is not dict and not isinstance(outputs, Mapping):  # fast path: dict
             raise TypeError(
                 f"step_fn must return a mapping of named outputs (or None), not "
                 f"{type(outputs).__name__}"
