@@ -27,9 +27,16 @@ from ._hooks._basic import NanTensorHook as NanTensorHook
 from ._hooks._basic import StepCounterHook as StepCounterHook
 from ._hooks._basic import StopAtStepHook as StopAtStepHook
 from ._hooks._checkpoint import CheckpointSaverHook as CheckpointSaverHook
+from ._hooks._input import CheckpointInputPipelineHook as CheckpointInputPipelineHook
 from ._hooks._summary import SummarySaverHook as SummarySaverHook
 from ._hooks._timer import NeverTriggerTimer as NeverTriggerTimer
 from ._hooks._timer import SecondOrStepTimer as SecondOrStepTimer
+from ._iterators import AsyncCountingIterator as AsyncCountingIterator
+from ._iterators import BatchIterator as BatchIterator
+from ._iterators import CountingIterator as CountingIterator
+from ._iterators import ResumableIterator as ResumableIterator
+from ._iterators import SequenceIterator as SequenceIterator
+from ._iterators import ShuffledIterator as ShuffledIterator
 from ._saver import CheckpointState as CheckpointState
 from ._saver import Saver as Saver
 from ._saver import get_checkpoint_state as get_checkpoint_state
@@ -52,9 +59,12 @@ from ._writer import SaveOutcome as SaveOutcome
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCountingIterator",
+    "BatchIterator",
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointFormatError",
+    "CheckpointInputPipelineHook",
     "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointManagerStatistics",
@@ -65,6 +75,7 @@ __all__ = [
     "CheckpointWriteError",
     "ChiefSessionCreator",
     "Coordinator",
+    "CountingIterator",
     "FinalOpsHook",
     "LoggingTensorHook",
     "MonitoredSession",
@@ -74,15 +85,18 @@ __all__ = [
     "NeverTriggerTimer",
     "OutOfRangeError",
     "PreemptedError",
+    "ResumableIterator",
     "SaveOutcome",
     "Saver",
     "Scaffold",
     "SecondOrStepTimer",
+    "SequenceIterator",
     "SessionLog",
     "SessionRunArgs",
     "SessionRunContext",
     "SessionRunHook",
     "SessionRunValues",
+    "ShuffledIterator",
     "StateTree",
     "StepCounterHook",
     "StepSession",

@@ -31,7 +31,7 @@ from ._tree import Snapshot, SnapshotPool, build, byte_view, check_into_array, m
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from ._types import StateTree
 from ._util import check_int
@@ -42,12 +42,14 @@ __all__ = [
     "Saver",
     "get_checkpoint_state",
     "latest_checkpoint",
+    "lock_name",
     "plan_retention",
     "prune",
     "read_checkpoint",
     "read_header",
     "read_header_sync",
     "scan_directory",
+    "split_step",
     "verify_file",
 ]
 
@@ -175,6 +177,39 @@ def _reason(exc: BaseException) -> str:
     if isinstance(cause, OSError):
         return f"{cause.strerror or cause} (errno {cause.errno})"
     return str(exc)
+
+
+def lock_name(latest_filename: str) -> str:
+    """Return the lock file's name for the writers of one state file.
+
+    ``.asyncckpt.lock`` for TensorFlow's ``checkpoint``; ``.asyncckpt.<name>.lock`` for any
+    other, so that writers with their own state files (the input pipeline's
+    ``checkpoint_input``) share a directory without waiting for each other.
+    """
+    if latest_filename == STATE_FILENAME:
+        return _storage.LOCK_NAME
+    return f".asyncckpt.{latest_filename}.lock"
+
+
+def split_step(name: str) -> tuple[str, int | None]:
+    """Split a checkpoint name ``<prefix>-<step>`` into its prefix and step.
+
+    A name without a step is a prefix of its own: ``("name", None)``.
+    """
+    prefix, dash, digits = name.rpartition("-")
+    if dash and prefix and digits.isascii() and digits.isdigit():
+        return prefix, int(digits)
+    return name, None
+
+
+def _owned_by(latest_filename: str, prefixes: Iterable[str]) -> Callable[[str], bool]:
+    """Return whether a file name belongs to the writers of this state file and prefixes."""
+    known = frozenset(prefixes)
+
+    def owns(name: str) -> bool:
+        return name == latest_filename or split_step(name)[0] in known
+
+    return owns
 
 
 def _state_path(directory: str, latest_filename: str | None) -> str:
@@ -532,6 +567,11 @@ class Saver:
         if not latest_filename:
             raise ValueError(f"latest_filename must be a file name, not {latest_filename!r}")
         _state_path(".", latest_filename)
+        if latest_filename.startswith("."):
+            raise ValueError(
+                f"latest_filename {latest_filename!r} must not start with '.': such names are "
+                "kept for temporary and lock files"
+            )
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.latest_filename = latest_filename
@@ -547,14 +587,16 @@ class Saver:
         )
 
     # The manager holds the directory lock for its whole life; a bare Saver takes it per save.
-    def _hold(self, directory: str) -> list[str]:
+    # The lock covers this Saver's state file (see lock_name), so only the temporary files of
+    # that state file and of the checkpoints named ``<basename>-<step>`` are ours to remove.
+    def _hold(self, directory: str, basename: str) -> list[str]:
         book = self._book(directory)
         if not book.lock.held:
             book.lock.acquire()
             # The book may have been read before the lock was ours: read what is there now.
             book.state = get_checkpoint_state(directory, self.latest_filename) or book.state
         book.held_by_owner = True
-        return _storage.remove_temp_files(directory)
+        return _storage.remove_temp_files(directory, _owned_by(self.latest_filename, [basename]))
 
     def _release(self, directory: str) -> None:
         book = self._books.get(directory)
@@ -568,12 +610,13 @@ class Saver:
             state = get_checkpoint_state(directory, self.latest_filename)
             if state is None:
                 state = CheckpointState(directory=directory)
-            book = _DirectoryBook(state=state, lock=_storage.DirectoryLock(directory))
+            lock = _storage.DirectoryLock(directory, lock_name(self.latest_filename))
+            book = _DirectoryBook(state=state, lock=lock)
             self._books[directory] = book
         return book
 
     @contextlib.contextmanager
-    def _writing(self, directory: str) -> Iterator[_DirectoryBook]:
+    def _writing(self, directory: str, prefix: str) -> Iterator[_DirectoryBook]:
         book = self._book(directory)
         if book.busy:
             raise RuntimeError(
@@ -585,7 +628,7 @@ class Saver:
         try:
             if temporary_lock:
                 book.lock.acquire()
-                _storage.remove_temp_files(directory)
+                _storage.remove_temp_files(directory, _owned_by(self.latest_filename, [prefix]))
                 # Another writer may have saved here since we last held the lock.
                 book.state = get_checkpoint_state(directory, self.latest_filename) or book.state
             yield book
@@ -665,7 +708,8 @@ class Saver:
     ) -> int:
         directory, name = os.path.split(path)
         directory = directory or "."
-        with self._writing(directory) as book:
+        prefix = name if step is None else name.removesuffix(f"-{step}")
+        with self._writing(directory, prefix) as book:
             now = self._clock()
             old = book.state
             try:
@@ -857,6 +901,25 @@ def verify_file(path: str) -> _format.Header:
     return header
 
 
+def is_state_file_name(name: str) -> bool:
+    """Whether ``name`` is a state file by convention: ``checkpoint`` or ``checkpoint_<x>``."""
+    return name == STATE_FILENAME or name.startswith(STATE_FILENAME + "_")
+
+
+def _prefixes_of_other_state_files(directory: str, filename: str) -> set[str]:
+    prefixes: set[str] = set()
+    for name in _storage.list_names(directory):
+        if name == filename or not is_state_file_name(name):
+            continue
+        try:
+            state = get_checkpoint_state(directory, name)
+        except CheckpointError:
+            continue  # damaged too: nothing it says can be trusted, so it claims nothing
+        if state is not None:
+            prefixes.update(split_step(n)[0] for n in state.names)
+    return prefixes
+
+
 def prune(
     directory: str, keep: int, latest_filename: str | None = None
 ) -> tuple[list[str], list[str]]:
@@ -875,18 +938,32 @@ def prune(
     """
     if keep < 0:
         raise ValueError(f"--keep must be >= 0, not {keep}")
-    lock = _storage.DirectoryLock(directory)
+    filename = latest_filename or STATE_FILENAME
+    lock = _storage.DirectoryLock(directory, lock_name(filename))
     lock.acquire()
     try:
-        _storage.remove_temp_files(directory)
         try:
             state = get_checkpoint_state(directory, latest_filename)
         except CheckpointError:
             state = None
+        # Only the temporary files of this state file and of the prefixes it lists are ours:
+        # another writer sharing the directory under its own lock may be writing the others.
+        prefixes = [split_step(name)[0] for name in state.names] if state is not None else []
+        _storage.remove_temp_files(directory, _owned_by(filename, prefixes))
         if state is not None and all(_storage.file_info(p) is not None for p in state.paths()):
             names, stamps = list(state.names), list(state.timestamps)
         else:
-            readable = [f for f in scan_directory(directory) if f.header is not None]
+            # With a readable state file, only its own prefixes: another writer's checkpoints
+            # in the same directory (the input pipeline's) are not this list's to take.
+            # Without one, at least not another state file's (checkpoint_input lists input.*).
+            foreign = _prefixes_of_other_state_files(directory, filename) - set(prefixes)
+            readable = [
+                f
+                for f in scan_directory(directory)
+                if f.header is not None
+                and (not prefixes or split_step(f.name)[0] in prefixes)
+                and split_step(f.name)[0] not in foreign
+            ]
             readable.sort(
                 key=lambda f: (
                     f.header.step if f.header and f.header.step is not None else -1,

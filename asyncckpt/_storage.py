@@ -57,6 +57,7 @@ __all__ = [
     "read_small_file",
     "remove_files",
     "remove_temp_files",
+    "temp_target",
     "write_atomic",
     "write_small_file_atomic",
 ]
@@ -282,14 +283,29 @@ def remove_files(paths: Sequence[str]) -> None:
         raise errors[0]
 
 
-def remove_temp_files(directory: str) -> list[str]:
+def temp_target(name: str) -> str | None:
+    """Return the name a temporary file was being written for, or None if it is not one.
+
+    Temporary files are named ``.<final name>.asyncckpt-tmp-<random>``.
+    """
+    if not name.startswith("."):
+        return None
+    target, marker, _random = name[1:].rpartition(TEMP_MARKER)
+    return target if marker and target else None
+
+
+def remove_temp_files(directory: str, owns: Callable[[str], bool]) -> list[str]:
     """Delete temporary files that a crashed or cancelled writer left; return their names.
 
-    Call only while holding the directory lock, or a live writer's file could be removed.
+    Only the temporary files whose final name ``owns`` accepts are touched: several writers
+    may share a directory, each with its own lock, and another writer's temporary file may be
+    a write in progress. Call only while holding the lock that covers every name ``owns``
+    accepts.
     """
     removed = []
     for name in list_names(directory):
-        if TEMP_MARKER in name and name.startswith("."):
+        target = temp_target(name)
+        if target is not None and owns(target):
             # Best effort: a leftover that cannot be removed (not ours, or not a file) must
             # not fail the save that found it; it is never read as a checkpoint anyway.
             with contextlib.suppress(OSError):
@@ -302,11 +318,18 @@ class DirectoryLock:
     """An exclusive, non-blocking lock on a checkpoint directory (flock on a lock file).
 
     flock locks belong to the open file, so two writers in one process conflict as surely as
-    two processes do; the kernel drops the lock when a process dies.
+    two processes do; the kernel drops the lock when a process dies. Writers that share a
+    directory but not their files (the model's and the input pipeline's) use locks of
+    different names.
+
+    Args:
+        directory: the directory; created if missing when the lock is taken.
+        name: the lock file's name in it (``.asyncckpt.lock`` by default).
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, name: str = LOCK_NAME) -> None:
         self.directory = directory
+        self.name = name
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -316,7 +339,7 @@ class DirectoryLock:
             CheckpointLockedError: another writer holds it.
             CheckpointWriteError: the directory or lock file cannot be created.
         """
-        path = os.path.join(self.directory, LOCK_NAME)
+        path = os.path.join(self.directory, self.name)
         try:
             os.makedirs(self.directory, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -330,10 +353,12 @@ class DirectoryLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            held = "this checkpoint directory"
+            if self.name != LOCK_NAME:
+                held = f"the lock {self.name} of {held}"
             raise CheckpointLockedError(
                 self.directory,
-                f"another writer holds this checkpoint directory (pid {holder}); stop it or "
-                "use another directory",
+                f"another writer holds {held} (pid {holder}); stop it or use another directory",
             ) from None
         except BaseException:
             os.close(fd)

@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 
 from ._errors import CheckpointError, CheckpointNotFoundError
-from ._saver import Saver, check_name
+from ._saver import STATE_FILENAME, Saver, check_name, split_step
 from ._tree import Snapshot, SnapshotPool
 from ._util import check_int, single_exception
 
@@ -163,6 +163,9 @@ class CheckpointManager:
         max_pending: snapshots that may wait while another is being written (>= 1).
         policy: ``"block"``, ``"skip"`` or ``"replace"``.
         stop_grace_period_secs: how long an exceptional exit keeps writing taken snapshots.
+        latest_filename: the state file's name. Managers with different state files (and
+            basenames) may share a directory: each holds only its own state file's lock and
+            cleans up only its own temporary files.
     """
 
     def __init__(
@@ -175,6 +178,7 @@ class CheckpointManager:
         policy: Policy = "block",
         *,
         stop_grace_period_secs: float = 120.0,
+        latest_filename: str = STATE_FILENAME,
     ) -> None:
         check_int("max_pending", max_pending, minimum=1)
         if policy not in _POLICIES:
@@ -186,7 +190,10 @@ class CheckpointManager:
         self.max_pending = max_pending
         self.policy: Policy = policy
         self._grace = stop_grace_period_secs
-        self._saver = Saver(max_to_keep, keep_checkpoint_every_n_hours)
+        self._saver = Saver(
+            max_to_keep, keep_checkpoint_every_n_hours, latest_filename=latest_filename
+        )
+        self.latest_filename = latest_filename
         self._pool = SnapshotPool(max_free_sets=max_pending + 1)
         self._queue: _JobQueue | None = None
         self._stack: AsyncExitStack | None = None
@@ -221,7 +228,7 @@ class CheckpointManager:
         try:
             async with AsyncExitStack() as stack:
                 self._limiter = anyio.CapacityLimiter(_IO_THREADS)
-                await anyio.to_thread.run_sync(self._saver._hold, self.directory)
+                await anyio.to_thread.run_sync(self._saver._hold, self.directory, self.basename)
                 stack.callback(self._saver._release, self.directory)
                 self._latest_step = self._listed_latest_step()
                 self._queue = _JobQueue(self.max_pending)
@@ -437,9 +444,8 @@ class CheckpointManager:
     # -- reading ------------------------------------------------------------------------------
 
     def _step_of(self, name: str) -> int | None:
-        prefix = f"{self.basename}-"
-        suffix = name[len(prefix) :] if name.startswith(prefix) else ""
-        return int(suffix) if suffix.isdigit() else None
+        prefix, step = split_step(name)
+        return step if prefix == self.basename else None
 
     def _listed_latest_step(self) -> int | None:
         names = self._saver.last_checkpoints(self.directory)

@@ -21,12 +21,14 @@ from ._saver import (
     STATE_FILENAME,
     FoundCheckpoint,
     get_checkpoint_state,
+    is_state_file_name,
     latest_checkpoint,
     prune,
     read_header_sync,
     scan_directory,
     verify_file,
 )
+from ._storage import list_names
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -60,10 +62,21 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     directory: str = args.directory
     if not os.path.isdir(directory):
         raise _Usage(f"{directory}: not a directory")
-    state = get_checkpoint_state(directory)
-    listed = list(state.names) if state else []
-    latest = state.latest if state else None
-    stamps = dict(zip(listed, state.timestamps, strict=True)) if state else {}
+    # The model's state file, and any other writer's in the directory (the input pipeline's
+    # checkpoint_input, a worker's checkpoint_input_worker_1...).
+    states = [
+        state
+        for name in list_names(directory)
+        if is_state_file_name(name)
+        if (state := get_checkpoint_state(directory, name)) is not None
+    ]
+    model_state = next((st for st in states if st.latest is not None), None)
+    latest = model_state.latest if model_state is not None else None
+    listed = {name for st in states for name in st.names}
+    latests = {st.latest for st in states if st.latest is not None}
+    stamps = {
+        name: stamp for st in states for name, stamp in zip(st.names, st.timestamps, strict=True)
+    }
     rows: list[dict[str, Any]] = []
     for found in scan_directory(directory):
         header = found.header
@@ -74,7 +87,7 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                 "bytes": found.size,
                 "time": stamps.get(found.name, header.time if header else found.mtime),
                 "listed": found.name in listed,
-                "latest": found.name == latest,
+                "latest": found.name in latests,
                 "arrays": len(header.arrays) if header else None,
                 "error": _error_json(found.error) if found.error else None,
             }

@@ -496,3 +496,41 @@ def test_entry_points(ckpt_dir: Path, how: str) -> None:
     corrupt = call("verify", str(ckpt_dir))
     assert corrupt.returncode == 1
     assert "corrupted array 0 ('weights')" in corrupt.stdout
+
+
+async def _model_and_input_checkpoints(directory: Path) -> None:
+    async with (
+        CheckpointManager(directory, max_to_keep=None) as model,
+        CheckpointManager(
+            directory, max_to_keep=None, basename="input.ckpt", latest_filename="checkpoint_input"
+        ) as inputs,
+    ):
+        for step in (1, 2, 3):
+            await model.save({"w": np.full(2, step)}, step)
+            await inputs.save({"position": step}, step)
+
+
+def test_ls_lists_every_writer_of_the_directory(tmp_path: Path) -> None:
+    anyio.run(_model_and_input_checkpoints, tmp_path)
+    out = io.StringIO()
+    assert main(["ls", "--json", str(tmp_path)], out=out) == 0
+    rows = {row["name"]: row for row in json.loads(out.getvalue())["checkpoints"]}
+    assert sorted(rows) == [f"{kind}.ckpt-{s}" for kind in ("input", "model") for s in (1, 2, 3)]
+    assert all(row["listed"] for row in rows.values())
+    assert [name for name, row in rows.items() if row["latest"]] == [
+        "input.ckpt-3",
+        "model.ckpt-3",
+    ]
+
+
+def test_prune_rebuilding_a_damaged_state_file_leaves_other_writers_alone(tmp_path: Path) -> None:
+    anyio.run(_model_and_input_checkpoints, tmp_path)
+    (tmp_path / "checkpoint").write_bytes(b"garbage\n")
+    out = io.StringIO()
+    assert main(["prune", "--json", str(tmp_path), "--keep", "1"], out=out) == 0
+    assert json.loads(out.getvalue()) == {
+        "kept": ["model.ckpt-3"],
+        "deleted": ["model.ckpt-1", "model.ckpt-2"],
+    }
+    remaining = sorted(name for name in os.listdir(tmp_path) if ".ckpt-" in name)
+    assert remaining == ["input.ckpt-1", "input.ckpt-2", "input.ckpt-3", "model.ckpt-3"]

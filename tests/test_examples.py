@@ -29,6 +29,7 @@ ARGS: dict[str, list[str]] = {
     "service_snapshot.py": ["--dir", "svc", "--requests", "60", "--every", "10"],
     "train_numpy.py": ["--dir", "train", "--last-step", "60", "--save-steps", "20"],
     "listener_upload.py": ["--dir", "up", "--remote", "remote", "--max-steps", "300"],
+    "resume_input.py": ["--dir", "inp", "--items", "30", "--kill-at", "9"],
 }
 
 
@@ -183,3 +184,19 @@ def test_listener_upload_copies_every_checkpoint_and_stops_early(tmp_path: Path)
         assert filecmp.cmp(local / name, remote / name, shallow=False)
     assert cli_main(["verify", str(remote)], out=io.StringIO()) == 0
     assert latest_checkpoint(local) == str(local / f"model.ckpt-{last_step}")
+
+
+@pytest.mark.slow
+def test_resume_input_continues_the_killed_runs_input(tmp_path: Path) -> None:
+    result = run_example("resume_input.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "run 1: killed (SIGKILL) after step 9"
+    resumed = re.fullmatch(r"run 2: resumed at step (\d+), ran to step 30 \(.*\)", lines[1])
+    assert resumed is not None
+    assert int(resumed.group(1)) in (4, 8)  # a model checkpoint's step (every 4 steps)
+    assert lines[-1].endswith("every item once per epoch, no gap, no repeat")
+    directory = tmp_path / "inp"
+    assert latest_checkpoint(directory) == str(directory / "model.ckpt-30")
+    assert latest_checkpoint(directory, "checkpoint_input") == str(directory / "input.ckpt-30")
+    assert cli_main(["verify", str(directory)], out=io.StringIO()) == 0

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "asyncckpt"
 # Rank of each layer from DESIGN.md, lowest first; equal ranks may not import each other.
 LAYER_RANKS = {
     "_errors": 0, "_types": 0, "_util": 0, "_crc32c": 0,
-    "_tree": 1,
+    "_tree": 1, "_iterators": 1,
     "_format": 2, "_storage": 2,
     "_saver": 3,
     "_writer": 4, "_summary": 4,

@@ -24,7 +24,7 @@ from asyncckpt import (
     get_checkpoint_state,
     latest_checkpoint,
 )
-from asyncckpt._saver import format_state, parse_state
+from asyncckpt._saver import format_state, lock_name, parse_state
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
@@ -409,6 +409,32 @@ async def test_custom_latest_filename(ckpt_dir: Path) -> None:
     assert latest_checkpoint(ckpt_dir, "checkpoint_input") == path
 
 
+def test_each_state_file_has_its_own_lock() -> None:
+    assert lock_name("checkpoint") == ".asyncckpt.lock"  # the lock every release has used
+    assert lock_name("checkpoint_input") == ".asyncckpt.checkpoint_input.lock"
+
+
+async def test_savers_of_two_state_files_keep_their_own_lists(ckpt_dir: Path) -> None:
+    model, data = Saver(max_to_keep=2), Saver(max_to_keep=2, latest_filename="checkpoint_input")
+    for step in (1, 2, 3):
+        await model.save(make_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
+        await data.save({"position": step}, str(ckpt_dir / "input.ckpt"), global_step=step)
+    assert [os.path.basename(p) for p in model.last_checkpoints(ckpt_dir)] == [
+        "model.ckpt-2",
+        "model.ckpt-3",
+    ]
+    assert [os.path.basename(p) for p in data.last_checkpoints(ckpt_dir)] == [
+        "input.ckpt-2",
+        "input.ckpt-3",
+    ]
+    assert sorted(n for n in os.listdir(ckpt_dir) if ".ckpt-" in n) == [
+        "input.ckpt-2",
+        "input.ckpt-3",
+        "model.ckpt-2",
+        "model.ckpt-3",
+    ]
+
+
 # -- argument checks --------------------------------------------------------------------------
 
 
@@ -428,6 +454,7 @@ async def test_custom_latest_filename(ckpt_dir: Path) -> None:
         ({"latest_filename": "../checkpoint"}, ValueError, "without a directory"),
         ({"latest_filename": ".."}, ValueError, "without a directory"),
         ({"latest_filename": ""}, ValueError, "must be a file name"),
+        ({"latest_filename": ".asyncckpt.lock"}, ValueError, "must not start with '.'"),
     ],
 )
 def test_saver_argument_checks(

@@ -30,6 +30,8 @@ from asyncckpt import (
     get_checkpoint_state,
     latest_checkpoint,
 )
+from asyncckpt._saver import prune
+from asyncckpt._storage import temp_target
 from asyncckpt.testing import FaultyStorage, StorageOp
 
 if TYPE_CHECKING:
@@ -475,3 +477,130 @@ async def test_restore_of_a_missing_path_or_a_directory(ckpt_dir: Path, use_mmap
         await Saver().restore(ckpt_dir / "model.ckpt-3", mmap=use_mmap)
     assert isinstance(info.value, CheckpointNotFoundError)
     assert info.value.path == str(ckpt_dir / "model.ckpt-3")
+
+
+# -- writers that share a directory, each with its own state file ------------------------------
+
+
+def input_manager(directory: Path) -> CheckpointManager:
+    """A manager beside the model's, as the input pipeline hook's: its own names."""
+    return CheckpointManager(directory, basename="input.ckpt", latest_filename="checkpoint_input")
+
+
+def test_temp_target_recovers_the_name_being_written() -> None:
+    assert temp_target(".model.ckpt-3.asyncckpt-tmp-ab12") == "model.ckpt-3"
+    assert temp_target(".checkpoint_input.asyncckpt-tmp-0") == "checkpoint_input"
+    for name in ["model.ckpt-3.asyncckpt-tmp-abc", ".model.ckpt-3.tmp", ".asyncckpt-tmp-x"]:
+        assert temp_target(name) is None
+
+
+async def test_two_managers_with_their_own_state_files_share_a_directory(ckpt_dir: Path) -> None:
+    async with CheckpointManager(ckpt_dir) as model, input_manager(ckpt_dir) as data:
+        for step in (1, 2, 3):
+            await model.save(make_state(step), step)
+            await data.save({"position": step * 10}, step)
+        await model.wait()
+        await data.wait()
+        assert (model.all_steps(), data.all_steps()) == ([1, 2, 3], [1, 2, 3])
+        assert not lock_is_free(ckpt_dir)
+    model_state = get_checkpoint_state(ckpt_dir)
+    input_state = get_checkpoint_state(ckpt_dir, "checkpoint_input")
+    assert model_state is not None
+    assert input_state is not None
+    assert model_state.names == ("model.ckpt-1", "model.ckpt-2", "model.ckpt-3")
+    assert input_state.names == ("input.ckpt-1", "input.ckpt-2", "input.ckpt-3")
+    assert sorted(name for name in os.listdir(ckpt_dir) if name.startswith(".asyncckpt")) == [
+        ".asyncckpt.checkpoint_input.lock",
+        ".asyncckpt.lock",
+    ]
+    async with input_manager(ckpt_dir) as data:
+        assert await data.restore() == {"position": 30}
+
+
+async def test_opening_a_manager_leaves_the_other_writers_temp_file_alone(ckpt_dir: Path) -> None:
+    with FaultyStorage() as faults:
+        # The input's write of step 1 is held with its temporary file on disk...
+        stall = faults.stall("fsync", match="input.ckpt-1")
+        async with input_manager(ckpt_dir) as data:
+            await data.save({"position": 10}, 1)
+            await stall.wait_reached()
+            (in_flight,) = temp_files(ckpt_dir)
+            assert in_flight.startswith(".input.ckpt-1.")
+            # ... when the model's manager opens the directory and cleans up its leftovers.
+            _plant(ckpt_dir, [".model.ckpt-7.asyncckpt-tmp-old", ".checkpoint.asyncckpt-tmp-old"])
+            async with CheckpointManager(ckpt_dir) as model:
+                assert temp_files(ckpt_dir) == [in_flight]
+                await model.save(make_state(1), 1)
+            stall.release()
+            await data.wait()
+    assert temp_files(ckpt_dir) == []
+    assert latest_checkpoint(ckpt_dir) == str(ckpt_dir / "model.ckpt-1")
+    assert latest_checkpoint(ckpt_dir, "checkpoint_input") == str(ckpt_dir / "input.ckpt-1")
+
+
+async def test_a_manager_removes_its_own_leftovers_only(ckpt_dir: Path) -> None:
+    os.makedirs(ckpt_dir)
+    ours = [".input.ckpt-3.asyncckpt-tmp-a", ".checkpoint_input.asyncckpt-tmp-b"]
+    theirs = [
+        ".model.ckpt-3.asyncckpt-tmp-c",
+        ".checkpoint.asyncckpt-tmp-d",
+        ".input.ckpt-extra-3.asyncckpt-tmp-e",  # another basename that merely starts alike
+    ]
+    _plant(ckpt_dir, ours + theirs)
+    async with input_manager(ckpt_dir):
+        assert sorted(temp_files(ckpt_dir)) == sorted(theirs)
+
+
+async def test_the_same_state_file_still_conflicts(ckpt_dir: Path) -> None:
+    async with input_manager(ckpt_dir):
+        with pytest.raises(CheckpointLockedError) as info:
+            async with CheckpointManager(
+                ckpt_dir, basename="other.ckpt", latest_filename="checkpoint_input"
+            ):
+                pass  # pragma: no cover - entering fails
+        assert info.value.path == str(ckpt_dir)
+        lock = ".asyncckpt.checkpoint_input.lock"
+        assert f"{lock} of this checkpoint directory (pid {os.getpid()})" in str(info.value)
+        with pytest.raises(CheckpointLockedError):
+            await Saver(latest_filename="checkpoint_input").save({"a": 1}, str(ckpt_dir / "x"), 1)
+        # The model's state file has a lock of its own: a bare Saver saves beside the manager.
+        await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+    assert latest_checkpoint(ckpt_dir) == str(ckpt_dir / "model.ckpt-1")
+
+
+async def test_a_bare_saver_removes_leftovers_of_its_prefix_and_state_file_only(
+    ckpt_dir: Path,
+) -> None:
+    os.makedirs(ckpt_dir)
+    ours = [
+        ".model.ckpt-3.asyncckpt-tmp-a",
+        ".checkpoint.asyncckpt-tmp-b",
+        ".model.ckpt.asyncckpt-tmp-c",
+    ]
+    theirs = [".input.ckpt-3.asyncckpt-tmp-d", ".checkpoint_input.asyncckpt-tmp-e"]
+    _plant(ckpt_dir, ours + theirs)
+    await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+    assert sorted(temp_files(ckpt_dir)) == sorted(theirs)
+
+
+def test_prune_removes_only_the_leftovers_of_what_its_state_file_lists(ckpt_dir: Path) -> None:
+    async def build() -> None:
+        async with (
+            CheckpointManager(ckpt_dir) as model,
+            input_manager(ckpt_dir) as data,
+        ):
+            for step in (1, 2, 3):
+                await model.save(make_state(step), step)
+                await data.save({"position": step}, step)
+
+    anyio.run(build)
+    theirs = [".input.ckpt-4.asyncckpt-tmp-a", ".checkpoint_input.asyncckpt-tmp-b"]
+    _plant(ckpt_dir, [".model.ckpt-4.asyncckpt-tmp-c", ".checkpoint.asyncckpt-tmp-d", *theirs])
+    (ckpt_dir / "model.ckpt-1").unlink()  # the state file names a missing file: rebuilt
+    kept, deleted = prune(str(ckpt_dir), keep=1)
+    assert (kept, deleted) == (["model.ckpt-3"], ["model.ckpt-2"])
+    assert sorted(temp_files(ckpt_dir)) == sorted(theirs)
+    input_state = get_checkpoint_state(ckpt_dir, "checkpoint_input")
+    assert input_state is not None
+    assert input_state.names == ("input.ckpt-1", "input.ckpt-2", "input.ckpt-3")
+    assert all((ckpt_dir / name).exists() for name in input_state.names)

@@ -24,6 +24,7 @@ from asyncckpt import (
     CheckpointManagerStatistics,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    latest_checkpoint,
 )
 from asyncckpt.cli import main as cli_main
 from asyncckpt.testing import FaultyStorage, StorageStall
@@ -756,3 +757,25 @@ def test_manager_is_created_outside_an_event_loop(tmp_path: Path) -> None:
         return manager.all_steps()
 
     assert anyio.run(use) == [1]
+
+
+async def test_latest_filename_names_the_managers_own_state_file(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, basename="input.ckpt", latest_filename="checkpoint_input")
+    assert manager.latest_filename == "checkpoint_input"
+    async with manager:
+        await manager.save(make_state(1), 1)
+    assert latest_checkpoint(tmp_path) is None
+    assert latest_checkpoint(tmp_path, "checkpoint_input") == str(tmp_path / "input.ckpt-1")
+    async with CheckpointManager(
+        tmp_path, basename="input.ckpt", latest_filename="checkpoint_input"
+    ) as reopened:
+        assert (reopened.latest_step(), reopened.all_steps()) == (1, [1])
+        assert_state(await reopened.restore(), 1)
+    async with CheckpointManager(tmp_path) as model:  # the default state file lists nothing
+        assert model.latest_step() is None
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
+def test_a_bad_latest_filename_fails_at_construction(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="latest_filename"):
+        CheckpointManager(tmp_path, latest_filename=name)

@@ -12,7 +12,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import anyio.lowlevel
 
+from .._saver import STATE_FILENAME
 from .._summary._proto import SessionLog
 from .._util import call_maybe_async
 from .._writer import CheckpointManager, Policy, SaveOutcome
@@ -64,7 +66,8 @@ class CheckpointSaverHook(SessionRunHook):
         checkpoint_dir: where checkpoints go.
         save_secs: save every this many seconds (exactly one of ``save_secs``/``save_steps``).
         save_steps: save every this many steps.
-        saver: a ``Saver`` whose ``max_to_keep`` / ``keep_checkpoint_every_n_hours`` apply.
+        saver: a ``Saver`` whose ``max_to_keep``, ``keep_checkpoint_every_n_hours`` and
+            ``latest_filename`` (the state file) apply.
         checkpoint_basename: files are ``<checkpoint_basename>-<step>``.
         scaffold: where to find the saver instead (not together with ``saver``).
         listeners: ``CheckpointSaverListener`` instances, called in order.
@@ -116,6 +119,7 @@ class CheckpointSaverHook(SessionRunHook):
             "max_pending": max_pending,
             "policy": policy,
             "stop_grace_period_secs": stop_grace_period_secs,
+            "latest_filename": saver.latest_filename if saver is not None else STATE_FILENAME,
         }
         # Fail on bad arguments now, not when the session starts.
         CheckpointManager(**self._manager_args)
@@ -159,6 +163,15 @@ class CheckpointSaverHook(SessionRunHook):
 
     async def after_create_session(self, session: SessionLike, coord: CoordinatorLike) -> None:
         """Open the manager (first time only), then save the starting step."""
+        await self._open(session, coord)
+        await self._save(session, session.global_step)
+
+    async def _open(self, session: SessionLike, coord: CoordinatorLike) -> CheckpointManager:
+        """Open the manager (first time only) and start the timer at the session's step.
+
+        The first half of ``after_create_session``, for hooks built on this one: the input
+        pipeline hook restores through the manager before it decides whether to save.
+        """
         self._coord = coord
         self._session = session
         if self._manager is None:
@@ -170,9 +183,9 @@ class CheckpointSaverHook(SessionRunHook):
             coord.start_soon(self._own_manager, ready)
             coord.start_soon(self._deliver_outcomes)
             await ready.wait()
-        step = session.global_step
-        self._timer.update_last_triggered_step(step)
-        await self._save(session, step)
+        assert self._manager is not None
+        self._timer.update_last_triggered_step(session.global_step)
+        return self._manager
 
     def after_run(
         self, run_context: SessionRunContext, run_values: SessionRunValues
@@ -253,6 +266,10 @@ class CheckpointSaverHook(SessionRunHook):
                 assert self._outcome_arrived is not None
                 await self._outcome_arrived.wait()
                 continue
+            # Woken in the instant the session was cancelled (trio runs the wakeups of one
+            # batch in any order): the summary writer may be closed already, and listeners
+            # must not hear of saves after the session's end; stop here instead.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             outcome = self._outcomes.popleft()
             self._delivering = True
             if outcome.written and self._summary_writer is not None:

@@ -19,6 +19,7 @@ from .._errors import OutOfRangeError, PreemptedError
 from .._hooks._base import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
 from .._hooks._basic import StepCounterHook
 from .._hooks._checkpoint import CheckpointSaverHook
+from .._hooks._input import input_pipeline_listeners
 from .._hooks._summary import SummarySaverHook
 from .._util import single_exception
 from ._coordinator import Coordinator
@@ -429,6 +430,10 @@ class MonitoredTrainingSession(MonitoredSession):
                         save_secs=ckpt_secs or None,
                         save_steps=ckpt_steps or None,
                         scaffold=scaffold,
+                        # Input pipeline hooks without a schedule save with each checkpoint.
+                        listeners=input_pipeline_listeners(
+                            [*(chief_only_hooks or ()), *(hooks or ())]
+                        ),
                         stop_grace_period_secs=stop_grace_period_secs,
                     )
                 )
