@@ -126,20 +126,24 @@ def _fsync_dir(directory: str, renamed: str | None = None) -> None:
         os.close(fd)
 
 
-def _open_temp_sync(final_path: str) -> tuple[io.BufferedWriter, str]:
-    directory, name = os.path.split(final_path)
-    temp_path = os.path.join(directory, f".{name}{TEMP_MARKER}{secrets.token_hex(6)}")
-    _check("open", temp_path)
+def _create_exclusive(path: str) -> io.BufferedWriter:
+    _check("open", path)
     # O_EXCL|O_NOFOLLOW: never write through a planted symlink or into someone else's file.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temp_path, flags, 0o644)
+    fd = os.open(path, flags, 0o644)
     try:
         raw = _CheckedFileIO(fd, "wb", closefd=True)
     except BaseException:
         os.close(fd)
         raise
-    raw.check_path = temp_path
-    return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER), temp_path
+    raw.check_path = path
+    return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER)
+
+
+def _open_temp_sync(final_path: str) -> tuple[io.BufferedWriter, str]:
+    directory, name = os.path.split(final_path)
+    temp_path = os.path.join(directory, f".{name}{TEMP_MARKER}{secrets.token_hex(6)}")
+    return _create_exclusive(temp_path), temp_path
 
 
 def _commit_sync(file: io.BufferedWriter, temp_path: str, final_path: str) -> None:
@@ -571,18 +575,8 @@ class AppendFile:
 
 
 def _create_new_sync(path: str) -> io.BufferedWriter:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    _check("open", path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o644)
-    try:
-        raw = _CheckedFileIO(fd, "wb", closefd=True)
-    except BaseException:
-        os.close(fd)
-        raise
-    raw.check_path = path
-    return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return _create_exclusive(path)
 
 
 async def create_new_file(path: str) -> AppendFile:
