@@ -147,7 +147,10 @@ def parse_state(data: bytes, directory: str, source: str) -> CheckpointState:
             else:
                 names.append(name)
         elif key in ("all_model_checkpoint_timestamps", "last_preserved_timestamp") and number:
-            value = float(number)
+            try:
+                value = float(number)
+            except ValueError:  # the pattern admits "1.2.3", "+-", "e"
+                raise CheckpointFormatError(source, f"unreadable number in {key}") from None
             if not math.isfinite(value):
                 raise CheckpointFormatError(source, f"non-finite timestamp in {key}")
             if key == "last_preserved_timestamp":

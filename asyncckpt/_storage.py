@@ -227,14 +227,20 @@ def read_small_file(path: str) -> bytes | None:
     try:
         # Checked before wrapping: open() on a directory's descriptor raises a bare
         # IsADirectoryError (and would leak the descriptor).
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise CheckpointNotFoundError(path, "not a regular file")
         file = open(fd, "rb")  # noqa: SIM115 - closed just below
     except BaseException:
         os.close(fd)
         raise
     with file:
-        return file.read(MAX_SMALL_FILE + 1)
+        # Sized by the file, not the limit: read(n) allocates n bytes up front, and every
+        # latest_checkpoint() would otherwise allocate 16 MiB for a file of a few hundred.
+        data = file.read(min(info.st_size, MAX_SMALL_FILE) + 1)
+        if len(data) > info.st_size:  # it grew while being read: read on, still bounded
+            data += file.read(MAX_SMALL_FILE + 1 - len(data))
+        return data
 
 
 def list_names(directory: str) -> list[str]:

@@ -1,0 +1,410 @@
+"""Cancellation at every await point of a restore, a summary write and a session's final save.
+
+Each test cancels the task that owns the work at the k-th await point or storage call, then
+checks that the cancellation propagates (the code after it never runs), that no task is left
+running, and that the directory is as good as before: the latest checkpoint restores,
+``asyncckpt verify`` passes, and no temporary file is left once the directory is opened again.
+
+Restores are cut at each of their awaits (the open, each positional read, the checksum pass)
+by wrapping ``_storage``'s read layer; writes are held with ``FaultyStorage.stall()``, so
+exactly the chosen storage call is in progress when the cancellation arrives. Nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import numpy as np
+import pytest
+
+from asyncckpt import (
+    CheckpointManager,
+    CheckpointSaverHook,
+    MonitoredTrainingSession,
+    Saver,
+    Scaffold,
+    SummaryWriter,
+    _storage,
+    latest_checkpoint,
+    summary,
+)
+from asyncckpt._summary._proto import encode_event
+from asyncckpt._summary._records import iter_records
+from asyncckpt.cli import main as cli_main
+from asyncckpt.testing import FakeClock, FaultyStorage, StorageStall
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    from anyio.abc import TaskStatus
+
+pytestmark = pytest.mark.anyio
+
+WALL = 1_795_210_956.5
+
+
+@pytest.fixture
+def storage() -> Iterator[FaultyStorage]:
+    with FaultyStorage() as faults:
+        yield faults
+
+
+def task_ids() -> set[int]:
+    return {task.id for task in anyio.get_running_tasks()}
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [name for name in os.listdir(directory) if "asyncckpt-tmp" in name]
+
+
+def verify_exit(directory: Path) -> int:
+    return cli_main(["verify", str(directory)], out=io.StringIO())
+
+
+def make_state(step: int) -> dict[str, Any]:
+    # "big" is read straight into its array (readinto); "small" and "tail" share one read.
+    return {
+        "big": np.full(70_000, step, np.float32),
+        "small": np.arange(10, dtype=np.int64) * step,
+        "tail": np.array([step], np.float64),
+        "step": step,
+    }
+
+
+def assert_state(tree: Any, step: int) -> None:
+    expected = make_state(step)
+    assert tree.keys() == expected.keys()
+    for key in ("big", "small", "tail"):
+        np.testing.assert_array_equal(tree[key], expected[key])
+    assert tree["step"] == step
+
+
+async def restore_latest(directory: Path) -> tuple[int | None, Any]:
+    """Open a fresh manager (which removes stray temp files): its latest step and tree."""
+    async with CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        tree = await manager.restore() if step is not None else None
+    return step, tree
+
+
+async def directory_is_sound(directory: Path, step: int) -> None:
+    latest, tree = await restore_latest(directory)
+    assert latest == step
+    assert_state(tree, step)
+    assert temp_files(directory) == []
+    assert verify_exit(directory) == 0
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+
+class CancelAtPoint:
+    """Wrap the streaming reader's awaits; cancel ``scope`` just before the k-th one runs."""
+
+    def __init__(self, k: int | None) -> None:
+        self.k = k
+        self.points: list[str] = []
+        self.scope = anyio.CancelScope()
+
+    def point(self, name: str) -> None:
+        if len(self.points) == self.k:
+            self.scope.cancel()
+        self.points.append(name)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        open_for_read = _storage.open_for_read
+        read, readinto, run_sync = (
+            _storage.ReadFile.read,
+            _storage.ReadFile.readinto,
+            _storage.ReadFile.run_sync,
+        )
+
+        @contextlib.asynccontextmanager
+        async def counted_open(
+            path: str, *, limiter: anyio.CapacityLimiter | None = None
+        ) -> AsyncIterator[_storage.ReadFile]:
+            self.point("open")
+            async with open_for_read(path, limiter=limiter) as file:
+                yield file
+
+        async def counted_read(file: _storage.ReadFile, offset: int, size: int) -> bytes:
+            self.point("read")
+            return await read(file, offset, size)
+
+        async def counted_readinto(file: _storage.ReadFile, offset: int, buffer: Any) -> int:
+            self.point("readinto")
+            return await readinto(file, offset, buffer)
+
+        async def counted_run_sync(file: _storage.ReadFile, fn: Any, *args: Any) -> Any:
+            self.point("checksums")
+            return await run_sync(file, fn, *args)
+
+        monkeypatch.setattr(_storage, "open_for_read", counted_open)
+        monkeypatch.setattr(_storage.ReadFile, "read", counted_read)
+        monkeypatch.setattr(_storage.ReadFile, "readinto", counted_readinto)
+        monkeypatch.setattr(_storage.ReadFile, "run_sync", counted_run_sync)
+
+
+# The awaits of a streaming restore of make_state(): open, prelude, header, the padding before
+# "big", "big" itself, the one read of "small" and "tail", then the checksums.
+_RESTORE_POINTS = ["open", "read", "read", "read", "readinto", "read", "checksums"]
+
+
+async def _saved(directory: Path, steps: tuple[int, ...] = (1,)) -> None:
+    async with CheckpointManager(directory) as manager:
+        for step in steps:
+            await manager.save(make_state(step), step)
+
+
+async def test_a_restore_awaits_at_the_points_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _saved(tmp_path)
+    points = CancelAtPoint(None)
+    points.install(monkeypatch)
+    assert_state(await Saver().restore(tmp_path / "model.ckpt-1"), 1)
+    assert points.points == _RESTORE_POINTS
+
+
+@pytest.mark.parametrize("via", ["saver", "manager"])
+@pytest.mark.parametrize("into", [False, True], ids=["fresh", "into"])
+@pytest.mark.parametrize(
+    "k", range(len(_RESTORE_POINTS)), ids=[f"{i}-{p}" for i, p in enumerate(_RESTORE_POINTS)]
+)
+async def test_cancel_at_each_await_of_a_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, k: int, via: str, into: bool
+) -> None:
+    await _saved(tmp_path, (1, 2))
+    points = CancelAtPoint(k)
+    progress: list[str] = []
+    target = make_state(0) if into else None
+    before = task_ids()
+
+    async def owner() -> None:
+        with points.scope:
+            if via == "saver":
+                await Saver().restore(tmp_path / "model.ckpt-2", target)
+            else:
+                async with CheckpointManager(tmp_path) as manager:
+                    await manager.restore(into=target)
+            progress.append("restored")  # must not run: the cancellation propagates
+        progress.append("exited")
+
+    points.install(monkeypatch)
+    with anyio.fail_after(5):
+        await owner()
+    monkeypatch.undo()
+    assert points.points[-1] == _RESTORE_POINTS[k]  # cut exactly there: nothing ran after
+    assert points.scope.cancelled_caught
+    assert progress == ["exited"]
+    assert task_ids() == before
+    await directory_is_sound(tmp_path, 2)
+
+
+@pytest.mark.parametrize("via", ["saver", "manager"])
+async def test_cancel_a_mapped_restore_while_the_file_is_opened(
+    tmp_path: Path, storage: FaultyStorage, via: str
+) -> None:
+    # The mapped path is one worker-thread hop; the cancellation waits for the thread and
+    # then propagates, leaving no mapping or task behind.
+    await _saved(tmp_path, (1, 2))
+    scope = anyio.CancelScope()
+    progress: list[str] = []
+    before = task_ids()
+
+    async def owner(*, task_status: TaskStatus[StorageStall]) -> None:
+        with scope:
+            stall = storage.stall("open", match="model.ckpt-2")
+            task_status.started(stall)
+            if via == "saver":
+                await Saver().restore(tmp_path / "model.ckpt-2", mmap=True)
+            else:
+                async with CheckpointManager(tmp_path) as manager:
+                    await manager.restore(mmap=True)
+            await anyio.lowlevel.checkpoint()
+            progress.append("after")  # must not run
+        progress.append("exited")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            stall = await tg.start(owner)
+            await stall.wait_reached()
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert progress == []  # the held worker thread is waited for, never abandoned
+            stall.release()
+    assert scope.cancelled_caught
+    assert progress == ["exited"]
+    assert task_ids() == before
+    await directory_is_sound(tmp_path, 2)
+
+
+# -- SummaryWriter ------------------------------------------------------------------------------
+
+
+def records(path: str) -> list[bytes]:
+    """Every record of an event file, each one's CRCs checked (a torn record fails)."""
+    return list(iter_records(Path(path).read_bytes()))
+
+
+def scalar_event(tag: str, value: float, step: int) -> bytes:
+    return encode_event(wall_time=WALL, step=step, values=[summary.scalar(tag, value)])
+
+
+def header_event() -> bytes:
+    return encode_event(wall_time=WALL, file_version="brain.Event:2", source_writer="asyncckpt")
+
+
+# A writer that adds two events, flushes, adds a third, then is closed by the cancellation:
+# creating the file, writing its first record, the flushed two events, the last one at close.
+_SUMMARY_OPS = ["open", "write", "write", "write"]
+_SUMMARY_CALLS_BEFORE_CLOSE = 3
+
+
+async def test_a_summary_writer_makes_these_storage_calls(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
+    async with SummaryWriter(tmp_path, clock=FakeClock(WALL)) as w:
+        await w.add_scalar("loss", 0.0, 0)
+        await w.add_scalar("loss", 1.0, 1)
+        await w.flush()
+        await w.add_scalar("loss", 2.0, 2)
+    assert [op for op, path in storage.calls if "tfevents" in path] == _SUMMARY_OPS
+
+
+@pytest.mark.parametrize(
+    "k", range(len(_SUMMARY_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(_SUMMARY_OPS)]
+)
+async def test_cancel_a_summary_writers_owner_at_each_storage_call(
+    tmp_path: Path, storage: FaultyStorage, k: int
+) -> None:
+    scope = anyio.CancelScope()
+    accepted: list[int] = []
+    progress: list[str] = []
+    stall = storage.stall(match="tfevents", skip=k)
+    paths: list[str] = []
+    idle = anyio.Event()
+    before = task_ids()
+
+    async def owner() -> None:
+        with scope:
+            w = SummaryWriter(tmp_path, clock=FakeClock(WALL))
+            paths.append(w.path)
+            async with w:
+                for step in (0, 1):
+                    await w.add_scalar("loss", float(step), step)
+                    accepted.append(step)
+                await w.flush()
+                await w.add_scalar("loss", 2.0, 2)
+                accepted.append(2)
+                progress.append("idle")
+                idle.set()
+                await anyio.sleep_forever()
+            progress.append("after the block")  # must not run
+        progress.append("exited")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner)
+            if k < _SUMMARY_CALLS_BEFORE_CLOSE:
+                op, _path = await stall.wait_reached()
+                scope.cancel()
+            else:  # the last call is the flush of the close the cancellation starts
+                await idle.wait()
+                scope.cancel()
+                op, _path = await stall.wait_reached()
+            assert op == _SUMMARY_OPS[k]
+            await anyio.wait_all_tasks_blocked()
+            assert "exited" not in progress  # the held write is waited for
+            stall.release()
+    assert scope.cancelled_caught
+    assert progress[-1] == "exited"
+    assert "after the block" not in progress
+    assert task_ids() == before
+    # Every accepted event is on disk, whole, after the file's first record.
+    assert records(paths[0]) == [
+        header_event(),
+        *(scalar_event("loss", float(s), s) for s in accepted),
+    ]
+
+
+# -- MonitoredTrainingSession: the final save of end() --------------------------------------------
+
+
+def step_fn(state: dict[str, Any]) -> dict[str, float]:
+    state["big"] += 1.0
+    state["small"] += np.arange(10, dtype=np.int64)
+    state["tail"] += 1.0
+    state["step"] += 1
+    return {"loss": float(state["step"])}
+
+
+# The final save into a directory holding checkpoint 0, with max_to_keep=1: the checkpoint
+# file, the state file, then the deletion of checkpoint 0 (as in test_writer.py).
+_SAVE_OPS = [
+    "open", "write", "fsync", "rename", "fsync_dir",
+    "open", "write", "fsync", "rename", "fsync_dir",
+    "unlink", "fsync_dir",
+]  # fmt: skip
+_STATE_FILE_FIRST_CALL = 5
+_FINAL_STEP = 3
+
+
+@pytest.mark.parametrize("grace", [0.0, 120.0], ids=["no-grace", "grace"])
+@pytest.mark.parametrize(
+    "k", range(len(_SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(_SAVE_OPS)]
+)
+async def test_cancel_during_the_final_save_of_a_closing_session(
+    tmp_path: Path, storage: FaultyStorage, k: int, grace: float
+) -> None:
+    scope = anyio.CancelScope()
+    progress: list[str] = []
+    before = task_ids()
+
+    async def owner(*, task_status: TaskStatus[StorageStall]) -> None:
+        with scope:
+            async with MonitoredTrainingSession(
+                make_state(0),
+                step_fn,
+                checkpoint_dir=tmp_path,
+                save_checkpoint_steps=1000,  # only the first save and the final one
+                save_summaries_steps=None,
+                log_step_count_steps=None,
+                scaffold=Scaffold(saver=Saver(max_to_keep=1)),
+                stop_grace_period_secs=grace,
+            ) as sess:
+                for _ in range(_FINAL_STEP):
+                    await sess.run()
+                (hook,) = [h for h in sess.hooks if isinstance(h, CheckpointSaverHook)]
+                assert hook.manager is not None
+                await hook.manager.wait()  # checkpoint 0 is written
+                task_status.started(storage.stall(skip=k))  # the k-th call of the final save
+                progress.append("closing")
+            progress.append("after the block")  # must not run: the cancellation propagates
+        progress.append("exited")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            stall = await tg.start(owner)
+            op, _path = await stall.wait_reached()
+            assert op == _SAVE_OPS[k]
+            assert progress == ["closing"]  # in end(), saving step 3
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()  # the exit waits on the held worker thread
+            assert progress == ["closing"]
+            stall.release()
+    assert scope.cancelled_caught
+    assert progress == ["closing", "exited"]
+    assert task_ids() == before
+    assert temp_files(tmp_path) == []
+    # Without a grace period the save is abandoned where it was: until the state file is
+    # replaced, 0 stays the latest. With one, the snapshot end() took is written to the end.
+    expected = _FINAL_STEP if grace or k >= _STATE_FILE_FIRST_CALL else 0
+    assert latest_checkpoint(tmp_path) == str(tmp_path / f"model.ckpt-{expected}")
+    await directory_is_sound(tmp_path, expected)
