@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 
@@ -488,6 +489,36 @@ async def test_a_failed_background_write_is_raised_at_the_next_step_boundary(
     assert latest_checkpoint(tmp_path) == ckpt(tmp_path, 0)
     assert (await restored(ckpt(tmp_path, 0)))["step"] == 0
     assert "model.ckpt-2" not in os.listdir(tmp_path)
+
+
+async def test_on_write_error_log_keeps_training_and_retries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = RecordingListener()
+    hook = CheckpointSaverHook(tmp_path, save_steps=2, listeners=[listener], on_write_error="log")
+    recorder = RecordingHook()
+
+    async def step(state: dict[str, Any]) -> dict[str, float]:
+        await anyio.lowlevel.checkpoint()  # lets the writer finish between steps
+        return step_fn(state)
+
+    with FaultyStorage() as faults:
+        faults.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+        async with session(tmp_path, [hook, recorder], step) as sess:
+            await run_steps(sess, 5)
+    # The failed save was logged, training went on, and later saves and end() happened.
+    assert [r.levelname for r in caplog.records if "model.ckpt-2" in r.getMessage()] == ["ERROR"]
+    assert steps_of(recorder.calls, "end") == [5]
+    assert steps_of(listener.calls, "before_save") == [0, 2, 4, 5]
+    assert steps_of(listener.calls, "after_save") == [0, 4, 5]
+    assert steps_of(listener.calls, "end") == [5]
+    assert latest_checkpoint(tmp_path) == ckpt(tmp_path, 5)
+    assert "model.ckpt-2" not in os.listdir(tmp_path)
+
+
+def test_on_write_error_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="on_write_error"):
+        CheckpointSaverHook(tmp_path, save_steps=1, on_write_error="ignore")  # type: ignore[arg-type]
 
 
 async def test_a_failed_final_save_fails_the_exit(tmp_path: Path) -> None:

@@ -6,14 +6,17 @@ snapshots, the queue and the files.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
 
+from .._errors import CheckpointWriteError
 from .._saver import STATE_FILENAME
 from .._summary._proto import SessionLog
 from .._util import call_maybe_async
@@ -30,11 +33,14 @@ from ._summary import summary_writer_for
 from ._timer import SecondOrStepTimer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
     from .._errors import CheckpointError
     from .._saver import Saver
     from .._summary._writer import SummaryWriter
+
+logger = logging.getLogger("asyncckpt")
+T = TypeVar("T")
 
 __all__ = ["CheckpointSaverHook"]
 
@@ -60,7 +66,9 @@ class CheckpointSaverHook(SessionRunHook):
     dropped. A hook may serve several sessions in turn: ``begin()`` starts it afresh.
 
     A failed write is raised from the next step's ``after_run`` (so ``end()`` is not called
-    and the session ends with the error); the previous checkpoint stays the latest.
+    and the session ends with the error); the previous checkpoint stays the latest. With
+    ``on_write_error="log"`` it is logged instead (once, on the ``asyncckpt`` logger) and
+    training goes on; the next save tries again.
 
     Args:
         checkpoint_dir: where checkpoints go.
@@ -75,11 +83,13 @@ class CheckpointSaverHook(SessionRunHook):
         policy: ``"block"``, ``"skip"`` or ``"replace"`` when they are all waiting.
         stop_grace_period_secs: on an exceptional exit, how long taken snapshots are still
             written.
+        on_write_error: ``"raise"`` (end the session at the next step boundary) or
+            ``"log"`` (log and keep training).
         clock: the monotonic clock of the timer (inject a fake in tests).
 
     Raises:
         ValueError: not exactly one of ``save_steps`` / ``save_secs``; both ``saver`` and
-            ``scaffold``.
+            ``scaffold``; an unknown ``on_write_error``.
     """
 
     def __init__(
@@ -95,10 +105,14 @@ class CheckpointSaverHook(SessionRunHook):
         max_pending: int = 1,
         policy: Policy = "block",
         stop_grace_period_secs: float = 120.0,
+        on_write_error: Literal["raise", "log"] = "raise",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if (save_secs is None) == (save_steps is None):
             raise ValueError("pass exactly one of save_steps= or save_secs=")
+        if on_write_error not in ("raise", "log"):
+            raise ValueError(f'on_write_error must be "raise" or "log", not {on_write_error!r}')
+        self._log_write_errors = on_write_error == "log"
         if saver is not None and scaffold is not None:
             raise ValueError("pass saver= or scaffold=, not both")
         listeners = list(listeners or ())
@@ -216,7 +230,7 @@ class CheckpointSaverHook(SessionRunHook):
                 self._final_step = step
                 self._timer.update_last_triggered_step(step)
                 await self._save(session, step)
-            await manager.wait()
+            await self._reported(manager.wait)
             while self._outcomes or self._delivering:
                 assert self._outcome_arrived is not None
                 await self._outcome_arrived.wait()
@@ -233,13 +247,30 @@ class CheckpointSaverHook(SessionRunHook):
         assert self._coord is not None
         for listener in self._listeners:
             await call_maybe_async(listener.before_save, session, step)
-        if await self._manager.save(session.state, step):
+        if await self._reported(partial(self._manager.save, session.state, step)):
             self._saved_step = step
             self._coord.pending_started()
 
+    async def _reported(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Await a manager call. When write errors are logged, one that the manager raises
+        (it reports each error once) was logged when it happened: call again."""
+        while True:
+            try:
+                return await call()
+            except CheckpointWriteError:
+                if not self._log_write_errors:
+                    raise
+
     def _settled(self, outcome: SaveOutcome) -> None:
         # Runs on the loop inside the writer task: only record, never await.
-        if outcome.error is not None:
+        if outcome.error is not None and self._log_write_errors:
+            logger.error(
+                "checkpoint %s failed: %s; training goes on and the previous checkpoint "
+                "stays the latest",
+                outcome.path,
+                outcome.error,
+            )
+        elif outcome.error is not None:
             self._failure = outcome.error
         self._outcomes.append(outcome)
         self._wake()
