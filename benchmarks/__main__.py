@@ -1,24 +1,32 @@
-"""Measure save stall, durable time and restore against the physical floors, in one run.
+"""Measure asyncckpt against the physical floors and against peer libraries, in one run.
 
 Every figure is the median of ``--repeats`` runs with min and max; every comparison is a ratio
-to a floor measured in the same run (absolute times are not comparable across runs here).
-Results: JSON on stdout or ``--json PATH``, and a Markdown table with ``--markdown PATH``.
+to a floor or a peer measured in the same run (absolute times are not comparable across runs).
+Results: JSON on stdout or ``--json PATH``, and Markdown tables with ``--markdown PATH``.
 
-Floors: ``copy`` (np.copyto into preallocated buffers, one thread), ``write+fsync`` (the same
-bytes written sequentially to one file and fsynced), ``readinto`` (reading them back into
-preallocated arrays from the page cache).
+Floors: ``copy_1t`` / ``copy_all`` (np.copyto into preallocated buffers, one thread / all cores
+through a thread pool), ``write+fsync`` (the bytes written sequentially to one file, fsynced),
+``readinto_warm`` / ``readinto_cold`` (read back into preallocated arrays from the page cache /
+after posix_fadvise(DONTNEED)).
+
+Peers (each "skipped: <reason>" when not importable): pickle, np.savez, safetensors.numpy,
+torch.save; tensorboardX add_scalar against asyncckpt's SummaryWriter.add_scalar.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,23 +34,57 @@ import numpy as np
 
 import asyncckpt
 
+from . import _peers
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+State = dict[str, np.ndarray[Any, Any]]
+
+# name -> groups of (count, bytes per array)
+CASES: dict[str, list[tuple[int, int]]] = {
+    "256MiB": [(64, 256 * MiB // 64)],
+    "1GiB": [(64, GiB // 64)],
+    "many-small": [(10_000, 4096), (4, 16 * MiB)],
+}
+SMOKE_CASES: dict[str, list[tuple[int, int]]] = {
+    "smoke-1MiB": [(8, MiB // 8)],
+    "smoke-small": [(100, 4096), (2, 64 * 1024)],
+}
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
-def _state(total_bytes: int, arrays: int) -> dict[str, np.ndarray[Any, Any]]:
-    per_array = max(total_bytes // arrays // 4, 1)
+def _state(groups: list[tuple[int, int]]) -> State:
     rng = np.random.default_rng(0)
-    return {f"a{i:05d}": rng.standard_normal(per_array, dtype=np.float32) for i in range(arrays)}
+    return {
+        f"g{group}_{i:05d}": rng.standard_normal(max(nbytes // 4, 1), dtype=np.float32)
+        for group, (count, nbytes) in enumerate(groups)
+        for i in range(count)
+    }
 
 
-def _floor_copy(state: dict[str, np.ndarray[Any, Any]]) -> Callable[[], None]:
+def _drop_cache(path: str) -> None:
+    """Make ``path`` cold: fsync (dirty pages are not dropped), then POSIX_FADV_DONTNEED."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _drop_tree(directory: str) -> None:
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            _drop_cache(os.path.join(root, name))
+
+
+def _floor_copy(state: State) -> Callable[[], None]:
     buffers = {k: np.empty_like(v) for k, v in state.items()}
 
     def run() -> None:
@@ -52,7 +94,32 @@ def _floor_copy(state: dict[str, np.ndarray[Any, Any]]) -> Callable[[], None]:
     return run
 
 
-def _floor_write(state: dict[str, np.ndarray[Any, Any]], path: str) -> Callable[[], None]:
+def _floor_copy_all(
+    state: State, pool: concurrent.futures.ThreadPoolExecutor
+) -> Callable[[], None]:
+    """Split the arrays into one bin per worker, balanced by bytes; np.copyto releases the GIL."""
+    workers = os.cpu_count() or 1
+    bins: list[list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]] = [
+        [] for _ in range(workers)
+    ]
+    loads = [0] * workers
+    for value in sorted(state.values(), key=lambda v: -v.nbytes):
+        slot = loads.index(min(loads))
+        bins[slot].append((np.empty_like(value), value))
+        loads[slot] += value.nbytes
+
+    def copy_bin(pairs: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> None:
+        for dst, src in pairs:
+            np.copyto(dst, src)
+
+    def run() -> None:
+        for future in [pool.submit(copy_bin, b) for b in bins]:
+            future.result()
+
+    return run
+
+
+def _floor_write(state: State, path: str) -> Callable[[], None]:
     def run() -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -65,48 +132,49 @@ def _floor_write(state: dict[str, np.ndarray[Any, Any]], path: str) -> Callable[
     return run
 
 
-def _floor_read(state: dict[str, np.ndarray[Any, Any]], path: str) -> Callable[[], None]:
+def _floor_read(state: State, path: str) -> Callable[[], None]:
     targets = [np.empty_like(v) for v in state.values()]
 
     def run() -> None:
         with open(path, "rb", buffering=0) as file:
             for target in targets:
-                file.readinto(target.data)  # type: ignore[attr-defined]
+                file.readinto(target.data)
 
     return run
 
 
-def _time_sync(fn: Callable[[], None], repeats: int) -> list[float]:
+def _time_sync(
+    fn: Callable[[], None], repeats: int, setup: Callable[[], None] | None = None
+) -> list[float]:
     fn()  # warm: page cache, buffers
     samples = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
     return samples
 
 
-async def _time_async(fn: Callable[[], Awaitable[None]], repeats: int) -> list[float]:
+async def _time_async(
+    fn: Callable[[], Awaitable[None]], repeats: int, setup: Callable[[], None] | None = None
+) -> list[float]:
     await fn()
     samples = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         await fn()
         samples.append(time.perf_counter() - start)
     return samples
 
 
-async def _case(
-    name: str, total_bytes: int, arrays: int, repeats: int, workdir: str
-) -> dict[str, Any]:
-    state = _state(total_bytes, arrays)
-    raw_path = os.path.join(workdir, "raw.bin")
-    results: dict[str, Any] = {"case": name, "bytes": total_bytes, "arrays": arrays}
-    results["floor_copy_s"] = _summary(_time_sync(_floor_copy(state), repeats))
-    results["floor_write_fsync_s"] = _summary(_time_sync(_floor_write(state, raw_path), repeats))
-    results["floor_readinto_s"] = _summary(_time_sync(_floor_read(state, raw_path), repeats))
-
-    directory = os.path.join(workdir, name)
+async def _save_loop(
+    directory: str, state: State, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(durable, stall): save -> wait, and the time save() itself blocked the loop."""
     stalls: list[float] = []
     step = 0
     async with asyncckpt.CheckpointManager(directory, max_to_keep=2) as manager:
@@ -119,8 +187,58 @@ async def _case(
             stalls.append(time.perf_counter() - start)
             await manager.wait()
 
-        results["durable_s"] = _summary(await _time_async(durable, repeats))
-        results["stall_s"] = _summary(stalls[1:])
+        samples = await _time_async(durable, repeats)
+    return _summary(samples), _summary(stalls[1:])
+
+
+def _rss(groups: list[tuple[int, int]], workdir: str, runs: int) -> dict[str, Any]:
+    spec = ",".join(f"{c}:{n}" for c, n in groups)
+    samples: list[dict[str, int]] = []
+    for i in range(runs):
+        directory = os.path.join(workdir, f"rss{i}")
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks._rss", spec, directory],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        samples.append(json.loads(out.stdout))
+    # Target: peak <= S + one snapshot + 64 MiB above the interpreter's own RSS.
+    over = [(s["peak"] - s["rss_before_state"] - 2 * s["state"]) / MiB for s in samples]
+    return {
+        "runs": runs,
+        "state_MiB": samples[0]["state"] / MiB,
+        "peak_MiB": _summary([s["peak"] / MiB for s in samples]),
+        "rss_before_state_MiB": _summary([s["rss_before_state"] / MiB for s in samples]),
+        "peak_minus_base_minus_2S_MiB": _summary(over),
+    }
+
+
+async def _case(
+    name: str,
+    groups: list[tuple[int, int]],
+    repeats: int,
+    workdir: str,
+    pool: concurrent.futures.ThreadPoolExecutor,
+    rss_runs: int,
+) -> dict[str, Any]:
+    state = _state(groups)
+    total = sum(v.nbytes for v in state.values())
+    raw_path = os.path.join(workdir, "raw.bin")
+    r: dict[str, Any] = {"case": name, "bytes": total, "arrays": len(state)}
+    t: dict[str, dict[str, float]] = {}
+    t["copy_1t"] = _summary(_time_sync(_floor_copy(state), repeats))
+    t["copy_all"] = _summary(_time_sync(_floor_copy_all(state, pool), repeats))
+    t["write+fsync"] = _summary(_time_sync(_floor_write(state, raw_path), repeats))
+    read = _floor_read(state, raw_path)
+    t["readinto_warm"] = _summary(_time_sync(read, repeats))
+    t["readinto_cold"] = _summary(_time_sync(read, repeats, lambda: _drop_cache(raw_path)))
+    os.remove(raw_path)
+
+    directory = os.path.join(workdir, name)
+    t["durable"], t["stall"] = await _save_loop(directory, state, repeats)
+    async with asyncckpt.CheckpointManager(directory, max_to_keep=2) as manager:
         into = {k: np.empty_like(v) for k, v in state.items()}
 
         async def restore_into() -> None:
@@ -129,78 +247,342 @@ async def _case(
         async def restore_mmap() -> None:
             await manager.restore(mmap=True, verify=False)
 
-        results["restore_into_s"] = _summary(await _time_async(restore_into, repeats))
-        results["restore_mmap_s"] = _summary(await _time_async(restore_mmap, repeats))
+        t["restore_into_warm"] = _summary(await _time_async(restore_into, repeats))
+        t["restore_into_cold"] = _summary(
+            await _time_async(restore_into, repeats, lambda: _drop_tree(directory))
+        )
+        t["restore_mmap"] = _summary(await _time_async(restore_mmap, repeats))
+
+    readonly = {k: v.copy() for k, v in state.items()}
+    for value in readonly.values():
+        value.flags.writeable = False
+    ro_durable, t["stall_readonly"] = await _save_loop(directory + "-ro", readonly, repeats)
+    del readonly, ro_durable
+
+    peers: dict[str, Any] = {}
+    for peer, (module, make) in _peers.PEERS.items():
+        reason = _peers.available(module)
+        if reason:
+            peers[peer] = f"skipped: {reason}"
+            continue
+        path = os.path.join(workdir, f"peer-{peer}")
+        try:
+            save, load = make(state, path)
+            peers[peer] = {
+                "save_fsync_s": _summary(_time_sync(save, repeats)),
+                "load_s": _summary(_time_sync(load, repeats)),
+            }
+        except Exception as exc:
+            peers[peer] = f"skipped: failed ({type(exc).__name__}: {exc})"
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    r["seconds"] = t
+    r["peers"] = peers
+    r["rss"] = _rss(groups, workdir, rss_runs)
 
     def ratio(a: str, b: str) -> float:
-        return float(results[a]["median"] / results[b]["median"])
+        return float(t[a]["median"] / t[b]["median"])
 
-    results["ratios"] = {
-        "stall / copy": ratio("stall_s", "floor_copy_s"),
-        "durable / write+fsync": ratio("durable_s", "floor_write_fsync_s"),
-        "restore_into / readinto": ratio("restore_into_s", "floor_readinto_s"),
+    ratios = {
+        "stall / copy_all": ratio("stall", "copy_all"),
+        "stall / copy_1t": ratio("stall", "copy_1t"),
+        "stall_readonly ms per GiB": t["stall_readonly"]["median"] * 1e3 * GiB / total,
+        "durable / write+fsync": ratio("durable", "write+fsync"),
+        "restore_into_warm / readinto_warm": ratio("restore_into_warm", "readinto_warm"),
+        "restore_into_cold / readinto_cold": ratio("restore_into_cold", "readinto_cold"),
     }
-    return results
+    for peer, figures in peers.items():
+        if isinstance(figures, dict):
+            ratios[f"durable / {peer} save"] = (
+                t["durable"]["median"] / figures["save_fsync_s"]["median"]
+            )
+            ratios[f"restore_into_warm / {peer} load"] = (
+                t["restore_into_warm"]["median"] / figures["load_s"]["median"]
+            )
+    r["ratios"] = ratios
+    return r
+
+
+class _AfterRunHook(asyncckpt.SessionRunHook):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def after_run(self, run_context: Any, run_values: Any) -> None:
+        self.calls += 1
+
+
+async def _step_overhead(steps: int, repeats: int, workdir: str) -> dict[str, Any]:
+    """Per-step cost of MonitoredTrainingSession (default hooks + one after_run hook)."""
+    state = {"w": np.zeros(4, dtype=np.float32)}
+
+    async def step_fn(state: State) -> None:
+        return None
+
+    bare: list[float] = []
+    session: list[float] = []
+    for i in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        for _ in range(steps):
+            await step_fn(state)
+        bare_s = time.perf_counter() - start
+        async with asyncckpt.MonitoredTrainingSession(
+            state,
+            step_fn,
+            checkpoint_dir=os.path.join(workdir, f"mts{i}"),
+            save_checkpoint_steps=10**9,
+            save_checkpoint_secs=None,
+            save_summaries_steps=10**9,
+            save_summaries_secs=None,
+            hooks=[_AfterRunHook()],
+        ) as sess:
+            await sess.run()  # the first step writes the starting checkpoint and summaries
+            start = time.perf_counter()
+            for _ in range(steps):
+                await sess.run()
+            session_s = time.perf_counter() - start
+        if i:
+            bare.append(bare_s / steps * 1e6)
+            session.append(session_s / steps * 1e6)
+    return {
+        "steps": steps,
+        "bare_us": _summary(bare),
+        "session_us": _summary(session),
+        "overhead_us": _summary([s - b for s, b in zip(session, bare, strict=True)]),
+    }
+
+
+async def _scalars(count: int, repeats: int, workdir: str) -> dict[str, Any]:
+    """add_scalar caller cost (us) and scalars/s written until flush: asyncckpt vs tensorboardX."""
+    calls: list[float] = []
+    rates: list[float] = []
+    for i in range(repeats + 1):
+        async with asyncckpt.SummaryWriter(os.path.join(workdir, f"sw{i}")) as writer:
+            start = time.perf_counter()
+            for j in range(count):
+                await writer.add_scalar("loss", float(j), j)
+            called = time.perf_counter() - start
+            await writer.flush()
+            written = time.perf_counter() - start
+        if i:
+            calls.append(called / count * 1e6)
+            rates.append(count / written)
+    out: dict[str, Any] = {
+        "count": count,
+        "asyncckpt": {"caller_us": _summary(calls), "scalars_per_s": _summary(rates)},
+    }
+    tbx_calls: list[float] = []
+    tbx_rates: list[float] = []
+    for i in range(repeats + 1):
+        result = _peers.tensorboardx_scalars(os.path.join(workdir, f"tbx{i}"), count)
+        if isinstance(result, str):
+            out["tensorboardX"] = result
+            return out
+        if i:
+            tbx_calls.append(result[0] * 1e6)
+            tbx_rates.append(result[1])
+    out["tensorboardX"] = {"caller_us": _summary(tbx_calls), "scalars_per_s": _summary(tbx_rates)}
+    out["ratios"] = {
+        "caller asyncckpt / tensorboardX": statistics.median(calls) / statistics.median(tbx_calls),
+        "written/s asyncckpt / tensorboardX": statistics.median(rates)
+        / statistics.median(tbx_rates),
+    }
+    return out
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _machine() -> str:
+    model = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as file:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in file if line.startswith("model name")),
+                model,
+            )
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    return (
+        f"{platform.machine()} {model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
+        f"{platform.platform()}"
+    )
+
+
+def _fmt(figure: dict[str, float], scale: float = 1.0, digits: int = 4) -> str:
+    return (
+        f"{figure['median'] * scale:.{digits}f} "
+        f"[{figure['min'] * scale:.{digits}f}, {figure['max'] * scale:.{digits}f}]"
+    )
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value, the limit and met / missed."""
+    out: list[dict[str, Any]] = []
+
+    def add(case: str, target: str, value: float, limit: float) -> None:
+        out.append(
+            {"case": case, "target": target, "value": value, "limit": limit, "met": value <= limit}
+        )
+
+    for case in report["cases"]:
+        name, ratios, t = case["case"], case["ratios"], case["seconds"]
+        many = case["arrays"] > 1000
+        add(name, "stall / copy_all <= 1.1", ratios["stall / copy_all"], 1.1)
+        add(name, "read-only stall <= 5 ms/GiB", ratios["stall_readonly ms per GiB"], 5.0)
+        if many:
+            add(name, "durable / write+fsync <= 1.5", ratios["durable / write+fsync"], 1.5)
+        else:
+            add(name, "durable / write+fsync <= 1.15", ratios["durable / write+fsync"], 1.15)
+        for temp in ("warm", "cold"):
+            key = f"restore_into_{temp} / readinto_{temp}"
+            add(name, f"{key} <= 1.15", ratios[key], 1.15)
+        if case["bytes"] == GiB:
+            add(name, "mmap restore of 1 GiB <= 20 ms", t["restore_mmap"]["median"] * 1e3, 20.0)
+        rss = case["rss"]["peak_minus_base_minus_2S_MiB"]["median"]
+        add(name, "peak RSS - base - 2S <= 64 MiB", rss, 64.0)
+    step = report["step_overhead"]["overhead_us"]["median"]
+    add("-", "per-step overhead <= 3 us", step, 3.0)
+    sc = report["scalars"]["asyncckpt"]
+    add("-", "add_scalar caller cost <= 3 us", sc["caller_us"]["median"], 3.0)
+    rate = sc["scalars_per_s"]["median"]
+    out.append(
+        {
+            "case": "-",
+            "target": "scalars written >= 150,000 /s",
+            "value": rate,
+            "limit": 150_000.0,
+            "met": rate >= 150_000,
+        }
+    )
+    return out
 
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"Machine: {report['machine']}; Python {report['python']}; numpy {report['numpy']}; "
-        f"asyncckpt {report['asyncckpt']}; {report['repeats']} repeats (median, [min, max]).",
+        f"Machine: {report['machine']}.",
         "",
-        "| case | figure | seconds | ratio to floor |",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "",
+        f"{report['repeats']} repeats per figure (median [min, max]); seconds unless stated.",
+        "",
+        "| case | figure | seconds | ratios |",
         "| --- | --- | --- | --- |",
     ]
     for case in report["cases"]:
-        for key in (
-            "floor_copy_s",
-            "floor_write_fsync_s",
-            "floor_readinto_s",
-            "stall_s",
-            "durable_s",
-            "restore_into_s",
-            "restore_mmap_s",
-        ):
-            figure = case[key]
-            ratio = next(
-                (
-                    f"{v:.2f} ({k})"
-                    for k, v in case["ratios"].items()
-                    if k.split(" / ")[0] == key.removesuffix("_s")
-                ),
-                "",
+        for key, figure in case["seconds"].items():
+            ratio = "; ".join(
+                f"{k.split(' / ', 1)[1]}: {v:.2f}"
+                for k, v in case["ratios"].items()
+                if k.split(" / ")[0] == key and " / " in k
             )
-            lines.append(
-                f"| {case['case']} | {key.removesuffix('_s')} | {figure['median']:.4f} "
-                f"[{figure['min']:.4f}, {figure['max']:.4f}] | {ratio} |"
-            )
+            if key == "stall_readonly":
+                ratio = f"{case['ratios']['stall_readonly ms per GiB']:.2f} ms per GiB"
+            lines.append(f"| {case['case']} | {key} | {_fmt(figure)} | {ratio} |")
+        for peer, figures in case["peers"].items():
+            if isinstance(figures, str):
+                lines.append(f"| {case['case']} | {peer} | {figures} | |")
+                continue
+            for what, key in (("save+fsync", "save_fsync_s"), ("load", "load_s")):
+                lines.append(f"| {case['case']} | {peer} {what} | {_fmt(figures[key])} | |")
+        rss = case["rss"]
+        lines.append(
+            f"| {case['case']} | peak RSS (MiB, {rss['runs']} runs; state "
+            f"{rss['state_MiB']:.0f} MiB) | {_fmt(rss['peak_MiB'], digits=0)} | "
+            f"peak - base - 2S: {_fmt(rss['peak_minus_base_minus_2S_MiB'], digits=0)} MiB |"
+        )
+    lines += ["", "Async peers: "]
+    lines += [f"- {k}: {v}" for k, v in report["async_peers"].items()]
+    so = report["step_overhead"]
+    lines += [
+        "",
+        f"Per-step cost over {so['steps']} steps (microseconds): bare loop "
+        f"{_fmt(so['bare_us'], digits=2)}, MonitoredTrainingSession "
+        f"{_fmt(so['session_us'], digits=2)}, overhead {_fmt(so['overhead_us'], digits=2)}.",
+        "",
+    ]
+    sc = report["scalars"]
+    lines.append(
+        f"add_scalar, {sc['count']} scalars: asyncckpt caller "
+        f"{_fmt(sc['asyncckpt']['caller_us'], digits=2)} us, written "
+        f"{_fmt(sc['asyncckpt']['scalars_per_s'], digits=0)} /s; tensorboardX: "
+        + (
+            sc["tensorboardX"]
+            if isinstance(sc["tensorboardX"], str)
+            else f"caller {_fmt(sc['tensorboardX']['caller_us'], digits=2)} us, written "
+            f"{_fmt(sc['tensorboardX']['scalars_per_s'], digits=0)} /s"
+        )
+        + "."
+    )
+    lines += ["", "| case | target | measured | met |", "| --- | --- | --- | --- |"]
+    for row in report["targets"]:
+        lines.append(
+            f"| {row['case']} | {row['target']} | {row['value']:.3f} | "
+            f"{'met' if row['met'] else 'MISSED'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    cases = (
-        [("smoke-1MiB", MiB, 8)]
-        if args.smoke
-        else [("256MiB-64", 256 * MiB, 64), ("many-small-10k", 10_000 * 4096, 10_000)]
-    )
-    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+    table = SMOKE_CASES if args.smoke else CASES
+    names = args.cases.split(",") if args.cases else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; choose from {sorted(table)}")
+    steps = args.steps or (500 if args.smoke else 20_000)
+    scalars = args.scalars or (1000 if args.smoke else 100_000)
+    rss_runs = min(args.repeats, 3)
+    versions = {
+        "python": platform.python_version(),
+        **{
+            d: _version(d)
+            for d in (
+                "asyncckpt",
+                "numpy",
+                "anyio",
+                "crc32c",
+                "safetensors",
+                "torch",
+                "tensorboardX",
+            )
+        },
+    }
+    with (
+        tempfile.TemporaryDirectory(dir=args.workdir) as workdir,
+        concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+    ):
+        cases = [
+            await _case(name, table[name], args.repeats, workdir, pool, rss_runs) for name in names
+        ]
         report: dict[str, Any] = {
-            "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "asyncckpt": asyncckpt.__version__,
+            "machine": _machine(),
+            "versions": versions,
             "repeats": args.repeats,
-            "cases": [
-                await _case(name, size, count, args.repeats, workdir) for name, size, count in cases
-            ],
+            "cases": cases,
+            "async_peers": _peers.async_peers_skipped(),
+            "step_overhead": await _step_overhead(steps, args.repeats, workdir),
+            "scalars": await _scalars(scalars, args.repeats, workdir),
         }
+    report["targets"] = targets(report)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma-separated: {', '.join(CASES)} (smoke: {', '.join(SMOKE_CASES)})",
+    )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="steps per overhead run")
+    parser.add_argument("--scalars", type=int, default=None, help="scalars per add_scalar run")
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--markdown", default=None)
