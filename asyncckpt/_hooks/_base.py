@@ -31,10 +31,13 @@ The call sequence, kept exactly from TensorFlow's ``SessionRunHook``::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+
+import anyio
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Mapping
+    from contextlib import AbstractAsyncContextManager
 
     from .._types import MaybeAwaitable, StateTree
 
@@ -46,6 +49,7 @@ __all__ = [
     "SessionRunContext",
     "SessionRunHook",
     "SessionRunValues",
+    "open_in_session",
 ]
 
 
@@ -201,3 +205,32 @@ class CheckpointSaverListener:
 
     def end(self, session: SessionLike, global_step_value: int) -> MaybeAwaitable[None]:
         """Called at the end, after the last save."""
+
+
+R = TypeVar("R")
+
+
+async def open_in_session(
+    coord: CoordinatorLike,
+    resource: AbstractAsyncContextManager[R],
+    until: anyio.Event | None = None,
+) -> R:
+    """Enter ``resource`` in a background task of the session and return what it yields.
+
+    It stays open until ``until`` is set, or until the session closes and cancels the task
+    (a writer then finishes what it accepted, within its grace period). This is how a hook
+    owns something with tasks of its own (a CheckpointManager, a SummaryWriter): its task
+    group nests in the session's, so it never outlives the session, on any exit path.
+    """
+    opened: list[R] = []
+    ready = anyio.Event()
+
+    async def hold() -> None:
+        async with resource as value:
+            opened.append(value)
+            ready.set()
+            await (until.wait() if until is not None else anyio.sleep_forever())
+
+    coord.start_soon(hold)
+    await ready.wait()
+    return opened[0]

@@ -28,6 +28,7 @@ from ._base import (
     SessionRunContext,
     SessionRunHook,
     SessionRunValues,
+    open_in_session,
 )
 from ._summary import summary_writer_for
 from ._timer import SecondOrStepTimer
@@ -191,12 +192,12 @@ class CheckpointSaverHook(SessionRunHook):
         if self._manager is None:
             # TensorFlow's hook logs each checkpoint to its directory's event file.
             self._summary_writer = await summary_writer_for(coord, self.checkpoint_dir)
-            ready = anyio.Event()
             self._closing = anyio.Event()
             self._outcome_arrived = anyio.Event()
-            coord.start_soon(self._own_manager, ready)
+            manager = CheckpointManager(**self._manager_args)
+            manager.add_done_callback(self._settled)
+            self._manager = await open_in_session(coord, manager, until=self._closing)
             coord.start_soon(self._deliver_outcomes)
-            await ready.wait()
         assert self._manager is not None
         self._timer.update_last_triggered_step(session.global_step)
         return self._manager
@@ -279,14 +280,6 @@ class CheckpointSaverHook(SessionRunHook):
         assert self._outcome_arrived is not None
         self._outcome_arrived.set()
         self._outcome_arrived = anyio.Event()
-
-    async def _own_manager(self, ready: anyio.Event) -> None:
-        assert self._closing is not None
-        async with CheckpointManager(**self._manager_args) as manager:
-            manager.add_done_callback(self._settled)
-            self._manager = manager
-            ready.set()
-            await self._closing.wait()
 
     async def _deliver_outcomes(self) -> None:
         # One task calls the listeners, so after_save calls keep the order of the saves and a

@@ -12,7 +12,6 @@ import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeAlias
 
-import anyio
 import numpy as np
 
 from .._summary._proto import SessionLog, SummaryValue, histogram, scalar, text
@@ -24,6 +23,7 @@ from ._base import (
     SessionRunContext,
     SessionRunHook,
     SessionRunValues,
+    open_in_session,
 )
 from ._timer import SecondOrStepTimer
 
@@ -55,15 +55,7 @@ async def summary_writer_for(
     writer = writers.get(key)
     if writer is None:
         writer = writers[key] = SummaryWriter(key)
-        ready = anyio.Event()
-
-        async def own() -> None:
-            async with writer:
-                ready.set()
-                await anyio.sleep_forever()
-
-        coord.start_soon(own)
-        await ready.wait()
+        await open_in_session(coord, writer)
     return writer
 
 
