@@ -22,6 +22,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
+from support import SAVE_OPS, STATE_FILE_FIRST_CALL
 
 from asyncckpt import (
     CheckpointManager,
@@ -345,20 +346,12 @@ def step_fn(state: dict[str, Any]) -> dict[str, float]:
     return {"loss": float(state["step"])}
 
 
-# The final save into a directory holding checkpoint 0, with max_to_keep=1: the checkpoint
-# file, the state file, then the deletion of checkpoint 0 (as in test_writer.py).
-_SAVE_OPS = [
-    "open", "write", "fsync", "rename", "fsync_dir",
-    "open", "write", "fsync", "rename", "fsync_dir",
-    "unlink", "fsync_dir",
-]  # fmt: skip
-_STATE_FILE_FIRST_CALL = 5
 _FINAL_STEP = 3
 
 
 @pytest.mark.parametrize("grace", [0.0, 120.0], ids=["no-grace", "grace"])
 @pytest.mark.parametrize(
-    "k", range(len(_SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(_SAVE_OPS)]
+    "k", range(len(SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(SAVE_OPS)]
 )
 async def test_cancel_during_the_final_save_of_a_closing_session(
     tmp_path: Path, storage: FaultyStorage, k: int, grace: float
@@ -393,7 +386,7 @@ async def test_cancel_during_the_final_save_of_a_closing_session(
         async with anyio.create_task_group() as tg:
             stall = await tg.start(owner)
             op, _path = await stall.wait_reached()
-            assert op == _SAVE_OPS[k]
+            assert op == SAVE_OPS[k]
             assert progress == ["closing"]  # in end(), saving step 3
             scope.cancel()
             await anyio.wait_all_tasks_blocked()  # the exit waits on the held worker thread
@@ -405,6 +398,6 @@ async def test_cancel_during_the_final_save_of_a_closing_session(
     assert temp_files(tmp_path) == []
     # Without a grace period the save is abandoned where it was: until the state file is
     # replaced, 0 stays the latest. With one, the snapshot end() took is written to the end.
-    expected = _FINAL_STEP if grace or k >= _STATE_FILE_FIRST_CALL else 0
+    expected = _FINAL_STEP if grace or k >= STATE_FILE_FIRST_CALL else 0
     assert latest_checkpoint(tmp_path) == str(tmp_path / f"model.ckpt-{expected}")
     await directory_is_sound(tmp_path, expected)

@@ -19,6 +19,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
+from support import make_state, step_fn
 
 from asyncckpt import (
     CheckpointSaverHook,
@@ -48,16 +49,6 @@ Log = list[tuple[str, str, int | None]]
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def make_state() -> dict[str, Any]:
-    return {"w": np.zeros(4), "step": 0}
-
-
-def step_fn(state: dict[str, Any]) -> dict[str, float]:
-    state["w"] += 1.0
-    state["step"] += 1
-    return {"loss": float(state["w"][0])}
 
 
 def session(

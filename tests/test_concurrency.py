@@ -11,7 +11,6 @@ holds gets ``CheckpointLockedError`` naming the holder.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 import pytest
+from support import written_steps
 
 from asyncckpt import CheckpointLockedError, CheckpointManager, SaveOutcome, latest_checkpoint
 from asyncckpt.testing import FaultyStorage
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-_CKPT_FILE = re.compile(r"model\.ckpt-(\d+)$")
 _SAVERS = 20
 _MAX_PENDING = 2
 
@@ -45,14 +44,6 @@ def storage() -> Iterator[FaultyStorage]:
 
 def make_state(step: int) -> dict[str, Any]:
     return {"w": np.full(16, step, np.float32), "step": step}
-
-
-def renamed_steps(storage: FaultyStorage) -> list[int]:
-    return [
-        int(match.group(1))
-        for op, path in storage.calls
-        if op == "rename" and (match := _CKPT_FILE.search(path))
-    ]
 
 
 @pytest.mark.parametrize("policy", ["block", "skip", "replace"])
@@ -107,8 +98,8 @@ async def test_concurrent_saves_are_each_written_skipped_or_replaced(
     assert sorted(steps) == sorted(written)
     # Written in the order they settled; the last written is the latest (which step that is
     # depends on the order the racing tasks ran, which trio deliberately varies).
-    assert renamed_steps(storage) == [o.step for o in outcomes if o.written]
-    assert latest_checkpoint(tmp_path) == str(tmp_path / f"model.ckpt-{renamed_steps(storage)[-1]}")
+    assert written_steps(storage) == [o.step for o in outcomes if o.written]
+    assert latest_checkpoint(tmp_path) == str(tmp_path / f"model.ckpt-{written_steps(storage)[-1]}")
     if policy == "block":
         assert written == set(range(attempts))
     elif policy == "skip":

@@ -25,6 +25,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
+from support import SAVE_OPS, STATE_FILE_FIRST_CALL, make_state, step_fn, written_steps
 
 from asyncckpt import (
     CheckpointLockedError,
@@ -59,20 +60,8 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-_CKPT_FILE = re.compile(r"model\.ckpt-(\d+)$")
-
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def make_state() -> dict[str, Any]:
-    return {"w": np.zeros(4), "step": 0}
-
-
-def step_fn(state: dict[str, Any]) -> dict[str, float]:
-    state["w"] += 1.0
-    state["step"] += 1
-    return {"loss": float(state["w"][0])}
 
 
 def training_session(
@@ -111,15 +100,6 @@ async def restored(path: str | os.PathLike[str] | None) -> dict[str, Any]:
 
 def ckpt(directory: Path, step: int) -> str:
     return str(directory / f"model.ckpt-{step}")
-
-
-def written_steps(storage: FaultyStorage) -> list[int]:
-    """Steps whose checkpoint file was committed (renamed into place), in order."""
-    return [
-        int(match.group(1))
-        for op, path in storage.calls
-        if op == "rename" and (match := _CKPT_FILE.search(path))
-    ]
 
 
 def checkpoint_files(directory: Path) -> list[str]:
@@ -822,20 +802,9 @@ async def test_cancellation_writes_taken_snapshots_no_final_save_then_propagates
     assert task_ids() == before
 
 
-# A save into a directory holding checkpoint 0, with max_to_keep=1: the checkpoint file
-# (open, write, fsync, rename, fsync_dir), the state file (the same five, one worker-thread
-# hop), then the deletion of checkpoint 0 (unlink, fsync_dir).
-_SAVE_OPS = [
-    "open", "write", "fsync", "rename", "fsync_dir",
-    "open", "write", "fsync", "rename", "fsync_dir",
-    "unlink", "fsync_dir",
-]  # fmt: skip
-_STATE_FILE_FIRST_CALL = 5
-
-
 @pytest.mark.parametrize("grace", [0.0, 120.0], ids=["no-grace", "grace"])
 @pytest.mark.parametrize(
-    "k", range(len(_SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(_SAVE_OPS)]
+    "k", range(len(SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(SAVE_OPS)]
 )
 async def test_cancellation_at_each_storage_call_of_a_save_leaves_a_restorable_directory(
     tmp_path: Path, storage: FaultyStorage, k: int, grace: float
@@ -859,7 +828,7 @@ async def test_cancellation_at_each_storage_call_of_a_save_leaves_a_restorable_d
         async with anyio.create_task_group() as tg:
             stall = await tg.start(owner)
             op, _path = await stall.wait_reached()
-            assert op == _SAVE_OPS[k]
+            assert op == SAVE_OPS[k]
             scope.cancel()
             await anyio.wait_all_tasks_blocked()  # the exit waits on the held worker thread
             stall.release()
@@ -867,7 +836,7 @@ async def test_cancellation_at_each_storage_call_of_a_save_leaves_a_restorable_d
     assert [name for name in os.listdir(tmp_path) if "asyncckpt-tmp" in name] == []
     # Without a grace period the save is abandoned where it was: until the state file is
     # replaced, 0 stays the latest. With one, the taken snapshot is written to the end.
-    expected = 1 if grace or k >= _STATE_FILE_FIRST_CALL else 0
+    expected = 1 if grace or k >= STATE_FILE_FIRST_CALL else 0
     assert latest_checkpoint(tmp_path) == ckpt(tmp_path, expected)
     assert (await restored(latest_checkpoint(tmp_path)))["step"] == expected
     assert verify_exit(tmp_path) == 0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 import pytest
+from support import parse_protobuf as parse
 
 from asyncckpt import (
     ChiefSessionCreator,
@@ -47,37 +48,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.anyio
 
 # -- reading event files (TB_FORMAT.md §3-4) -------------------------------------------------------
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return result, pos
-
-
-def parse(buf: bytes) -> dict[int, list[Any]]:
-    """Split a message into its fields: varints as int, the rest as raw bytes."""
-    fields: dict[int, list[Any]] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        value: Any
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        else:
-            if wire == 2:
-                size, pos = _varint(buf, pos)
-            else:
-                size = {1: 8, 5: 4}[wire]
-            value, pos = buf[pos : pos + size], pos + size
-        fields.setdefault(key >> 3, []).append(value)
-    return fields
 
 
 @dataclass

@@ -20,6 +20,8 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from support import Fields
+from support import parse_protobuf as parse
 
 from asyncckpt import summary
 from asyncckpt._crc32c import crc32c, masked_crc32c
@@ -36,41 +38,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 # -- a protobuf reader from the wire format (TB_FORMAT.md §3) ---------------------------------
-
-Fields = dict[int, list[Any]]
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return result, pos
-
-
-def parse(buf: bytes) -> Fields:
-    """Split a message into its fields: varints as int, the rest as raw bytes."""
-    fields: Fields = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        value: Any
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos : pos + size], pos + size
-        else:
-            assert wire == 2, f"unexpected wire type {wire}"
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + size], pos + size
-        fields.setdefault(key >> 3, []).append(value)
-    assert pos == len(buf), "a field runs past the end of the message"
-    return fields
 
 
 def tensor_of(value: bytes) -> tuple[str, Fields, list[int], Fields]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import io
 import os
-import re
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
+from support import CKPT_FILE, SAVE_OPS, STATE_FILE_FIRST_CALL, written_steps
 
 from asyncckpt import (
     CheckpointLockedError,
@@ -37,23 +37,11 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-_CKPT_FILE = re.compile(r"model\.ckpt-(\d+)$")
-
 
 @pytest.fixture
 def storage() -> Iterator[FaultyStorage]:
     with FaultyStorage() as faults:
         yield faults
-
-
-def written_steps(storage: FaultyStorage) -> list[int]:
-    """Steps whose checkpoint file was committed (renamed into place), in order."""
-    steps = []
-    for op, path in storage.calls:
-        match = _CKPT_FILE.search(path)
-        if op == "rename" and match:
-            steps.append(int(match.group(1)))
-    return steps
 
 
 def make_state(step: int) -> dict[str, Any]:
@@ -177,7 +165,7 @@ async def test_second_manager_continues_latest_step_and_retention(tmp_path: Path
             await second.save(make_state(step), step)
         await second.wait()
         assert second.all_steps() == [3, 4, 5]
-    on_disk = sorted(int(n.split("-")[1]) for n in os.listdir(tmp_path) if _CKPT_FILE.match(n))
+    on_disk = sorted(int(n.split("-")[1]) for n in os.listdir(tmp_path) if CKPT_FILE.match(n))
     assert on_disk == [3, 4, 5]
 
 
@@ -641,17 +629,6 @@ async def test_cancelled_blocked_save_leaves_nothing_queued(
     assert written_steps(storage) == [1, 2]
 
 
-# A save into a directory holding checkpoint 1, with max_to_keep=1, makes these storage calls:
-# the checkpoint file (open, write, fsync, rename, fsync_dir), then the state file (the same
-# five, in one worker-thread hop), then the deletion of checkpoint 1 (unlink, fsync_dir).
-_SAVE_OPS = [
-    "open", "write", "fsync", "rename", "fsync_dir",
-    "open", "write", "fsync", "rename", "fsync_dir",
-    "unlink", "fsync_dir",
-]  # fmt: skip
-_STATE_FILE_FIRST_CALL = 5
-
-
 async def test_save_commits_file_then_state_file_then_deletes(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
@@ -662,7 +639,7 @@ async def test_save_commits_file_then_state_file_then_deletes(
         await manager.save(make_state(2), 2)
         await manager.wait()
     calls = storage.calls[first:]
-    assert [op for op, _path in calls] == _SAVE_OPS
+    assert [op for op, _path in calls] == SAVE_OPS
     assert ".model.ckpt-2" in calls[0][1]
     assert calls[3][1].endswith("model.ckpt-2")
     assert calls[8][1] == str(tmp_path / "checkpoint")
@@ -670,7 +647,7 @@ async def test_save_commits_file_then_state_file_then_deletes(
 
 
 @pytest.mark.parametrize(
-    "k", range(len(_SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(_SAVE_OPS)]
+    "k", range(len(SAVE_OPS)), ids=[f"{i}-{op}" for i, op in enumerate(SAVE_OPS)]
 )
 async def test_cancel_at_each_storage_call_leaves_a_restorable_directory(
     tmp_path: Path, storage: FaultyStorage, k: int
@@ -692,7 +669,7 @@ async def test_cancel_at_each_storage_call_leaves_a_restorable_directory(
         async with anyio.create_task_group() as tg:
             stall = await tg.start(owner)
             op, _path = await stall.wait_reached()
-            assert op == _SAVE_OPS[k]
+            assert op == SAVE_OPS[k]
             scope.cancel()
             await anyio.wait_all_tasks_blocked()  # the exit waits on the held worker thread
             stall.release()
@@ -700,7 +677,7 @@ async def test_cancel_at_each_storage_call_leaves_a_restorable_directory(
     assert temp_files(tmp_path) == []
     step, tree = await restore_latest(tmp_path)
     # Until the state file is replaced, checkpoint 1 stays the latest; after, it is 2.
-    expected = 1 if k < _STATE_FILE_FIRST_CALL else 2
+    expected = 1 if k < STATE_FILE_FIRST_CALL else 2
     assert step == expected
     assert_state(tree, expected)
     assert verify_exit(tmp_path) == 0
