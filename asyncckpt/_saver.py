@@ -12,7 +12,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -523,9 +523,7 @@ class _DirectoryBook:
 
     state: CheckpointState
     lock: _storage.DirectoryLock
-    held_by_owner: bool = False
     busy: bool = False
-    removed_temp_files: list[str] = field(default_factory=list)
 
 
 class Saver:
@@ -598,13 +596,11 @@ class Saver:
             book.lock.acquire()
             # The book may have been read before the lock was ours: read what is there now.
             book.state = get_checkpoint_state(directory, self.latest_filename) or book.state
-        book.held_by_owner = True
         return _storage.remove_temp_files(directory, _owned_by(self.latest_filename, [basename]))
 
     def _release(self, directory: str) -> None:
         book = self._books.get(directory)
         if book is not None:
-            book.held_by_owner = False
             book.lock.release()
 
     def _book(self, directory: str) -> _DirectoryBook:
