@@ -44,11 +44,14 @@ __all__ = [
     "PRELUDE_SIZE",
     "ArrayEntry",
     "Header",
+    "Layout",
     "array_part",
     "check_metadata",
     "decode_header",
     "decode_prelude",
+    "encode_head",
     "encode_header",
+    "plan_layout",
 ]
 
 MAGIC: Final = b"\x89ACKPT\r\n"
@@ -123,6 +126,71 @@ def check_metadata(metadata: object) -> dict[str, Any]:
         ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a checkpoint's arrays go, decided before their checksums are known.
+
+    The header holds each array's CRC32C, and the arrays' offsets depend on the header's
+    length. Planning with the widest msgpack encoding of every CRC fixes the offsets first,
+    so the arrays can be written while their checksums are computed; the real header is
+    never longer, and any bytes it leaves before ``data_start`` are zero padding.
+    """
+
+    offsets: list[int]
+    data_start: int
+    file_size: int
+
+
+_WIDEST_CRC: Final = 0xFFFFFFFF
+
+
+def plan_layout(
+    *,
+    step: int | None,
+    time: float,
+    metadata: dict[str, Any],
+    tree: Spec,
+    leaves: Sequence[ArrayLeaf],
+) -> Layout:
+    """Place the arrays of a checkpoint that has at least one."""
+    if not leaves:
+        raise ValueError("a checkpoint without arrays has no layout to plan: use encode_header")
+    data_start = 0
+    while True:
+        offsets, end = [], data_start
+        for leaf in leaves:
+            end = _align(end)
+            offsets.append(end)
+            end += leaf.array.nbytes
+        header = _pack_header(
+            step, time, metadata, tree, _array_entries(leaves, offsets, None), end
+        )
+        if PRELUDE_SIZE + len(header) <= data_start:
+            return Layout(offsets, data_start, end)
+        # The offsets depend on the header's length and the header holds the offsets: grow
+        # the data start until the header fits before it (two rounds in practice).
+        data_start = _align(PRELUDE_SIZE + len(header))
+
+
+def encode_head(
+    layout: Layout,
+    *,
+    step: int | None,
+    time: float,
+    metadata: dict[str, Any],
+    tree: Spec,
+    leaves: Sequence[ArrayLeaf],
+    crcs: Sequence[int],
+) -> bytes:
+    """Encode prelude + header for arrays placed by ``layout``; at most ``data_start`` bytes."""
+    header = _pack_header(
+        step, time, metadata, tree, _array_entries(leaves, layout.offsets, crcs), layout.file_size
+    )
+    head = _encode_prelude(header) + header
+    assert len(head) <= layout.data_start, "a CRC packed wider than the planned widest"
+    return head
+
+
 def encode_header(
     *,
     step: int | None,
@@ -140,23 +208,26 @@ def encode_header(
     """
     if not leaves:
         return _finish_without_arrays(step, time, metadata, tree)
-    data_start = 0
-    while True:
-        offsets, end = [], data_start
-        for leaf in leaves:
-            end = _align(end)
-            offsets.append(end)
-            end += leaf.array.nbytes
-        arrays = [
-            [_dtype_descr(leaf.array.dtype), list(leaf.array.shape), offset, leaf.array.nbytes, crc]
-            for leaf, offset, crc in zip(leaves, offsets, crcs, strict=True)
+    layout = plan_layout(step=step, time=time, metadata=metadata, tree=tree, leaves=leaves)
+    head = encode_head(
+        layout, step=step, time=time, metadata=metadata, tree=tree, leaves=leaves, crcs=crcs
+    )
+    return head, layout.offsets, layout.file_size
+
+
+def _array_entries(
+    leaves: Sequence[ArrayLeaf], offsets: Sequence[int], crcs: Sequence[int] | None
+) -> list[list[Any]]:
+    return [
+        [
+            _dtype_descr(leaf.array.dtype),
+            list(leaf.array.shape),
+            offset,
+            leaf.array.nbytes,
+            _WIDEST_CRC if crcs is None else crcs[index],
         ]
-        header = _pack_header(step, time, metadata, tree, arrays, end)
-        if PRELUDE_SIZE + len(header) <= data_start:
-            return _encode_prelude(header) + header, offsets, end
-        # The offsets depend on the header's length and the header holds the offsets: grow
-        # the data start until the header fits before it (two rounds in practice).
-        data_start = _align(PRELUDE_SIZE + len(header))
+        for index, (leaf, offset) in enumerate(zip(leaves, offsets, strict=True))
+    ]
 
 
 def _pack_header(

@@ -35,7 +35,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from ._types import Buffer
 
@@ -64,9 +64,8 @@ __all__ = [
 
 TEMP_MARKER: Final = ".asyncckpt-tmp-"
 LOCK_NAME: Final = ".asyncckpt.lock"
-_SMALL_PIECE: Final = 256 * 1024
-_BATCH_BYTES: Final = 8 * 1024 * 1024
 _CHUNK_BYTES: Final = 64 * 1024 * 1024
+_IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX"), 1024)
 _WRITE_BUFFER: Final = 1024 * 1024
 MAX_SMALL_FILE: Final = 16 * 1024 * 1024
 
@@ -399,9 +398,17 @@ def _async_wrap(file: Any) -> Any:
 
 
 async def write_atomic(
-    final_path: str, pieces: Sequence[Buffer], *, limiter: anyio.CapacityLimiter | None = None
+    final_path: str,
+    pieces: Sequence[Buffer],
+    *,
+    late_head: Callable[[], Awaitable[bytes]] | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
 ) -> None:
     """Write ``pieces`` to ``final_path`` atomically: a temp file, fsync, rename, dir fsync.
+
+    With ``late_head``, the first piece only reserves room: once every other piece is
+    written, the bytes ``await late_head()`` returns (no longer than that piece) are written
+    over its start, so a header can hold checksums computed while the body was written.
 
     A crash or cancellation at any instant leaves either the old file or the complete new
     one; the temp file is removed on error or cancellation (or by the next writer's cleanup).
@@ -416,17 +423,23 @@ async def write_atomic(
     except OSError as exc:
         raise _write_error(final_path, exc) from exc
     try:
-        async_file = _async_wrap(file)
+        offset = 0
         for batch in _batches(pieces):
             # Each batch is bounded; shielding it lets a cancellation land between batches
             # instead of abandoning a write that a worker thread is still doing. Entering a
             # shielded scope is no checkpoint, so the cancellation is looked for here.
             await anyio.lowlevel.checkpoint_if_cancelled()
             with anyio.CancelScope(shield=True):
-                if isinstance(batch, list):
-                    await async_file.writelines(batch)
-                else:
-                    await async_file.write(batch)
+                offset = await anyio.to_thread.run_sync(
+                    _write_at, file, temp_path, batch, offset, limiter=limiter
+                )
+        if late_head is not None:
+            head = await late_head()
+            if len(head) > len(memoryview(pieces[0])):
+                raise ValueError("late_head() returned more bytes than the first piece reserves")
+            await anyio.to_thread.run_sync(
+                _write_at, file, temp_path, [memoryview(head)], 0, limiter=limiter
+            )
         await anyio.to_thread.run_sync(_commit_sync, file, temp_path, final_path, limiter=limiter)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
@@ -436,24 +449,45 @@ async def write_atomic(
         raise
 
 
-def _batches(pieces: Sequence[Buffer]) -> list[Buffer | list[Buffer]]:
-    """Group small pieces into one writelines call; split large ones into bounded chunks."""
-    out: list[Buffer | list[Buffer]] = []
-    batch: list[Buffer] = []
+def _write_at(file: io.BufferedWriter, path: str, views: list[memoryview], offset: int) -> int:
+    """Write ``views`` back to back at ``offset`` (one syscall when it can); return the end."""
+    _check("write", path)
+    fd = file.fileno()
+    while views:
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += written
+        views = _skip(views, written)  # a short write (signal, quota): go on with the rest
+    return offset
+
+
+def _skip(views: list[memoryview], count: int) -> list[memoryview]:
+    """Drop the first ``count`` bytes of ``views`` (what a short vectored call did)."""
+    while views and count >= len(views[0]):
+        count -= len(views[0])
+        views = views[1:]
+    if count:
+        views = [views[0][count:], *views[1:]]
+    return views
+
+
+def _batches(pieces: Sequence[Buffer]) -> list[list[memoryview]]:
+    """Cut the pieces into bounded batches of at most IOV_MAX views, one pwritev each.
+
+    A batch is small enough that a cancellation waits for little more than one, and large
+    enough that the thread hops and syscalls it costs are lost in the copy.
+    """
+    out: list[list[memoryview]] = []
+    batch: list[memoryview] = []
     batch_bytes = 0
     for piece in pieces:
         view = memoryview(piece).cast("B")
-        if len(view) < _SMALL_PIECE:
-            batch.append(view)
-            batch_bytes += len(view)
-            if batch_bytes >= _BATCH_BYTES:
+        for start in range(0, len(view), _CHUNK_BYTES):
+            chunk = view[start : start + _CHUNK_BYTES]
+            if batch and (batch_bytes + len(chunk) > _CHUNK_BYTES or len(batch) == _IOV_MAX):
                 out.append(batch)
                 batch, batch_bytes = [], 0
-            continue
-        if batch:
-            out.append(batch)
-            batch, batch_bytes = [], 0
-        out.extend(view[i : i + _CHUNK_BYTES] for i in range(0, len(view), _CHUNK_BYTES))
+            batch.append(chunk)
+            batch_bytes += len(chunk)
     if batch:
         out.append(batch)
     return out
@@ -461,30 +495,32 @@ def _batches(pieces: Sequence[Buffer]) -> list[Buffer | list[Buffer]]:
 
 @dataclass(slots=True)
 class ReadFile:
-    """An open checkpoint for reading: positional reads through the async file layer."""
+    """An open checkpoint for reading: positional reads through the async file layer, and
+    vectored reads straight into arrays for worker threads."""
 
     path: str
     size: int
     _file: Any
     _limiter: anyio.CapacityLimiter | None
+    _fd: int
+
+    def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
+        """Fill ``views`` back to back from ``offset`` (from a worker thread); return how many
+        bytes were read, fewer only at the end of the file."""
+        total = 0
+        while views:
+            count = os.preadv(self._fd, views[:_IOV_MAX], offset + total)
+            if not count:
+                break
+            total += count
+            views = _skip(views, count)
+        return total
 
     async def read(self, offset: int, size: int) -> bytes:
         """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
         await self._file.seek(offset)
         data: bytes = await self._file.read(size)
         return data
-
-    async def readinto(self, offset: int, buffer: Buffer) -> int:
-        """Fill ``buffer`` from ``offset``; return how many bytes were read."""
-        view = memoryview(buffer).cast("B")
-        await self._file.seek(offset)
-        total = 0
-        while total < len(view):
-            count = await self._file.readinto(view[total:])
-            if not count:
-                break
-            total += count
-        return total
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU work on read bytes (checksums) in a worker thread."""
@@ -526,7 +562,7 @@ async def open_for_read(
     file, size = await anyio.to_thread.run_sync(_open_read_sync, path, limiter=limiter)
     async_file = _async_wrap(file)
     try:
-        yield ReadFile(path, size, async_file, limiter)
+        yield ReadFile(path, size, async_file, limiter, file.fileno())
     finally:
         with anyio.CancelScope(shield=True):
             # aiofiles spells it close(), anyio aclose().

@@ -16,7 +16,10 @@ A spec node is a list whose first item is a tag:
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,6 +52,9 @@ _INT64_MIN: Final = -(2**63)
 _UINT64_END: Final = 2**64
 _MAX_BIGINT_DIGITS: Final = 4300  # Python's own int/str conversion limit
 _BIGINT_DIGITS: Final = re.compile(rf"-?[0-9]{{1,{_MAX_BIGINT_DIGITS}}}")
+
+_PARALLEL_COPY_BYTES: Final = 16 * 1024 * 1024
+"""Below this a snapshot is copied on the caller's thread alone: a hand-off costs more."""
 
 Key = str | int
 TreePath = tuple[Key, ...]
@@ -122,7 +128,9 @@ class SnapshotPool:
         reusable = self._free.pop() if self._free else {}
         snapshot = Snapshot(spec=[], leaves=[], nbytes=0, _pool=self)
         try:
-            snapshot.spec = _Flattener(self, reusable, snapshot).node(tree, (), set(), 0)
+            flattener = _Flattener(self, reusable, snapshot)
+            snapshot.spec = flattener.node(tree, (), set(), 0)
+            _copy(flattener.copies)
         except BaseException:
             # Keep the buffers this attempt did not get to, so a rejected tree costs no
             # reallocation on the next save.
@@ -163,11 +171,13 @@ class _Flattener:
         self._pool = pool
         self._reusable = reusable
         self._snapshot = snapshot
+        # (buffer, live array): copied once the whole tree was accepted, in parallel.
+        self.copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
 
     def _leaf(self, tag: str, path: TreePath, array: np.ndarray[Any, Any]) -> Spec:
         if array.flags.writeable or not array.flags.c_contiguous:
             buffer = self._pool._buffer_for(self._reusable, path, array)
-            np.copyto(buffer, array, casting="no")
+            self.copies.append((buffer, array))
             self._snapshot._buffers[path] = buffer
             array = buffer
         self._snapshot.leaves.append(ArrayLeaf(path, array))
@@ -228,6 +238,91 @@ class _Flattener:
             f"cannot save {type(value).__name__} at {format_path(path)}: leaves must be numpy "
             "arrays, numbers, str, bytes or None, or objects with state_dict()/load_state_dict()"
         )
+
+
+# -- copying ---------------------------------------------------------------------------------
+
+_CopyPair = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+_copy_threads: concurrent.futures.ThreadPoolExecutor | None = None
+_copy_threads_lock = threading.Lock()
+
+
+def _copy_thread_pool() -> concurrent.futures.ThreadPoolExecutor | None:
+    """The threads that copy beside the caller's (one per extra core), or None on one core."""
+    global _copy_threads
+    extra = len(os.sched_getaffinity(0)) - 1 if hasattr(os, "sched_getaffinity") else 0
+    if extra < 1:
+        return None
+    with _copy_threads_lock:
+        if _copy_threads is None:
+            _copy_threads = concurrent.futures.ThreadPoolExecutor(
+                extra, thread_name_prefix="asyncckpt-copy"
+            )
+        return _copy_threads
+
+
+def _forget_copy_threads() -> None:
+    # A forked child has none of the parent's threads: its pool would never run a task.
+    global _copy_threads, _copy_threads_lock
+    _copy_threads, _copy_threads_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_copy_threads)
+
+
+def _copy_all(pairs: Sequence[_CopyPair]) -> None:
+    for buffer, array in pairs:
+        np.copyto(buffer, array, casting="no")
+
+
+def _copy(pairs: list[_CopyPair]) -> None:
+    """Copy live arrays into their buffers, on every core for a large state.
+
+    The caller's thread takes a share and waits for the others: the snapshot is complete,
+    and no other task of its event loop ran, when this returns.
+    """
+    total = sum(array.nbytes for _buffer, array in pairs)
+    threads = _copy_thread_pool() if total >= _PARALLEL_COPY_BYTES else None
+    if threads is None:
+        _copy_all(pairs)
+        return
+    shares = _split(pairs, total, threads._max_workers + 1)
+    futures = [threads.submit(_copy_all, share) for share in shares[1:]]
+    try:
+        _copy_all(shares[0])
+    finally:
+        # Even when interrupted: no thread may still write into buffers going back to the pool.
+        concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
+
+
+def _split(pairs: list[_CopyPair], total: int, count: int) -> list[list[_CopyPair]]:
+    """Cut the copies into ``count`` shares of about equal bytes, cutting arrays into rows."""
+    share_bytes = -(-total // count)
+    shares: list[list[_CopyPair]] = [[] for _ in range(count)]
+    index, room = 0, share_bytes
+    for buffer, array in pairs:
+        if array.flags.c_contiguous:  # rows of one element: any cut point will do
+            buffer, array = buffer.reshape(-1), array.reshape(-1)
+        if array.ndim == 0 or array.nbytes <= room or index == count - 1:
+            shares[index].append((buffer, array))
+            room -= array.nbytes
+        else:
+            rows, row_bytes, start = len(array), array.nbytes // len(array), 0
+            while start < rows:
+                if room <= 0 and index < count - 1:
+                    index, room = index + 1, share_bytes
+                take = rows - start
+                if index < count - 1:
+                    take = min(take, max(1, room // row_bytes))
+                shares[index].append((buffer[start : start + take], array[start : start + take]))
+                room -= take * row_bytes
+                start += take
+        if room <= 0 and index < count - 1:
+            index, room = index + 1, share_bytes
+    return shares
 
 
 def _check_key(key: object, path: TreePath) -> Key:

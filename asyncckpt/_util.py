@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["call_maybe_async", "check_int", "single_exception"]
+__all__ = ["call_maybe_async", "check_int", "raise_single_exception", "single_exception"]
 
 T = TypeVar("T")
 
@@ -36,6 +36,12 @@ def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     if not real and leaves:
         return leaves[0]
     return group
+
+
+def raise_single_exception(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise ``single_exception(group)`` as itself: its own cause kept, the group hidden."""
+    exc = single_exception(group)
+    raise exc from exc.__cause__
 
 
 async def call_maybe_async(fn: Callable[..., T | Awaitable[T]], *args: Any) -> T:

@@ -19,7 +19,7 @@ import anyio.abc
 from ._errors import CheckpointError, CheckpointNotFoundError
 from ._saver import STATE_FILENAME, Saver, check_name, split_step
 from ._tree import Snapshot, SnapshotPool
-from ._util import check_int, single_exception
+from ._util import check_int, raise_single_exception
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -256,7 +256,7 @@ class CheckpointManager:
                 try:
                     await stack.aclose()  # the writer has stopped: the group exits at once
                 except BaseExceptionGroup as group:
-                    raise single_exception(group) from None
+                    raise_single_exception(group)
         self._report(exc)
 
     async def aclose(self) -> None:

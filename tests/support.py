@@ -11,14 +11,15 @@ if TYPE_CHECKING:
     from asyncckpt.testing import FaultyStorage
 
 # The storage calls of a save into a directory holding one older checkpoint, with
-# max_to_keep=1: the checkpoint file (open, write, fsync, rename, fsync_dir), the state file
-# (the same five), then the deletion of the older checkpoint (unlink, fsync_dir).
+# max_to_keep=1: the checkpoint file (open, write the arrays, write the header that holds
+# their checksums, fsync, rename, fsync_dir), the state file (open, write, fsync, rename,
+# fsync_dir), then the deletion of the older checkpoint (unlink, fsync_dir).
 SAVE_OPS: Final = [
-    "open", "write", "fsync", "rename", "fsync_dir",
+    "open", "write", "write", "fsync", "rename", "fsync_dir",
     "open", "write", "fsync", "rename", "fsync_dir",
     "unlink", "fsync_dir",
 ]  # fmt: skip
-STATE_FILE_FIRST_CALL: Final = 5
+STATE_FILE_FIRST_CALL: Final = 6
 
 Fields = dict[int, list[Any]]
 CKPT_FILE: Final = re.compile(r"model\.ckpt-(\d+)$")

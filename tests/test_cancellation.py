@@ -31,6 +31,7 @@ from asyncckpt import (
     Saver,
     Scaffold,
     SummaryWriter,
+    _saver,
     _storage,
     latest_checkpoint,
     summary,
@@ -69,7 +70,7 @@ def verify_exit(directory: Path) -> int:
 
 
 def make_state(step: int) -> dict[str, Any]:
-    # "big" is read straight into its array (readinto); "small" and "tail" share one read.
+    # Read by two threads: "big" by one, "small" and "tail" by the other.
     return {
         "big": np.full(70_000, step, np.float32),
         "small": np.arange(10, dtype=np.int64) * step,
@@ -120,11 +121,7 @@ class CancelAtPoint:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         open_for_read = _storage.open_for_read
-        read, readinto, run_sync = (
-            _storage.ReadFile.read,
-            _storage.ReadFile.readinto,
-            _storage.ReadFile.run_sync,
-        )
+        read, run_sync = _storage.ReadFile.read, _storage.ReadFile.run_sync
 
         @contextlib.asynccontextmanager
         async def counted_open(
@@ -138,23 +135,19 @@ class CancelAtPoint:
             self.point("read")
             return await read(file, offset, size)
 
-        async def counted_readinto(file: _storage.ReadFile, offset: int, buffer: Any) -> int:
-            self.point("readinto")
-            return await readinto(file, offset, buffer)
-
         async def counted_run_sync(file: _storage.ReadFile, fn: Any, *args: Any) -> Any:
-            self.point("checksums")
+            self.point("arrays")
             return await run_sync(file, fn, *args)
 
         monkeypatch.setattr(_storage, "open_for_read", counted_open)
         monkeypatch.setattr(_storage.ReadFile, "read", counted_read)
-        monkeypatch.setattr(_storage.ReadFile, "readinto", counted_readinto)
         monkeypatch.setattr(_storage.ReadFile, "run_sync", counted_run_sync)
+        monkeypatch.setattr(_saver, "_read_threads", lambda: 2)  # whatever this machine has
 
 
-# The awaits of a streaming restore of make_state(): open, prelude, header, the padding before
-# "big", "big" itself, the one read of "small" and "tail", then the checksums.
-_RESTORE_POINTS = ["open", "read", "read", "read", "readinto", "read", "checksums"]
+# The awaits of a streaming restore of make_state(): open, prelude, header, then each thread's
+# read (and check) of its arrays.
+_RESTORE_POINTS = ["open", "read", "read", "arrays", "arrays"]
 
 
 async def _saved(directory: Path, steps: tuple[int, ...] = (1,)) -> None:

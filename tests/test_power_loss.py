@@ -177,7 +177,8 @@ async def record_save(directory: Path, previous: int) -> Recording:
 
 EXPECTED_OPS = [
     ("open", ".model.ckpt-3" + TEMP_MARKER),
-    ("write", ".model.ckpt-3" + TEMP_MARKER),
+    ("write", ".model.ckpt-3" + TEMP_MARKER),  # the arrays, room left for the header
+    ("write", ".model.ckpt-3" + TEMP_MARKER),  # the header, once the checksums are known
     ("fsync", ".model.ckpt-3" + TEMP_MARKER),
     ("rename", "model.ckpt-3"),
     ("fsync_dir", "model.ckpt-3"),
@@ -189,7 +190,12 @@ EXPECTED_OPS = [
     ("unlink", "model.ckpt-1"),  # max_to_keep=2: step 1 goes
     ("fsync_dir", ""),
 ]
-STATE_FILE_DURABLE = 10  # after this many ops the save is durable (and was reported so)
+STATE_FILE_DURABLE = 11  # after this many ops the save is durable (and was reported so)
+
+
+def _after(op: str, name: str) -> int:
+    """How many ops of a save have run once ``op`` on ``name`` has."""
+    return EXPECTED_OPS.index((op, name)) + 1
 
 
 def _shape(recording: Recording, directory: Path) -> list[tuple[str, str]]:
@@ -260,7 +266,8 @@ async def test_a_power_loss_after_any_op_of_a_save_leaves_a_good_latest_checkpoi
         )
     # The state file's rename is what publishes the save: before it only the previous
     # checkpoint can be the latest; between it and its directory sync, either.
-    assert found == ({2} if k <= 8 else {2, 3} if k == 9 else {3})
+    published = _after("rename", "checkpoint")
+    assert found == ({2} if k < published else {2, 3} if k == published else {3})
 
 
 @pytest.mark.parametrize("k", range(len(EXPECTED_OPS) - 1))
@@ -283,18 +290,22 @@ async def test_the_model_explores_undone_renames_and_lost_data(tmp_path: Path) -
     recording = await record_save(tmp_path / "ckpt", previous=2)
     # Right after the checkpoint's rename, before its directory sync: the rename may be
     # undone (the temp file remains) or kept; the temp file's create may be undone too.
-    after_rename = crash_states(recording, 4)
+    after_rename = crash_states(recording, _after("rename", "model.ckpt-3"))
     assert {"model.ckpt-3" in state for state in after_rename} == {True, False}
     assert any(not any(TEMP_MARKER in n for n in state) for state in after_rename)
     # Before the fsync, the temp file's data may be lost, torn or zeroed.
-    before_fsync = crash_states(recording, 2)
+    before_fsync = crash_states(recording, _after("fsync", ".model.ckpt-3" + TEMP_MARKER) - 1)
     temp_sizes = {
         len(data) for state in before_fsync for n, data in state.items() if TEMP_MARKER in n
     }
     assert len(temp_sizes) == 3  # empty, half, whole (whole twice: its bytes or zeros)
     # After the unlink, before the directory sync: the old checkpoint may come back.
-    assert {"model.ckpt-1" in state for state in crash_states(recording, 11)} == {True, False}
-    assert all("model.ckpt-1" not in state for state in crash_states(recording, 12))
+    unlinked = _after("unlink", "model.ckpt-1")
+    assert {"model.ckpt-1" in state for state in crash_states(recording, unlinked)} == {
+        True,
+        False,
+    }
+    assert all("model.ckpt-1" not in state for state in crash_states(recording, unlinked + 1))
 
 
 async def test_the_model_catches_a_rename_of_unsynced_data(tmp_path: Path) -> None:

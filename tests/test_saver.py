@@ -21,6 +21,7 @@ from asyncckpt import (
     CheckpointNotFoundError,
     CheckpointState,
     Saver,
+    _storage,
     get_checkpoint_state,
     latest_checkpoint,
 )
@@ -625,9 +626,13 @@ async def test_cancel_before_a_save_starts(ckpt_dir: Path) -> None:
     assert listed(ckpt_dir) == [2]
 
 
-async def test_cancel_stops_a_large_write_between_pieces(ckpt_dir: Path) -> None:
+async def test_cancel_stops_a_large_write_between_pieces(
+    ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     saver, prefix = await _saved_once(ckpt_dir)
-    big = {name: np.full(300_000, 1.0) for name in "abcd"}  # 2.4 MB arrays, written one by one
+    # Writes go out in batches of up to 64 MiB; smaller batches keep the test small.
+    monkeypatch.setattr(_storage, "_CHUNK_BYTES", 2**20)
+    big = {name: np.full(300_000, 1.0) for name in "abcd"}  # 2.4 MB arrays, 1 MiB batches
     with FaultyStorage() as reference:
         await saver.save(big, prefix, global_step=2)
     total_writes = sum(op == "write" for op, _ in reference.calls)
@@ -637,10 +642,9 @@ async def test_cancel_stops_a_large_write_between_pieces(ckpt_dir: Path) -> None
         await saver.save(big, prefix, global_step=3)
     assert scope.cancelled_caught
     writes = sum(op == "write" for op, _ in observed.calls)
-    # The write in progress finishes (the buffered header, then the first array); the other
-    # three arrays are never written.
-    assert total_writes >= 5
-    assert writes <= 2
+    # The batch in progress finishes; the other batches and the header are never written.
+    assert total_writes >= 10
+    assert writes == 1
     assert listed(ckpt_dir) == [2]
     assert on_disk(ckpt_dir) == [2]
     assert temp_files(ckpt_dir) == []

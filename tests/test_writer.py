@@ -641,9 +641,9 @@ async def test_save_commits_file_then_state_file_then_deletes(
     calls = storage.calls[first:]
     assert [op for op, _path in calls] == SAVE_OPS
     assert ".model.ckpt-2" in calls[0][1]
-    assert calls[3][1].endswith("model.ckpt-2")
-    assert calls[8][1] == str(tmp_path / "checkpoint")
-    assert calls[10][1].endswith("model.ckpt-1")
+    renames = [path for op, path in calls if op == "rename"]
+    assert renames == [str(tmp_path / "model.ckpt-2"), str(tmp_path / "checkpoint")]
+    assert [path for op, path in calls if op == "unlink"] == [str(tmp_path / "model.ckpt-1")]
 
 
 @pytest.mark.parametrize(
