@@ -155,18 +155,17 @@ def plan_layout(
     """Place the arrays of a checkpoint that has at least one."""
     if not leaves:
         raise ValueError("a checkpoint without arrays has no layout to plan: use encode_header")
+    entries = _array_entries(leaves, [0] * len(leaves), None)
     data_start = 0
     while True:
-        offsets, end = [], data_start
-        for leaf in leaves:
+        end = data_start
+        for entry, leaf in zip(entries, leaves, strict=True):
             end = _align(end)
-            offsets.append(end)
+            entry[_OFFSET] = end
             end += leaf.array.nbytes
-        header = _pack_header(
-            step, time, metadata, tree, _array_entries(leaves, offsets, None), end
-        )
+        header = _pack_header(step, time, metadata, tree, entries, end)
         if PRELUDE_SIZE + len(header) <= data_start:
-            return Layout(offsets, data_start, end)
+            return Layout([entry[_OFFSET] for entry in entries], data_start, end)
         # The offsets depend on the header's length and the header holds the offsets: grow
         # the data start until the header fits before it (two rounds in practice).
         data_start = _align(PRELUDE_SIZE + len(header))
@@ -215,19 +214,22 @@ def encode_header(
     return head, layout.offsets, layout.file_size
 
 
+_OFFSET: Final = 2  # where an array entry holds its offset
+
+
 def _array_entries(
     leaves: Sequence[ArrayLeaf], offsets: Sequence[int], crcs: Sequence[int] | None
 ) -> list[list[Any]]:
-    return [
-        [
-            _dtype_descr(leaf.array.dtype),
-            list(leaf.array.shape),
-            offset,
-            leaf.array.nbytes,
-            _WIDEST_CRC if crcs is None else crcs[index],
-        ]
-        for index, (leaf, offset) in enumerate(zip(leaves, offsets, strict=True))
-    ]
+    descrs: dict[np.dtype[Any], str | list[Any]] = {}  # one per dtype, not one per array
+    entries = []
+    for index, (leaf, offset) in enumerate(zip(leaves, offsets, strict=True)):
+        array = leaf.array
+        descr = descrs.get(array.dtype)
+        if descr is None:
+            descr = descrs[array.dtype] = _dtype_descr(array.dtype)
+        crc = _WIDEST_CRC if crcs is None else crcs[index]
+        entries.append([descr, list(array.shape), offset, array.nbytes, crc])
+    return entries
 
 
 def _pack_header(
@@ -365,8 +367,9 @@ def decode_header(header: bytes, header_crc: int, file_size: int, source: str) -
     paths, tags = _array_paths(raw["tree"], len(raw["arrays"]), source)
     arrays = []
     previous_end = data_start
+    dtypes: dict[str, np.dtype[Any]] = {}
     for index, item in enumerate(raw["arrays"]):
-        entry = _decode_entry(item, index, paths[index], source)
+        entry = _decode_entry(item, index, paths[index], source, dtypes)
         _check_tag(entry, tags[index], index, source)
         if entry.offset % ALIGNMENT or entry.offset < previous_end:
             raise CheckpointFormatError(
@@ -413,18 +416,31 @@ def _check_tag(entry: ArrayEntry, tag: str, index: int, source: str) -> None:
         raise CheckpointFormatError(source, f"array {index} holds bytes but is not flat uint8")
 
 
-def _decode_entry(item: object, index: int, path: str, source: str) -> ArrayEntry:
+def _decode_entry(
+    item: object, index: int, path: str, source: str, dtypes: dict[str, np.dtype[Any]]
+) -> ArrayEntry:
     if not isinstance(item, list) or len(item) != 5:
         raise CheckpointFormatError(source, f"array {index} entry is malformed")
     descr, shape, offset, nbytes, crc = item
-    dtype = _decode_dtype(descr, index, source)
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
+    # Thousands of arrays share a few dtypes: each plain one is parsed and checked once.
+    dtype = dtypes.get(descr) if type(descr) is str else None
+    if dtype is None:
+        dtype = _decode_dtype(descr, index, source)
+        if type(descr) is str:
+            dtypes[descr] = dtype
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise CheckpointFormatError(source, f"array {index} has an invalid shape")
-    if not all(type(v) is int and v >= 0 for v in (offset, nbytes, crc)) or crc > 0xFFFFFFFF:
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise CheckpointFormatError(source, f"array {index} has an invalid shape")
+    if (
+        type(offset) is not int
+        or type(nbytes) is not int
+        or type(crc) is not int
+        or offset < 0
+        or nbytes < 0
+        or not 0 <= crc <= 0xFFFFFFFF
+    ):
         raise CheckpointFormatError(source, f"array {index} has invalid offset, size or crc")
     if math.prod(shape) * dtype.itemsize != nbytes:
         raise CheckpointFormatError(

@@ -480,7 +480,13 @@ def _batches(pieces: Sequence[Buffer]) -> list[list[memoryview]]:
     batch: list[memoryview] = []
     batch_bytes = 0
     for piece in pieces:
-        view = memoryview(piece).cast("B")
+        view = memoryview(piece)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if len(view) <= _CHUNK_BYTES - batch_bytes and len(batch) < _IOV_MAX:
+            batch.append(view)  # fits whole: the case of every small array, kept cheap
+            batch_bytes += len(view)
+            continue
         for start in range(0, len(view), _CHUNK_BYTES):
             chunk = view[start : start + _CHUNK_BYTES]
             if batch and (batch_bytes + len(chunk) > _CHUNK_BYTES or len(batch) == _IOV_MAX):
