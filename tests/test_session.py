@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 from contextlib import aclosing
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -37,6 +38,7 @@ from asyncckpt import (
     PreemptedError,
     Saver,
     Scaffold,
+    SessionRunArgs,
     SessionRunContext,
     SessionRunHook,
     SessionRunValues,
@@ -438,6 +440,63 @@ async def test_end_of_input_ends_normally(tmp_path: Path, fn: Callable[..., Any]
                 await sess.run()
     assert recorder.calls == [*lifecycle(2, end=False), ("before_run", 2), ("end", 2)]
     assert latest_checkpoint(tmp_path) == ckpt(tmp_path, 2)
+
+
+class _FetchOnce(SessionRunHook):
+    """Fetch ``fetches`` on every step and keep what came back."""
+
+    def __init__(self, fetches: Any) -> None:
+        self.fetches = fetches
+        self.results: list[Any] = []
+
+    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs:
+        return SessionRunArgs(self.fetches)
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        self.results.append(run_values.results)
+
+
+@pytest.mark.parametrize("returns", ["none", "dict", "mapping"])
+async def test_what_the_step_returns_is_what_run_and_the_hooks_get(returns: str) -> None:
+    # None is no outputs; any mapping is the outputs. Each run returns a dict of its own.
+    def fn(state: dict[str, Any]) -> Any:
+        state["step"] += 1
+        outputs = {"loss": float(state["step"])}
+        if returns == "none":
+            return None
+        return MappingProxyType(outputs) if returns == "mapping" else outputs
+
+    hook = _FetchOnce("global_step")
+    creator = ChiefSessionCreator({"step": 0}, fn)
+    async with MonitoredSession(creator, hooks=[hook]) as sess:
+        first = await sess.run()
+        first["mutated"] = True
+        second = await sess.run()
+        fetched = await sess.run(["global_step", "loss"] if returns != "none" else "global_step")
+    assert type(second) is dict
+    assert second == ({} if returns == "none" else {"loss": 2.0})
+    assert fetched == (3 if returns == "none" else [3, 3.0])
+    assert hook.results == [1, 2, 3]
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_a_step_returning_no_mapping_is_a_type_error(is_async: bool) -> None:
+    def fn(state: dict[str, Any]) -> Any:
+        return [1.0]
+
+    async def async_fn(state: dict[str, Any]) -> Any:
+        return [1.0]
+
+    recorder = RecordingHook()
+    creator = ChiefSessionCreator({}, async_fn if is_async else fn)
+    with pytest.raises(TypeError, match="step_fn must return a mapping of named outputs"):
+        async with MonitoredSession(creator, hooks=[recorder]) as sess:
+            await sess.run()
+    assert recorder.calls == [
+        ("begin", None),
+        ("after_create_session", 0),
+        ("before_run", 0),
+    ]
 
 
 async def test_other_step_errors_propagate_as_themselves_without_end(tmp_path: Path) -> None:

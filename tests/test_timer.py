@@ -171,6 +171,20 @@ def test_reset_forgets_the_last_trigger() -> None:
     assert timer.should_trigger_for_step(7) is False
 
 
+def test_reset_forgets_the_last_trigger_of_a_time_schedule() -> None:
+    clock = FakeClock()
+    timer = SecondOrStepTimer(every_secs=10.0, clock=clock)
+    timer.update_last_triggered_step(5)
+    timer.reset()
+    assert timer.should_trigger_for_step(5) is True
+    timer.update_last_triggered_step(6)
+    clock.advance(9.5)
+    assert timer.should_trigger_for_step(7) is False  # 10 s from the new trigger, not the old
+    clock.advance(0.5)
+    assert timer.should_trigger_for_step(6) is False
+    assert timer.should_trigger_for_step(7) is True
+
+
 # -- NeverTriggerTimer (41) ------------------------------------------------------------------------
 
 

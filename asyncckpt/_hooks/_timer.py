@@ -52,6 +52,11 @@ class SecondOrStepTimer:
         self._clock = clock
         self._last_time: float | None = None
         self._last_step: int | None = None
+        # Hooks ask every step; these make the answer one comparison. A step schedule that
+        # triggered keeps the first step due (every_steps >= 1, so a step that is due is
+        # never the last trigger's); a time schedule keeps the time due.
+        self._due_step: int | None = None
+        self._due_time = 0.0
 
     def __repr__(self) -> str:
         every = (
@@ -65,17 +70,20 @@ class SecondOrStepTimer:
         """Forget the last trigger: the next step triggers."""
         self._last_time = None
         self._last_step = None
+        self._due_step = None
 
     def should_trigger_for_step(self, step: int) -> bool:
         """Return whether ``step`` is due (always, if the timer never triggered)."""
-        if self._last_step is None or self._last_time is None:
+        due = self._due_step
+        if due is not None:
+            return step >= due
+        last = self._last_step
+        if last is None:
             return True
-        if step == self._last_step:
+        if step == last:
             return False
-        if self._every_secs is not None:
-            return self._clock() >= self._last_time + self._every_secs
-        assert self._every_steps is not None
-        return step >= self._last_step + self._every_steps
+        # Only a time schedule gets here; the clock is read only for a new step.
+        return self._clock() >= self._due_time
 
     def update_last_triggered_step(self, step: int) -> tuple[float | None, int | None]:
         """Record a trigger at ``step``; return ``(elapsed_secs, elapsed_steps)`` since the
@@ -86,6 +94,11 @@ class SecondOrStepTimer:
             elapsed = (now - self._last_time, step - self._last_step)
         self._last_time = now
         self._last_step = step
+        if self._every_steps is not None:
+            self._due_step = step + self._every_steps
+        else:
+            assert self._every_secs is not None
+            self._due_time = now + self._every_secs
         return elapsed
 
     def last_triggered_step(self) -> int | None:

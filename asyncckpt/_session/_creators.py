@@ -18,15 +18,51 @@ from ._scaffold import Scaffold
 if TYPE_CHECKING:
     from .._types import StateTree
 
-__all__ = ["ChiefSessionCreator", "SessionCreator", "StepFn", "StepSession"]
+__all__ = [
+    "NO_OUTPUTS",
+    "ChiefSessionCreator",
+    "SessionCreator",
+    "StepFn",
+    "StepSession",
+    "end_of_input",
+    "ends_input",
+    "step_outputs",
+]
 
-_NO_OUTPUTS: Mapping[str, Any] = MappingProxyType({})
+NO_OUTPUTS: Mapping[str, Any] = MappingProxyType({})
+"""The outputs of a step function that returned None."""
 
 StepFn: TypeAlias = Callable[..., "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"]
 """``step_fn(state, **feeds)``, plain or async, returning named outputs (or None)."""
 
 
-def _end_of_input(exc: BaseException) -> OutOfRangeError:
+def step_outputs(outputs: Any) -> Mapping[str, Any]:
+    """Return what the step function returned as its outputs: a mapping, or None for none.
+
+    Raises:
+        TypeError: something else.
+    """
+    if outputs is None:
+        return NO_OUTPUTS
+    if type(outputs) is not dict and not isinstance(outputs, Mapping):  # fast path: dict
+        raise TypeError(
+            f"step_fn must return a mapping of named outputs (or None), not "
+            f"{type(outputs).__name__}"
+        )
+    return outputs
+
+
+def ends_input(exc: StopIteration | RuntimeError) -> bool:
+    """Whether the step function's exception is the end of its input.
+
+    PEP 479: a ``StopIteration`` escaping an async step becomes a ``RuntimeError`` caused by
+    it.
+    """
+    return isinstance(exc, StopIteration) or isinstance(exc.__cause__, StopIteration)
+
+
+def end_of_input(exc: BaseException) -> OutOfRangeError:
+    """The ``OutOfRangeError`` that a step's ``StopIteration`` comes out as."""
     error = OutOfRangeError("the step function's input is exhausted")
     error.__cause__ = exc
     return error
@@ -52,27 +88,21 @@ class StepSession:
 
     async def _step(self, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
         """Call the step function; a ``StopIteration`` (which cannot cross a coroutine) comes
-        out as ``OutOfRangeError``, the end of the input."""
+        out as ``OutOfRangeError``, the end of the input.
+
+        ``MonitoredSession.run`` inlines this (one coroutine less per step): keep the two
+        alike.
+        """
         try:
             outputs: Any = self.step_fn(self.state, **feeds)
             if self._is_async or inspect.isawaitable(outputs):
                 outputs = await outputs
-        except StopIteration as exc:
-            raise _end_of_input(exc) from exc
-        except RuntimeError as exc:
-            # PEP 479: a StopIteration escaping an async step becomes this RuntimeError.
-            if isinstance(exc.__cause__, StopIteration):
-                raise _end_of_input(exc) from exc
+        except (StopIteration, RuntimeError) as exc:
+            if ends_input(exc):
+                raise end_of_input(exc) from exc
             raise
         self.global_step += 1
-        if outputs is None:
-            return _NO_OUTPUTS
-        if type(outputs) is not dict and not isinstance(outputs, Mapping):  # fast path: dict
-            raise TypeError(
-                f"step_fn must return a mapping of named outputs (or None), not "
-                f"{type(outputs).__name__}"
-            )
-        return outputs
+        return step_outputs(outputs)
 
     async def run(self, fetches: Any = None, feed_dict: Mapping[str, Any] | None = None) -> Any:
         """Run one step without hooks; return the fetched outputs (all of them for None)."""

@@ -7,9 +7,16 @@ hooks (see ``asyncckpt._hooks._base``), and recovery from recoverable errors.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import anyio
 import anyio.abc
@@ -21,9 +28,18 @@ from .._hooks._basic import StepCounterHook
 from .._hooks._checkpoint import CheckpointSaverHook
 from .._hooks._input import input_pipeline_listeners
 from .._hooks._summary import SummarySaverHook
-from .._util import single_exception
+from .._util import raise_single_exception
 from ._coordinator import Coordinator
-from ._creators import ChiefSessionCreator, SessionCreator, StepFn, StepSession
+from ._creators import (
+    NO_OUTPUTS,
+    ChiefSessionCreator,
+    SessionCreator,
+    StepFn,
+    StepSession,
+    end_of_input,
+    ends_input,
+    step_outputs,
+)
 from ._fetches import merge_feeds, resolve_fetches
 from ._scaffold import Scaffold
 
@@ -37,7 +53,14 @@ __all__ = ["MonitoredSession", "MonitoredTrainingSession"]
 
 _END_OF_INPUT: Final = (StopIteration, StopAsyncIteration, OutOfRangeError)
 _NO_RESULTS: Final = SessionRunValues(None)
+_NO_ARGS: Final = SessionRunArgs()
+_NOT_OPEN: Final = "the session is not open: use `async with` first"
+_isawaitable: Final = inspect.isawaitable
 _NO_FEEDS: Final[Mapping[str, Any]] = {}
+
+
+_BeforeRun: TypeAlias = Callable[[SessionRunContext], Any]
+_AfterRun: TypeAlias = Callable[[SessionRunContext, SessionRunValues], Any]
 
 
 def _is_end_of_input(exc: BaseException | None) -> bool:
@@ -114,8 +137,9 @@ class MonitoredSession:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._entered = False
         self._closed = False
-        self._before_run: tuple[SessionRunHook, ...] = ()
-        self._after_run: tuple[SessionRunHook, ...] = ()
+        self._before_run: tuple[tuple[int, _BeforeRun], ...] = ()
+        self._after_run: tuple[tuple[int, _AfterRun], ...] = ()
+        self._after_run_calls: tuple[_AfterRun, ...] = ()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._entered else "new"
@@ -137,7 +161,7 @@ class MonitoredSession:
 
     def _session(self) -> StepSession:
         if self._raw is None:
-            raise RuntimeError("the session is not open: use `async with` first")
+            raise RuntimeError(_NOT_OPEN)
         return self._raw
 
     @property
@@ -165,12 +189,23 @@ class MonitoredSession:
                 self._coord._attach(self._task_group)
                 stack.callback(self._coord._detach)
                 await self._create()
-                self._before_run = tuple(h for h in self._hooks if _overrides(h, "before_run"))
-                self._after_run = tuple(h for h in self._hooks if _overrides(h, "after_run"))
+                # Bound once, so the step path looks nothing up; each with the key that
+                # routes the results of its hook's fetches back to it.
+                self._before_run = tuple(
+                    (id(hook), hook.before_run)
+                    for hook in self._hooks
+                    if _overrides(hook, "before_run")
+                )
+                self._after_run = tuple(
+                    (id(hook), hook.after_run)
+                    for hook in self._hooks
+                    if _overrides(hook, "after_run")
+                )
+                self._after_run_calls = tuple(after_run for _, after_run in self._after_run)
                 self._stack = stack.pop_all()
         except BaseExceptionGroup as group:
             # A hook's background task failed while the session was being created.
-            raise single_exception(group) from None
+            raise_single_exception(group)
         return self
 
     async def _create(self) -> None:
@@ -212,7 +247,7 @@ class MonitoredSession:
             try:
                 await stack.aclose()
             except BaseExceptionGroup as group:
-                raise single_exception(group) from None
+                raise_single_exception(group)
         return normal and exc is not None
 
     # -- stepping -----------------------------------------------------------------------------
@@ -234,55 +269,87 @@ class MonitoredSession:
             OutOfRangeError: the step's input is exhausted (the ``async with`` block then
                 ends normally).
         """
-        if self.should_stop():
+        coord = self._coord
+        if coord.should_stop() or self._closed:
             raise RuntimeError("Run called even after should_stop requested.")
-        raw = self._session()
+        raw = self._raw
+        if raw is None:
+            raise RuntimeError(_NOT_OPEN)
+        # The caller's arguments, as every hook of this run sees them; most runs pass none.
+        original_args = (
+            _NO_ARGS
+            if fetches is None and feed_dict is None
+            else SessionRunArgs(fetches, feed_dict)
+        )
+        # The step path is hot: one coroutine (this one) per step, the step function called
+        # here rather than through StepSession._step (keep the two alike), and hooks that
+        # return None (most steps of most hooks) cost a call: no await, no allocation.
         while True:
             try:
-                return await self._run_once(raw, fetches, feed_dict)
+                if coord.pending:
+                    # Let background writes progress even if the step function never awaits.
+                    await anyio.lowlevel.checkpoint()
+                context = SessionRunContext(original_args, raw)
+                hook_fetches: dict[int, Any] | None = None
+                hook_feeds: list[Mapping[str, Any]] | None = None
+                for key, before_run in self._before_run:
+                    args = before_run(context)
+                    if args is not None and _isawaitable(args):
+                        args = await args
+                    if args is not None:
+                        if args.fetches is not None:
+                            hook_fetches = hook_fetches or {}
+                            hook_fetches[key] = args.fetches
+                        if args.feed_dict:
+                            hook_feeds = hook_feeds or []
+                            hook_feeds.append(args.feed_dict)
+                feeds = (
+                    merge_feeds(feed_dict, hook_feeds) if hook_feeds else (feed_dict or _NO_FEEDS)
+                )
+                try:
+                    # (Unpacking an empty mapping into the call is not free.)
+                    outputs: Any = (
+                        raw.step_fn(raw.state, **feeds) if feeds else raw.step_fn(raw.state)
+                    )
+                    if raw._is_async or _isawaitable(outputs):
+                        outputs = await outputs
+                except (StopIteration, RuntimeError) as exc:
+                    if ends_input(exc):
+                        raise end_of_input(exc) from exc
+                    raise
+                raw.global_step += 1
+                step = raw.global_step
+                if outputs is None:
+                    outputs = NO_OUTPUTS
+                elif type(outputs) is not dict:
+                    outputs = step_outputs(outputs)
+                if hook_fetches is None:
+                    for after_run in self._after_run_calls:
+                        done = after_run(context, _NO_RESULTS)
+                        if done is not None and _isawaitable(done):
+                            await done
+                else:
+                    for key, after_run in self._after_run:
+                        wanted = hook_fetches.get(key)
+                        values = (
+                            _NO_RESULTS
+                            if wanted is None
+                            else SessionRunValues(resolve_fetches(wanted, outputs, step))
+                        )
+                        done = after_run(context, values)
+                        if done is not None and _isawaitable(done):
+                            await done
+                if context.stop_requested:
+                    coord.request_stop()
+                # The caller's fetches are resolved last: a typo there must not hide the
+                # completed step from the hooks (a stop at this step, a save) if the caller
+                # catches the KeyError.
+                if fetches is None:
+                    # (dict() of the empty read-only mapping takes the slow, generic path.)
+                    return dict(outputs) if outputs else {}
+                return resolve_fetches(fetches, outputs, step, all_if_none=True)
             except self._recoverable:
                 raw = await self._recover()
-
-    async def _run_once(
-        self, raw: StepSession, fetches: Any, feed_dict: Mapping[str, Any] | None
-    ) -> Any:
-        if self._coord.pending:
-            # Let background writes progress even if the step function never awaits.
-            await anyio.lowlevel.checkpoint()
-        context = SessionRunContext(SessionRunArgs(fetches, feed_dict), raw)
-        # The step path is hot: hooks that return None (most steps of most hooks) cost a call,
-        # no await, no allocation.
-        hook_fetches: dict[int, Any] | None = None
-        hook_feeds: list[Mapping[str, Any]] | None = None
-        for hook in self._before_run:
-            args = hook.before_run(context)
-            if args is not None and inspect.isawaitable(args):
-                args = await args
-            if args is not None:
-                if args.fetches is not None:
-                    hook_fetches = hook_fetches or {}
-                    hook_fetches[id(hook)] = args.fetches
-                if args.feed_dict:
-                    hook_feeds = hook_feeds or []
-                    hook_feeds.append(args.feed_dict)
-        feeds = merge_feeds(feed_dict, hook_feeds) if hook_feeds else (feed_dict or _NO_FEEDS)
-        outputs = await raw._step(feeds)
-        step = raw.global_step
-        for hook in self._after_run:
-            wanted = hook_fetches.get(id(hook)) if hook_fetches else None
-            values = (
-                _NO_RESULTS
-                if wanted is None
-                else SessionRunValues(resolve_fetches(wanted, outputs, step))
-            )
-            done = hook.after_run(context, values)
-            if done is not None and inspect.isawaitable(done):
-                await done
-        if context.stop_requested:
-            self._coord.request_stop()
-        # The caller's fetches are resolved last: a typo there must not hide the completed
-        # step from the hooks (a stop at this step, a save) if the caller catches the KeyError.
-        return resolve_fetches(fetches, outputs, step, all_if_none=True)
 
     async def _recover(self) -> StepSession:
         # TensorFlow's recoverable session: finish what was being saved, restore the latest
