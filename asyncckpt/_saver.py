@@ -8,6 +8,7 @@ checkpoints to delete. Reads and writes whole checkpoints through ``_format`` (b
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -312,11 +313,13 @@ async def write_snapshot(
     step: int | None,
     metadata: dict[str, Any],
     wall_time: float,
+    reuse: str | None = None,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> int:
     """Write one checkpoint file from a snapshot, atomically; return its size in bytes.
 
     Array bytes go straight from the snapshot's buffers to the file: no copy of the state.
+    With ``reuse``, a retired checkpoint file is overwritten instead of a new one created.
     Their checksums are computed in a second thread while they are written, and the header
     that holds them is written last, over the room the layout reserved for it.
     """
@@ -329,7 +332,7 @@ async def write_snapshot(
     }
     if not snapshot.leaves:
         whole, _offsets, file_size = _format.encode_header(**fields, crcs=[])
-        await _storage.write_atomic(path, [whole], limiter=limiter)
+        await _storage.write_atomic(path, [whole], reuse=reuse, limiter=limiter)
         return file_size
     layout = _format.plan_layout(**fields)
     pieces: list[Any] = [bytes(layout.data_start)]
@@ -353,7 +356,7 @@ async def write_snapshot(
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(compute_crcs)
-            await _storage.write_atomic(path, pieces, late_head=head, limiter=limiter)
+            await _storage.write_atomic(path, pieces, late_head=head, reuse=reuse, limiter=limiter)
     except BaseExceptionGroup as group:
         raise_single_exception(group)
     return layout.file_size
@@ -592,6 +595,10 @@ class _DirectoryBook:
     state: CheckpointState
     lock: _storage.DirectoryLock
     busy: bool = False
+    # While the lock is held across saves (CheckpointManager), the checkpoint retention
+    # retires is kept as a temporary file for the next save to overwrite in place.
+    recycles: bool = False
+    spare: str | None = None
 
 
 class Saver:
@@ -669,6 +676,9 @@ class Saver:
     def _release(self, directory: str) -> None:
         book = self._books.get(directory)
         if book is not None:
+            if book.spare is not None:
+                _storage.remove_spare(book.spare)
+                book.spare = None
             book.lock.release()
 
     def _book(self, directory: str) -> _DirectoryBook:
@@ -698,9 +708,11 @@ class Saver:
                 _storage.remove_temp_files(directory, _owned_by(self.latest_filename, [prefix]))
                 # Another writer may have saved here since we last held the lock.
                 book.state = get_checkpoint_state(directory, self.latest_filename) or book.state
+            book.recycles = not temporary_lock
             yield book
         finally:
             book.busy = False
+            book.recycles = False
             if temporary_lock:
                 book.lock.release()
 
@@ -779,11 +791,25 @@ class Saver:
         with self._writing(directory, prefix) as book:
             now = self._clock()
             old = book.state
+            spare, book.spare = book.spare, None
             try:
                 size = await write_snapshot(
-                    snapshot, path, step=step, metadata=metadata, wall_time=now, limiter=limiter
+                    snapshot,
+                    path,
+                    step=step,
+                    metadata=metadata,
+                    wall_time=now,
+                    reuse=spare,
+                    limiter=limiter,
                 )
-            except _storage.DirectorySyncError as exc:
+            except BaseException as exc:
+                if spare is not None:  # unless the write took it and removed it already
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(
+                            _storage.remove_spare, spare, limiter=limiter
+                        )
+                if not isinstance(exc, _storage.DirectorySyncError):
+                    raise
                 # Complete and in place, but never listed and perhaps not durable: remove it.
                 await self._discard_unlisted(path, old, limiter)
                 raise CheckpointWriteError(
@@ -848,8 +874,11 @@ class Saver:
                     # The state file no longer lists them: if they are not deleted now, no
                     # later save will, so a cancellation waits for these few unlinks.
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(
-                            _storage.remove_files, doomed, limiter=limiter
+                        book.spare = await anyio.to_thread.run_sync(
+                            functools.partial(
+                                _storage.remove_files, doomed, keep_spare=book.recycles
+                            ),
+                            limiter=limiter,
                         )
                 except CheckpointWriteError as exc:
                     what = "this old checkpoint" if exc.path in doomed else "old checkpoints"

@@ -13,11 +13,12 @@ if TYPE_CHECKING:
 # The storage calls of a save into a directory holding one older checkpoint, with
 # max_to_keep=1: the checkpoint file (open, write the arrays, write the header that holds
 # their checksums, fsync, rename, fsync_dir), the state file (open, write, fsync, rename,
-# fsync_dir), then the deletion of the older checkpoint (unlink, fsync_dir).
+# fsync_dir), then the retirement of the older checkpoint (a manager renames it to a
+# temporary name, for its next save to overwrite in place; then fsync_dir).
 SAVE_OPS: Final = [
     "open", "write", "write", "fsync", "rename", "fsync_dir",
     "open", "write", "fsync", "rename", "fsync_dir",
-    "unlink", "fsync_dir",
+    "rename", "fsync_dir",
 ]  # fmt: skip
 STATE_FILE_FIRST_CALL: Final = 6
 

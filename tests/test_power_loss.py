@@ -187,7 +187,20 @@ EXPECTED_OPS = [
     ("fsync", ".checkpoint" + TEMP_MARKER),
     ("rename", "checkpoint"),
     ("fsync_dir", "checkpoint"),
-    ("unlink", "model.ckpt-1"),  # max_to_keep=2: step 1 goes
+    # max_to_keep=2: step 1 goes, kept as a spare for the next save to overwrite
+    ("rename", ".model.ckpt-1" + TEMP_MARKER),
+    ("fsync_dir", ""),
+]
+# The next save overwrites that spare instead of creating a file, and retires step 2.
+EXPECTED_REUSE_OPS = [
+    ("open", ".model.ckpt-1" + TEMP_MARKER),
+    ("write", ".model.ckpt-1" + TEMP_MARKER),
+    ("write", ".model.ckpt-1" + TEMP_MARKER),
+    ("fsync", ".model.ckpt-1" + TEMP_MARKER),
+    ("rename", "model.ckpt-4"),
+    ("fsync_dir", "model.ckpt-4"),
+    *EXPECTED_OPS[6:11],  # the state file
+    ("rename", ".model.ckpt-2" + TEMP_MARKER),
     ("fsync_dir", ""),
 ]
 STATE_FILE_DURABLE = 11  # after this many ops the save is durable (and was reported so)
@@ -211,6 +224,8 @@ async def test_a_save_makes_the_documented_storage_calls_in_order(tmp_path: Path
     recording = await record_save(tmp_path / "ckpt", previous=2)
     assert _shape(recording, tmp_path / "ckpt") == EXPECTED_OPS
     assert len(recording.snapshots) == len(EXPECTED_OPS) + 1
+    reusing = await record_save(tmp_path / "reuse", previous=3)
+    assert _shape(reusing, tmp_path / "reuse") == EXPECTED_REUSE_OPS
 
 
 # -- checking every crash state -------------------------------------------------------------------
@@ -247,11 +262,13 @@ async def check_crash_state(
     return step
 
 
+@pytest.mark.parametrize("previous", [2, 3], ids=["new-file", "reused-file"])
 @pytest.mark.parametrize("k", range(len(EXPECTED_OPS) + 1))
 async def test_a_power_loss_after_any_op_of_a_save_leaves_a_good_latest_checkpoint(
-    tmp_path: Path, k: int
+    tmp_path: Path, k: int, previous: int
 ) -> None:
-    recording = await record_save(tmp_path / "ckpt", previous=2)
+    new = previous + 1
+    recording = await record_save(tmp_path / "ckpt", previous=previous)
     states = crash_states(recording, k)
     found = set()
     for index, files in enumerate(states):
@@ -259,15 +276,15 @@ async def test_a_power_loss_after_any_op_of_a_save_leaves_a_good_latest_checkpoi
             await check_crash_state(
                 tmp_path / f"crash-{index}",
                 files,
-                previous=2,
-                new=3,
+                previous=previous,
+                new=new,
                 durable=k >= STATE_FILE_DURABLE,
             )
         )
     # The state file's rename is what publishes the save: before it only the previous
     # checkpoint can be the latest; between it and its directory sync, either.
     published = _after("rename", "checkpoint")
-    assert found == ({2} if k < published else {2, 3} if k == published else {3})
+    assert found == ({previous} if k < published else {previous, new} if k == published else {new})
 
 
 @pytest.mark.parametrize("k", range(len(EXPECTED_OPS) - 1))
@@ -299,8 +316,8 @@ async def test_the_model_explores_undone_renames_and_lost_data(tmp_path: Path) -
         len(data) for state in before_fsync for n, data in state.items() if TEMP_MARKER in n
     }
     assert len(temp_sizes) == 3  # empty, half, whole (whole twice: its bytes or zeros)
-    # After the unlink, before the directory sync: the old checkpoint may come back.
-    unlinked = _after("unlink", "model.ckpt-1")
+    # After the retirement, before the directory sync: the old checkpoint may come back.
+    unlinked = _after("rename", ".model.ckpt-1" + TEMP_MARKER)
     assert {"model.ckpt-1" in state for state in crash_states(recording, unlinked)} == {
         True,
         False,

@@ -24,6 +24,7 @@ from asyncckpt import (
     CheckpointManagerStatistics,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    Saver,
     latest_checkpoint,
 )
 from asyncckpt.cli import main as cli_main
@@ -399,7 +400,8 @@ async def test_state_file_write_error_keeps_previous_latest(
 async def test_failed_deletion_after_the_commit_keeps_the_new_checkpoint_latest(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    storage.fail("unlink", errno.EACCES, match="model.ckpt-1")
+    # A manager retires the surplus checkpoint by renaming it to a spare temporary name.
+    storage.fail("rename", errno.EACCES, match=".model.ckpt-1.asyncckpt-tmp-")
     async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
         await manager.save(make_state(1), 1)
         await manager.wait()
@@ -641,9 +643,9 @@ async def test_save_commits_file_then_state_file_then_deletes(
     calls = storage.calls[first:]
     assert [op for op, _path in calls] == SAVE_OPS
     assert ".model.ckpt-2" in calls[0][1]
-    renames = [path for op, path in calls if op == "rename"]
-    assert renames == [str(tmp_path / "model.ckpt-2"), str(tmp_path / "checkpoint")]
-    assert [path for op, path in calls if op == "unlink"] == [str(tmp_path / "model.ckpt-1")]
+    renames = [os.path.basename(path) for op, path in calls if op == "rename"]
+    assert renames[:2] == ["model.ckpt-2", "checkpoint"]
+    assert renames[2].startswith(".model.ckpt-1.asyncckpt-tmp-")  # kept as the next save's file
 
 
 @pytest.mark.parametrize(
@@ -756,3 +758,36 @@ async def test_latest_filename_names_the_managers_own_state_file(tmp_path: Path)
 def test_a_bad_latest_filename_fails_at_construction(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="latest_filename"):
         CheckpointManager(tmp_path, latest_filename=name)
+
+
+# -- retired checkpoint files ----------------------------------------------------------------------
+
+
+async def test_a_manager_overwrites_the_checkpoint_file_it_retired(tmp_path: Path) -> None:
+    # Reusing the retired file keeps its page-cache pages and disk blocks (docs/DESIGN_NOTES.md).
+    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
+        await manager.save({"w": np.zeros(100_000)}, 1)
+        await manager.wait()
+        first_inode = os.stat(tmp_path / "model.ckpt-1").st_ino
+        await manager.save({"w": np.ones(100_000)}, 2)
+        await manager.wait()
+        assert [name.split(".asyncckpt-tmp-")[0] for name in temp_files(tmp_path)] == [
+            ".model.ckpt-1"
+        ]
+        await manager.save({"w": np.full(10, 3.0)}, 3)  # far shorter than the retired file
+        await manager.wait()
+        assert os.stat(tmp_path / "model.ckpt-3").st_ino == first_inode
+        assert manager.all_steps() == [3]
+    assert temp_files(tmp_path) == []  # the spare retired by step 3's save went at close
+    assert cli_main(["verify", str(tmp_path)], out=io.StringIO()) == 0
+    step, tree = await restore_latest(tmp_path)
+    assert step == 3
+    np.testing.assert_array_equal(tree["w"], np.full(10, 3.0))
+
+
+async def test_a_bare_saver_deletes_what_retention_drops(tmp_path: Path) -> None:
+    # Without a manager no lock is held between saves: a kept spare could be anyone's.
+    saver = Saver(max_to_keep=1)
+    await saver.save({"w": np.zeros(10)}, str(tmp_path / "model.ckpt"), global_step=1)
+    await saver.save({"w": np.ones(10)}, str(tmp_path / "model.ckpt"), global_step=2)
+    assert sorted(os.listdir(tmp_path)) == [".asyncckpt.lock", "checkpoint", "model.ckpt-2"]
