@@ -27,12 +27,14 @@ from asyncckpt import summary
 from asyncckpt._crc32c import crc32c, masked_crc32c
 from asyncckpt._summary._proto import (
     FILE_VERSION,
+    MAX_STEP,
     SessionLog,
     encode_event,
     histogram_buckets,
     session_log,
 )
 from asyncckpt._summary._records import RecordError, frame, iter_records
+from asyncckpt._summary._scalars import ScalarRecords
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -320,6 +322,8 @@ def test_events_refuse_what_would_hide_data() -> None:
             encode_event(wall_time=wall_time)
     with pytest.raises(ValueError, match="step must be >= 0"):
         encode_event(wall_time=1.0, step=-1)
+    with pytest.raises(ValueError, match=r"step must be < 2\*\*63 \(an int64\)"):
+        encode_event(wall_time=1.0, step=2**63)  # TensorBoard would read it as -2**63
 
 
 def test_event_fields_come_in_field_number_order() -> None:
@@ -386,6 +390,69 @@ def test_tags_must_be_non_empty_strings() -> None:
 
 def test_a_summary_value_shows_its_tag_not_its_bytes() -> None:
     assert repr(summary.scalar("loss", 1.0)) == "SummaryValue(tag='loss', 31 bytes)"
+
+
+# -- the scalar fast path: the generic bytes, from bytes cached per tag ------------------------
+
+
+def generic_scalar_record(tag: Any, value: Any, step: int, wall_time: float) -> bytes:
+    return frame(encode_event(wall_time=wall_time, step=step, values=[summary.scalar(tag, value)]))
+
+
+SCALAR_VALUES = (
+    st.floats()  # NaN with any payload and sign, infinities, subnormals, beyond float32
+    | st.floats(width=32)
+    | st.integers(min_value=-(2**1100), max_value=2**1100)
+    | st.booleans()
+    | st.floats(width=32).map(np.float32)
+    | st.floats().map(np.float64)
+)
+
+
+@settings(max_examples=300)
+@given(
+    tag=st.text(min_size=1, max_size=300),  # lengths past 127: two-byte length fields
+    points=st.lists(
+        st.tuples(
+            SCALAR_VALUES,
+            st.integers(min_value=0, max_value=MAX_STEP)
+            | st.integers(min_value=0, max_value=2**22)
+            | st.sampled_from([0, 1, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**21, MAX_STEP]),
+            st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([0.0, -0.0]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_the_scalar_fast_path_writes_the_generic_bytes(
+    tag: str, points: list[tuple[Any, int, float]]
+) -> None:
+    records = ScalarRecords()
+    for value, step, wall_time in points:  # the first one caches the tag; the rest use it
+        assert records.record(tag, value, step, wall_time) == generic_scalar_record(
+            tag, value, step, wall_time
+        )
+
+
+@pytest.mark.parametrize(
+    ("tag", "value", "error", "message"),
+    [
+        ("", 1.0, ValueError, "must not be empty"),
+        (b"loss", 1.0, TypeError, "must be a str, not bytes"),
+        (["loss"], 1.0, TypeError, "must be a str, not list"),
+        ("loss", "1.0", TypeError, "must be a real number"),
+        ("loss", 1j, TypeError, "must be a real number"),
+    ],
+)
+def test_the_scalar_fast_path_refuses_what_scalar_refuses(
+    tag: Any, value: Any, error: type[Exception], message: str
+) -> None:
+    records = ScalarRecords()
+    records.record("loss", 1.0, 1, 1.0)  # a known tag takes the fast path
+    with pytest.raises(error, match=message):
+        records.record(tag, value, 2, 1.0)
+    with pytest.raises(error, match=message):
+        summary.scalar(tag, value)
 
 
 @pytest.mark.parametrize(

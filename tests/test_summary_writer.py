@@ -273,6 +273,7 @@ async def test_non_finite_wall_times_are_refused(tmp_path: Path, bad: float) -> 
     ("step", "error", "message"),
     [
         (-1, ValueError, "step must be >= 0"),
+        (2**63, ValueError, r"step must be < 2\*\*63 \(an int64\)"),
         (1.0, TypeError, "step must be an int, not float"),
         (True, TypeError, "step must be an int, not bool"),
     ],
@@ -417,6 +418,62 @@ async def test_a_full_queue_blocks_until_the_disk_catches_up(
             assert records(w.path)[1:] == [scalar_event("loss", float(s), s) for s in range(4)]
 
 
+async def test_callers_waiting_for_room_are_written_in_the_order_they_called(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
+    # Each add claims its step when it is called: were a later one written first, TensorBoard
+    # would take the earlier step for a restart and drop points.
+    async with writer(tmp_path, max_queue=1) as w:
+        stall = storage.stall("write", match="tfevents")
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                await w.add_scalar("loss", 0.0, 0)
+                tg.start_soon(w.flush)
+                await stall.wait_reached()  # the writer is held in a disk write
+                await w.add_scalar("loss", 1.0, 1)  # fills the queue (max_queue=1)
+                for step in range(2, 7):
+                    tg.start_soon(w.add_scalar, "loss", float(step), step)
+                    await anyio.wait_all_tasks_blocked()  # waiting for room, in this order
+                stall.release()
+            await w.flush()
+    assert records(w.path)[1:] == [scalar_event("loss", float(s), s) for s in range(7)]
+
+
+async def test_a_full_queue_costs_no_disk_write_until_a_flush(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
+    # The writer keeps what it takes in memory: callers of a full queue wait for it to move
+    # events there, not for the disk, and events reach the OS (and TensorBoard) on a flush.
+    async with writer(tmp_path, max_queue=1, flush_secs=3600) as w:
+        writes = storage.calls.count(("write", w.path))
+        with anyio.fail_after(5):
+            for step in range(50):
+                await w.add_scalar("loss", float(step), step)
+            await anyio.wait_all_tasks_blocked()
+            assert storage.calls.count(("write", w.path)) == writes
+            assert records(w.path) == [header()]
+            await w.flush()
+        assert records(w.path)[1:] == [scalar_event("loss", float(s), s) for s in range(50)]
+
+
+async def test_much_data_goes_to_the_file_without_waiting_for_a_flush(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
+    # What the writer holds in memory is bounded (256 KiB), whatever flush_secs is.
+    text = "x" * 100_000
+    async with writer(tmp_path, flush_secs=3600) as w:
+        stall = storage.stall("write", match="tfevents")
+        with anyio.fail_after(5):
+            for step in range(3):
+                await w.add_text("notes", text, step)
+            await stall.wait_reached()  # no flush() was called
+            stall.release()
+            await w.flush()
+    assert records(w.path)[1:] == [
+        encode_event(wall_time=WALL, step=s, values=[summary.text("notes", text)]) for s in range(3)
+    ]
+
+
 async def test_closing_writes_every_accepted_event(tmp_path: Path) -> None:
     async with writer(tmp_path, max_queue=3, flush_secs=3600) as w:
         for step in range(40):
@@ -509,10 +566,11 @@ async def test_a_cancelled_add_is_not_written_and_gives_its_step_back(
         stall = storage.stall("write", match="tfevents")
         with anyio.fail_after(5):
             try:
-                await w.add_scalar("loss", 0.0, 0)  # a full batch (max_queue=1): flushed
-                await stall.wait_reached()
-                await w.add_scalar("loss", 1.0, 1)  # fills the queue
                 async with anyio.create_task_group() as tg:
+                    await w.add_scalar("loss", 0.0, 0)
+                    tg.start_soon(w.flush)
+                    await stall.wait_reached()  # the writer is held in a disk write
+                    await w.add_scalar("loss", 1.0, 1)  # fills the queue (max_queue=1)
                     tg.start_soon(add_until_cancelled, w, "loss", 2)
                     tg.start_soon(add_until_cancelled, w, "new", 0)
                     await anyio.wait_all_tasks_blocked()  # steps claimed, waiting for room
@@ -551,9 +609,10 @@ async def test_concurrent_adds_for_one_step_are_refused_while_the_first_waits(
         stall = storage.stall("write", match="tfevents")
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                await w.add_scalar("loss", 0.0, 0)  # a full batch (max_queue=1): flushed
-                await stall.wait_reached()
-                await w.add_scalar("loss", 1.0, 1)  # fills the queue
+                await w.add_scalar("loss", 0.0, 0)
+                tg.start_soon(w.flush)
+                await stall.wait_reached()  # the writer is held in a disk write
+                await w.add_scalar("loss", 1.0, 1)  # fills the queue (max_queue=1)
                 tg.start_soon(add, w, 2.0, 2)  # waits for room
                 await anyio.wait_all_tasks_blocked()
                 await add(w, 2.1, 2)

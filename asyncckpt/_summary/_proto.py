@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FILE_VERSION",
+    "MAX_STEP",
+    "SCALARS_METADATA",
     "SessionLog",
     "SummaryValue",
     "encode_event",
@@ -31,9 +33,13 @@ __all__ = [
     "scalar",
     "session_log",
     "text",
+    "varint",
 ]
 
 FILE_VERSION: Final = "brain.Event:2"
+MAX_STEP: Final = 2**63 - 1
+"""``Event.step`` is an int64: TensorBoard reads a larger step as another (negative) one, or,
+from 2**70 on, not at all, dropping the rest of the file."""
 
 # Wire types.
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
@@ -52,9 +58,18 @@ class SessionLog(IntEnum):
     """A checkpoint was written (its path travels with the event)."""
 
 
-def _varint(value: int) -> bytes:
+# Each one-byte varint once: lengths, keys and most steps are below 128.
+_ONE_BYTE: Final = tuple(bytes((value,)) for value in range(0x80))
+
+
+def varint(value: int) -> bytes:
+    """Encode a proto ``uint64``/``int64`` varint (negative: ten-byte two's complement)."""
     if value < 0:
-        value += 1 << 64  # proto int64: ten-byte two's complement
+        value += 1 << 64
+    elif value < 0x80:
+        return _ONE_BYTE[value]
+    elif value < 0x4000:  # two bytes, without the loop: most lengths, steps below 16384
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -64,12 +79,12 @@ def _varint(value: int) -> bytes:
 
 
 def _key(field: int, wire: int) -> bytes:
-    return _varint((field << 3) | wire)
+    return varint((field << 3) | wire)
 
 
 def _message(field: int, payload: bytes) -> bytes:
     """A length-delimited field, written even when empty (a set sub-message)."""
-    return _key(field, _LENGTH) + _varint(len(payload)) + payload
+    return _key(field, _LENGTH) + varint(len(payload)) + payload
 
 
 def _string(field: int, value: str | bytes) -> bytes:
@@ -78,7 +93,7 @@ def _string(field: int, value: str | bytes) -> bytes:
 
 
 def _uint(field: int, value: int) -> bytes:
-    return _key(field, _VARINT) + _varint(value) if value else b""
+    return _key(field, _VARINT) + varint(value) if value else b""
 
 
 def _double(field: int, value: float) -> bytes:
@@ -91,7 +106,8 @@ def _plugin_metadata(plugin_name: str) -> bytes:
     return _message(9, _message(1, _string(1, plugin_name)))
 
 
-_SCALARS: Final = _plugin_metadata("scalars")
+SCALARS_METADATA: Final = _plugin_metadata("scalars")
+"""The last field of a scalar's ``Summary.Value`` (what follows its float32 value)."""
 _HISTOGRAMS: Final = _plugin_metadata("histograms")
 _TEXT: Final = _plugin_metadata("text")
 _IMAGES: Final = _plugin_metadata("images")
@@ -140,7 +156,7 @@ def scalar(tag: str, value: float) -> SummaryValue:
     with np.errstate(over="ignore"):  # beyond float32: infinite, as TensorBoard's scalar_pb
         packed = np.array(number, "<f4").tobytes()
     tensor = _RANK0_FLOAT_HEAD + packed
-    return SummaryValue(tag, _check_tag(tag) + _message(8, tensor) + _SCALARS)
+    return SummaryValue(tag, _check_tag(tag) + _message(8, tensor) + SCALARS_METADATA)
 
 
 def histogram_buckets(values: Any, bins: int = 30) -> np.ndarray[Any, np.dtype[np.float64]]:
@@ -272,12 +288,14 @@ def encode_event(
 
     Raises:
         ValueError: a non-finite wall time (TensorBoard's default loader would abandon the
-            rest of the file), or a negative step.
+            rest of the file), or a step that is negative or beyond an int64.
     """
     if not math.isfinite(wall_time):
         raise ValueError(f"wall_time must be finite, not {wall_time}")
     if step < 0:
         raise ValueError(f"step must be >= 0, not {step}")
+    if step > MAX_STEP:
+        raise ValueError(f"step must be < 2**63 (an int64), not {step}")
     parts = [_double(1, wall_time), _uint(2, step)]
     if file_version is not None:
         parts.append(_string(3, file_version))

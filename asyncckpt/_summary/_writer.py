@@ -1,7 +1,8 @@
 """SummaryWriter: TensorBoard event files written by a background task behind a bounded queue.
 
-Owns one event file per writer, the queue, the flush schedule, and the per-tag step order
-TensorBoard needs. Encoding lives in ``_proto``/``_records``; files in ``_storage``.
+Owns one event file per writer, the queue, the in-memory buffer and the flush schedule, and
+the per-tag step order TensorBoard needs. Encoding lives in ``_proto``/``_records`` (and the
+scalar fast path in ``_scalars``); files in ``_storage``.
 """
 
 from __future__ import annotations
@@ -11,22 +12,22 @@ import math
 import os
 import socket
 import time
+from collections import deque
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import anyio
-import anyio.abc
+import anyio.lowlevel
 
 from .. import _storage
 from .._util import check_int, single_exception
 from . import _proto
 from ._records import frame
+from ._scalars import ScalarRecords
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from types import TracebackType
-
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 __all__ = ["SummaryWriter"]
 
@@ -36,6 +37,14 @@ _WRITER_NAME: Final = "asyncckpt"
 # ".10" sorting before ".9" would replay a resumed session before the one it resumed.
 _uids = itertools.count()
 _UID_DIGITS: Final = 6
+
+
+# Records taken from the queue wait in memory until this many bytes (or a flush) go to the OS:
+# two worker-thread hops (write, flush) per ~4000 scalars, instead of one or two per batch of
+# ``max_queue`` events, which cost more than encoding the batch.
+_BUFFER_BYTES: Final = 256 * 1024
+
+_REFUSED: Final = "the SummaryWriter closed before this call was accepted"
 
 
 class _FlushRequest:
@@ -49,16 +58,142 @@ class _FlushRequest:
 _Item = bytes | _FlushRequest
 
 
+class _Waiter:
+    """A caller's place in the line for room in the queue."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event: anyio.Event | None = None  # set while the caller waits on one
+
+
+class _Queue:
+    """The bounded FIFO between the callers and the writer task.
+
+    Not an anyio memory object stream (the project's usual queue), for two things the writer
+    needs: putting into a queue with room does not yield to the event loop (as
+    ``asyncio.Queue.put``; ``MemoryObjectSendStream.send`` always does, one loop turn per
+    event), and the writer takes everything queued in one list swap, not one ``receive`` per
+    event.
+
+    A caller that finds the queue full takes a place in line (later callers queue behind it,
+    so events keep the order in which their steps were claimed) and, when room is made and it
+    is first in line, moves its item in itself, synchronously, after its last ``await``: a
+    ``put`` that raises (a cancellation, a close) has queued nothing, one that returns has
+    queued its item, on every backend.
+    """
+
+    __slots__ = ("_items", "_line", "_max", "_wakeup", "closed")
+
+    def __init__(self, max_items: int) -> None:
+        self._items: list[_Item] = []
+        self._max = max_items
+        self._line: deque[_Waiter] = deque()
+        self._wakeup: anyio.Event | None = None
+        self.closed = False
+
+    def _wake_writer(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    def _wake_first(self) -> None:
+        # Room for one more item: the first caller in line may move in. (One without an
+        # event is between its checkpoint and its check: it sees the room itself.)
+        if self._line and len(self._items) < self._max:
+            event = self._line[0].event
+            if event is not None:
+                event.set()
+
+    def put_nowait(self, item: _Item) -> bool:
+        """Queue ``item`` if there is room and nobody waits for it; else return False.
+
+        Raises:
+            RuntimeError: the queue is closed.
+        """
+        if self.closed:
+            raise RuntimeError(_REFUSED)
+        if len(self._items) >= self._max or self._line:
+            return False
+        self._items.append(item)
+        self._wake_writer()
+        return True
+
+    async def put(self, item: _Item) -> None:
+        """Queue ``item``, waiting in line for room if there is none.
+
+        Raises:
+            RuntimeError: the queue closed before the item was queued.
+        """
+        if self.put_nowait(item):
+            return
+        waiter = _Waiter()
+        self._line.append(waiter)
+        self._wake_writer()
+        try:
+            # The writer is usually ready to run already (woken by the first item queued):
+            # one loop turn lets it empty the queue, cheaper than a wait on an event.
+            await anyio.lowlevel.checkpoint()
+            while not self.closed and (
+                self._line[0] is not waiter or len(self._items) >= self._max
+            ):
+                waiter.event = anyio.Event()
+                await waiter.event.wait()
+            if self.closed:
+                raise RuntimeError(_REFUSED)
+        except BaseException:
+            first = self._line[0] is waiter
+            self._line.remove(waiter)
+            if first:
+                self._wake_first()  # the room this caller was woken for is the next one's
+            raise
+        self._line.popleft()
+        self._items.append(item)
+        self._wake_writer()
+        self._wake_first()
+
+    def take(self) -> list[_Item]:
+        """Take every queued item (and make room for the callers in line)."""
+        items, self._items = self._items, []
+        self._wake_first()
+        return items
+
+    async def wait(self, deadline: float) -> None:
+        """Return once there is something to take, on close, or at ``deadline``."""
+        if self._items or self.closed:
+            return
+        self._wakeup = anyio.Event()
+        try:
+            with anyio.CancelScope(deadline=deadline):
+                await self._wakeup.wait()
+        finally:
+            self._wakeup = None
+
+    def close(self) -> None:
+        """Refuse every waiting and later item; what is queued stays for the writer."""
+        self.closed = True
+        for waiter in self._line:
+            if waiter.event is not None:
+                waiter.event.set()
+        self._wake_writer()
+
+
 class SummaryWriter:
     """Write TensorBoard event files from a background task (TensorFlow's ``FileWriter``).
 
     Each writer creates one new file, ``events.out.tfevents.<secs>.<host>.<pid>.<uid>``
     (``<uid>``: a zero-padded counter of the process, so names sort in creation order), in
     ``logdir`` and writes ``brain.Event:2`` first. ``add_*`` encode the event on the caller's
-    loop and put it in a queue of ``max_queue`` events (waiting when it is full); a
-    background task writes whole records and flushes every ``flush_secs``, whenever it finds
-    the queue full, on ``flush()`` and on close. Leaving the ``async with`` block, by any
-    path, writes every event already accepted (an exceptional exit keeps writing for up to
+    loop and put it in a queue of ``max_queue`` events: while there is room a call returns
+    without waiting (nor yielding to other tasks); when it is full it waits for room (a
+    cancelled call has added nothing, and gives its step back). The background
+    task takes the queued events and keeps them in memory, as TensorFlow's own event writer
+    does, until it writes and flushes them to the operating system (which makes them visible
+    to TensorBoard) on ``flush()``, every ``flush_secs``, once they reach 256 KiB, and on
+    close. A full queue does not flush: the caller waiting on it waits for the task to move
+    events to memory, not for the disk, and a flush every ``max_queue`` events would cost a
+    worker-thread hop each. Leaving the ``async with`` block, by any path, writes every
+    event already accepted (an exceptional exit keeps writing for up to
     ``stop_grace_period_secs``).
 
     Steps must increase per tag, as TensorBoard's default loader assumes (it drops earlier
@@ -72,7 +207,7 @@ class SummaryWriter:
 
     Args:
         logdir: the run directory (created if missing).
-        max_queue: events that may wait for the writer.
+        max_queue: events that may wait for the writer task.
         flush_secs: flush at least this often.
         filename_suffix: appended to the file name.
         stop_grace_period_secs: how long an exceptional exit keeps writing accepted events.
@@ -105,17 +240,19 @@ class SummaryWriter:
         )
         self.path = os.path.join(self.logdir, name)
         self._last_steps: dict[str, int] = {}
-        self._send: MemoryObjectSendStream[_Item] | None = None
+        self._scalars = ScalarRecords()
+        self._queue: _Queue | None = None
         self._stack: AsyncExitStack | None = None
         self._writer_scope: anyio.CancelScope | None = None
         self._entered = self._closed = False
-        self._written = 0
+        self._buffer: _Buffer | None = None
         self._writer_done: anyio.Event | None = None
         self._flush_requests: set[_FlushRequest] = set()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._entered else "new"
-        return f"<SummaryWriter {self.path!r} {state} events_written={self._written}>"
+        written = 0 if self._buffer is None else self._buffer.written
+        return f"<SummaryWriter {self.path!r} {state} events_written={written}>"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -134,14 +271,15 @@ class SummaryWriter:
         try:
             await file.write(first)
             await file.flush()
-            send, receive = anyio.create_memory_object_stream[_Item](self.max_queue)
+            queue = _Queue(self.max_queue)
+            self._buffer = _Buffer(file)
             self._writer_scope = anyio.CancelScope(shield=True)
             self._writer_done = anyio.Event()
             async with AsyncExitStack() as stack:
                 stack.push_async_callback(file.aclose)
                 task_group = await stack.enter_async_context(anyio.create_task_group())
-                task_group.start_soon(self._serve, file, receive)
-                self._send = send
+                task_group.start_soon(self._serve, queue)
+                self._queue = queue
                 self._stack = stack.pop_all()
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -160,13 +298,13 @@ class SummaryWriter:
     async def aclose(self) -> None:
         """Write every accepted event, flush and close the file (idempotent)."""
         stack, self._stack = self._stack, None
-        send, self._send = self._send, None
-        if stack is None or send is None:
+        queue, self._queue = self._queue, None
+        if stack is None or queue is None:
             return
         self._closed = True
         assert self._writer_scope is not None
         assert self._writer_done is not None
-        send.close()  # the writer drains the queue, flushes and returns
+        queue.close()  # the writer writes what is queued, flushes and returns
         with anyio.move_on_after(self._grace, shield=True):
             await self._writer_done.wait()
         self._writer_scope.cancel()  # only a writer that outlived the grace period
@@ -181,76 +319,62 @@ class SummaryWriter:
         """Same as ``aclose()`` (TensorFlow's name)."""
         await self.aclose()
 
-    async def _serve(
-        self, file: _storage.AppendFile, receive: MemoryObjectReceiveStream[_Item]
-    ) -> None:
+    async def _serve(self, queue: _Queue) -> None:
         assert self._writer_scope is not None
         assert self._writer_done is not None
+        assert self._buffer is not None
         # Shielded from the owner's cancellation (it must not drop accepted events);
         # aclose() cancels this scope itself once its grace period is over.
         try:
-            await self._write_until_closed(file, receive)
+            with self._writer_scope:
+                await self._write_until_closed(self._buffer, queue)
         finally:
+            # A writer that failed (or outlived the grace period) refuses callers waiting
+            # for room and leaves flush requests behind: wake them, so that they raise
+            # instead of waiting forever.
+            queue.close()
             self._writer_done.set()
-            # A writer that failed (or outlived the grace period) leaves requests behind:
-            # wake their callers, whose flush() then raises instead of waiting forever.
             for request in list(self._flush_requests):
                 request.done.set()
 
-    async def _write_until_closed(
-        self, file: _storage.AppendFile, receive: MemoryObjectReceiveStream[_Item]
-    ) -> None:
-        assert self._writer_scope is not None
-        with self._writer_scope, receive:
-            next_flush = anyio.current_time() + self.flush_secs
-            dirty = False
-            while True:
-                item: _Item | None = None
-                with anyio.move_on_after(max(next_flush - anyio.current_time(), 0)):
-                    try:
-                        item = await receive.receive()
-                    except anyio.EndOfStream:
-                        break
-                if item is None:  # the flush timer went off
-                    if dirty:
-                        await file.flush()
-                        dirty = False
-                    next_flush = anyio.current_time() + self.flush_secs
-                    continue
-                batch = [item]
-                while True:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                records = [x for x in batch if isinstance(x, bytes)]
-                flushes = [x for x in batch if isinstance(x, _FlushRequest)]
-                if records:
-                    await file.write(b"".join(records))
-                    self._written += len(records)
-                    dirty = True
-                # A full queue means the caller is waiting on us: hand the bytes over now.
-                if dirty and (flushes or len(batch) >= self.max_queue):
-                    await file.flush()
-                    dirty = False
-                    next_flush = anyio.current_time() + self.flush_secs
-                for request in flushes:
+    async def _write_until_closed(self, buffer: _Buffer, queue: _Queue) -> None:
+        flush_at = anyio.current_time() + self.flush_secs
+        while True:
+            items = queue.take()
+            requests: list[_FlushRequest] = []
+            if items:
+                if _FlushRequest in map(type, items):
+                    requests = [item for item in items if isinstance(item, _FlushRequest)]
+                    buffer.add([item for item in items if isinstance(item, bytes)])
+                else:
+                    buffer.add(items)  # type: ignore[arg-type]  # records only
+            elif queue.closed:
+                break
+            if requests or buffer.size >= _BUFFER_BYTES or anyio.current_time() >= flush_at:
+                await buffer.write()
+                flush_at = anyio.current_time() + self.flush_secs
+                for request in requests:
                     request.flushed = True
                     self._flush_requests.discard(request)
                     request.done.set()
-            if dirty:
-                await file.flush()
+            if items:
+                # Let the callers refill the queue before asking whether it is idle: a busy
+                # writer then never waits on an event or a deadline.
+                await anyio.lowlevel.checkpoint()
+            else:
+                await queue.wait(flush_at)
+        await buffer.write()
 
     # -- adding events ------------------------------------------------------------------------
 
-    def _sender(self) -> MemoryObjectSendStream[_Item]:
-        if self._send is None:
+    def _open_queue(self) -> _Queue:
+        if self._queue is None:
             raise RuntimeError(
                 "the SummaryWriter is closed"
                 if self._closed
                 else "the SummaryWriter is not open: use `async with SummaryWriter(...)`"
             )
-        return self._send
+        return self._queue
 
     def _wall_time(self, wall_time: float | None) -> float:
         value = self._clock() if wall_time is None else float(wall_time)
@@ -259,25 +383,35 @@ class SummaryWriter:
         return value
 
     def _check_steps(self, tags: Sequence[str], step: int) -> None:
-        check_int("step", step, minimum=0)
-        if len(set(tags)) != len(tags):
+        _check_step(step)
+        if len(tags) > 1 and len(set(tags)) != len(tags):
             raise ValueError(f"a tag may appear once per event: {sorted(tags)}")
         for tag in tags:
             last = self._last_steps.get(tag)
             if last is not None and step <= last:
-                raise ValueError(
-                    f"step {step} for tag {tag!r} is not after step {last} already written: "
-                    "TensorBoard would drop points. Use increasing steps, or write "
-                    "add_session_log(SessionLog.START, step) first to announce a restart"
-                )
+                raise _step_error(tag, step, last)
 
-    async def _put(self, item: _Item) -> None:
+    async def _put_claiming(
+        self, queue: _Queue, record: bytes, tags: Sequence[str], step: int
+    ) -> None:
+        """Queue ``record``, the event of ``tags`` at ``step``, and claim the step for them.
+
+        The step is claimed before waiting for room in the queue, so that a concurrent add
+        for the same tag is checked against it, and given back if the event is not queued.
+        """
+        previous = {tag: self._last_steps.get(tag) for tag in tags}
+        self._last_steps.update(dict.fromkeys(tags, step))
         try:
-            await self._sender().send(item)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            # Closed while this call waited for room, or the writer task failed (its error
-            # ends the writer's `async with`): the item was not accepted.
-            raise RuntimeError("the SummaryWriter closed before this call was accepted") from None
+            await queue.put(record)
+        except BaseException:
+            for tag, last in previous.items():
+                if self._last_steps.get(tag) != step:
+                    continue  # moved since (a later add claimed a step, or a START)
+                if last is None:
+                    del self._last_steps[tag]
+                else:
+                    self._last_steps[tag] = last
+            raise
 
     async def add_summary(
         self,
@@ -298,30 +432,34 @@ class SummaryWriter:
             if not isinstance(value, _proto.SummaryValue):
                 raise TypeError(f"summaries must be SummaryValue objects, not {value!r}")
         tags = [value.tag for value in values]
-        self._sender()
+        queue = self._open_queue()
         self._check_steps(tags, step)
         event = _proto.encode_event(wall_time=self._wall_time(wall_time), step=step, values=values)
-        # Claim the step before waiting for room in the queue, so that a concurrent add for
-        # the same tag is checked against it; give it back if this event is not accepted.
-        previous = {tag: self._last_steps.get(tag) for tag in tags}
-        self._last_steps.update(dict.fromkeys(tags, step))
-        try:
-            await self._put(frame(event))
-        except BaseException:
-            for tag, last in previous.items():
-                if self._last_steps.get(tag) != step:
-                    continue  # moved since (a later add claimed a step, or a START): keep it
-                if last is None:
-                    del self._last_steps[tag]
-                else:
-                    self._last_steps[tag] = last
-            raise
+        await self._put_claiming(queue, frame(event), tags, step)
 
     async def add_scalar(
         self, tag: str, value: float, step: int, *, wall_time: float | None = None
     ) -> None:
         """Write a scalar (a point of a chart)."""
-        await self.add_summary(_proto.scalar(tag, value), step, wall_time=wall_time)
+        # The event and the checks of add_summary(summary.scalar(...)), on the path a
+        # training loop takes at every step: no list or set, and the bytes of the event
+        # packed into those cached for the tag.
+        queue = self._queue
+        if queue is None:
+            queue = self._open_queue()  # raises
+        if type(step) is not int or not 0 <= step <= _proto.MAX_STEP:
+            _check_step(step)
+        wall = self._clock() if wall_time is None else float(wall_time)
+        if not math.isfinite(wall):
+            raise ValueError(f"wall_time must be finite, not {wall}")
+        record = self._scalars.record(tag, value, step, wall)
+        last = self._last_steps.get(tag)
+        if last is not None and step <= last:
+            raise _step_error(tag, step, last)
+        if queue.put_nowait(record):
+            self._last_steps[tag] = step
+        else:
+            await self._put_claiming(queue, record, (tag,), step)
 
     async def add_histogram(
         self,
@@ -373,14 +511,14 @@ class SummaryWriter:
         begins, as ``SummarySaverHook`` does, so that a restart is never the first.
         """
         status = _proto.SessionLog(status)
-        self._sender()
-        check_int("step", step, minimum=0)
+        queue = self._open_queue()
+        _check_step(step)
         event = _proto.encode_event(
             wall_time=self._wall_time(wall_time),
             step=step,
             session_log=_proto.session_log(status, checkpoint_path, msg),
         )
-        await self._put(frame(event))
+        await queue.put(frame(event))
         if status == _proto.SessionLog.START:
             for tag, last in self._last_steps.items():
                 if last >= step:
@@ -392,12 +530,53 @@ class SummaryWriter:
         Raises:
             RuntimeError: the writer is not open, or stopped (its disk write failed) first.
         """
+        queue = self._open_queue()
         request = _FlushRequest()
         self._flush_requests.add(request)
         try:
-            await self._put(request)
+            await queue.put(request)
             await request.done.wait()
         finally:
             self._flush_requests.discard(request)
         if not request.flushed:
             raise RuntimeError("the SummaryWriter stopped before this flush was done")
+
+
+def _check_step(step: object) -> None:
+    if check_int("step", step, minimum=0) > _proto.MAX_STEP:
+        raise ValueError(f"step must be < 2**63 (an int64), not {step}")
+
+
+def _step_error(tag: str, step: int, last: int) -> ValueError:
+    return ValueError(
+        f"step {step} for tag {tag!r} is not after step {last} already written: "
+        "TensorBoard would drop points. Use increasing steps, or write "
+        "add_session_log(SessionLog.START, step) first to announce a restart"
+    )
+
+
+class _Buffer:
+    """Encoded records the writer task took, in memory until it hands them to the OS."""
+
+    __slots__ = ("_file", "_records", "size", "written")
+
+    def __init__(self, file: _storage.AppendFile) -> None:
+        self._file = file
+        self._records: list[bytes] = []
+        self.size = 0
+        self.written = 0  # records handed to the file
+
+    def add(self, records: list[bytes]) -> None:
+        self._records += records
+        self.size += sum(map(len, records))
+
+    async def write(self) -> None:
+        """Write the records to the file and flush it (the file object buffers too: a write
+        alone could leave them in the process, unseen by TensorBoard)."""
+        if not self._records:
+            return
+        records, self._records = self._records, []
+        self.size = 0
+        await self._file.write(b"".join(records))
+        self.written += len(records)
+        await self._file.flush()
