@@ -24,9 +24,6 @@ __all__ = [
     "SessionCreator",
     "StepFn",
     "StepSession",
-    "end_of_input",
-    "ends_input",
-    "step_outputs",
 ]
 
 NO_OUTPUTS: Mapping[str, Any] = MappingProxyType({})
@@ -90,11 +87,10 @@ class StepSession:
         """Call the step function; a ``StopIteration`` (which cannot cross a coroutine) comes
         out as ``OutOfRangeError``, the end of the input.
 
-        ``MonitoredSession.run`` inlines this (one coroutine less per step): keep the two
-        alike.
         """
         try:
-            outputs: Any = self.step_fn(self.state, **feeds)
+            # (Unpacking an empty mapping into the call is not free, and this is every step.)
+            outputs: Any = self.step_fn(self.state, **feeds) if feeds else self.step_fn(self.state)
             if self._is_async or inspect.isawaitable(outputs):
                 outputs = await outputs
         except (StopIteration, RuntimeError) as exc:

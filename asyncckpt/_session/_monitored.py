@@ -31,14 +31,10 @@ from .._hooks._summary import SummarySaverHook
 from .._util import raise_single_exception
 from ._coordinator import Coordinator
 from ._creators import (
-    NO_OUTPUTS,
     ChiefSessionCreator,
     SessionCreator,
     StepFn,
     StepSession,
-    end_of_input,
-    ends_input,
-    step_outputs,
 )
 from ._fetches import merge_feeds, resolve_fetches
 from ._scaffold import Scaffold
@@ -281,9 +277,8 @@ class MonitoredSession:
             if fetches is None and feed_dict is None
             else SessionRunArgs(fetches, feed_dict)
         )
-        # The step path is hot: one coroutine (this one) per step, the step function called
-        # here rather than through StepSession._step (keep the two alike), and hooks that
-        # return None (most steps of most hooks) cost a call: no await, no allocation.
+        # The step path is hot: hooks that return None (most steps of most hooks) cost a
+        # call: no await, no allocation.
         while True:
             try:
                 if coord.pending:
@@ -306,23 +301,8 @@ class MonitoredSession:
                 feeds = (
                     merge_feeds(feed_dict, hook_feeds) if hook_feeds else (feed_dict or _NO_FEEDS)
                 )
-                try:
-                    # (Unpacking an empty mapping into the call is not free.)
-                    outputs: Any = (
-                        raw.step_fn(raw.state, **feeds) if feeds else raw.step_fn(raw.state)
-                    )
-                    if raw._is_async or _isawaitable(outputs):
-                        outputs = await outputs
-                except (StopIteration, RuntimeError) as exc:
-                    if ends_input(exc):
-                        raise end_of_input(exc) from exc
-                    raise
-                raw.global_step += 1
+                outputs = await raw._step(feeds)
                 step = raw.global_step
-                if outputs is None:
-                    outputs = NO_OUTPUTS
-                elif type(outputs) is not dict:
-                    outputs = step_outputs(outputs)
                 if hook_fetches is None:
                     for after_run in self._after_run_calls:
                         done = after_run(context, _NO_RESULTS)
