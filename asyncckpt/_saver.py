@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from ._types import StateTree
-from ._util import check_int, raise_single_exception
+from ._util import check_int, raise_single_exception, usable_cores
 
 __all__ = [
     "CheckpointState",
@@ -382,7 +382,7 @@ _READ_BATCH_BYTES: Final = 16 * 1024 * 1024
 
 
 def _read_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return usable_cores()
 
 
 @dataclass(slots=True)

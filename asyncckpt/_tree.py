@@ -27,6 +27,7 @@ import numpy as np
 
 from ._errors import CheckpointFormatError
 from ._types import StateTree, SupportsStateDict
+from ._util import usable_cores
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -251,21 +252,21 @@ class _Flattener:
 # -- copying ---------------------------------------------------------------------------------
 
 _CopyPair = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
-_copy_threads: concurrent.futures.ThreadPoolExecutor | None = None
+_copy_threads: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
 _copy_threads_lock = threading.Lock()
 
 
-def _copy_thread_pool() -> concurrent.futures.ThreadPoolExecutor | None:
-    """The threads that copy beside the caller's (one per extra core), or None on one core."""
+def _copy_thread_pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int] | None:
+    """The threads that copy beside the caller's (one per extra core) and their number, or
+    None on one core."""
     global _copy_threads
-    extra = len(os.sched_getaffinity(0)) - 1 if hasattr(os, "sched_getaffinity") else 0
+    extra = usable_cores() - 1
     if extra < 1:
         return None
     with _copy_threads_lock:
         if _copy_threads is None:
-            _copy_threads = concurrent.futures.ThreadPoolExecutor(
-                extra, thread_name_prefix="asyncckpt-copy"
-            )
+            pool = concurrent.futures.ThreadPoolExecutor(extra, thread_name_prefix="asyncckpt-copy")
+            _copy_threads = pool, extra
         return _copy_threads
 
 
@@ -291,11 +292,12 @@ def _copy(pairs: list[_CopyPair]) -> None:
     and no other task of its event loop ran, when this returns.
     """
     total = sum(array.nbytes for _buffer, array in pairs)
-    threads = _copy_thread_pool() if total >= _PARALLEL_COPY_BYTES else None
-    if threads is None:
+    copy_threads = _copy_thread_pool() if total >= _PARALLEL_COPY_BYTES else None
+    if copy_threads is None:
         _copy_all(pairs)
         return
-    shares = _split(pairs, total, threads._max_workers + 1)
+    threads, count = copy_threads
+    shares = _split(pairs, total, count + 1)
     futures = [threads.submit(_copy_all, share) for share in shares[1:]]
     try:
         _copy_all(shares[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
@@ -10,7 +11,13 @@ import anyio
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["call_maybe_async", "check_int", "raise_single_exception", "single_exception"]
+__all__ = [
+    "call_maybe_async",
+    "check_int",
+    "raise_single_exception",
+    "single_exception",
+    "usable_cores",
+]
 
 T = TypeVar("T")
 
@@ -64,3 +71,8 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, not {value}")
     return value
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -21,6 +21,7 @@ from asyncckpt import (
     CheckpointNotFoundError,
     CheckpointState,
     Saver,
+    _saver,
     _storage,
     get_checkpoint_state,
     latest_checkpoint,
@@ -648,3 +649,27 @@ async def test_cancel_stops_a_large_write_between_pieces(
     assert listed(ckpt_dir) == [2]
     assert on_disk(ckpt_dir) == [2]
     assert temp_files(ckpt_dir) == []
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["fresh", "into"])
+async def test_a_restore_read_in_many_batches_by_several_tasks_checks_every_batch(
+    ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch, into: bool
+) -> None:
+    # Large files are read by one task per core in batches; small batches and a fixed task
+    # count make this small file take the same path.
+    monkeypatch.setattr(_saver, "_READ_BATCH_BYTES", 1000)
+    monkeypatch.setattr(_saver, "_read_threads", lambda: 3)
+    state = {"a": np.arange(3000, dtype=np.float64), "b": np.arange(7, dtype=np.int8), "c": 1}
+    path = await Saver().save(state, str(ckpt_dir / "model.ckpt"), global_step=1)
+    target = {"a": np.zeros(3000), "b": np.zeros(7, np.int8), "c": 0} if into else None
+    restored = await Saver().restore(path, target)
+    np.testing.assert_array_equal(restored["a"], state["a"])
+    np.testing.assert_array_equal(restored["b"], state["b"])
+    header = await _saver.read_header(path)
+    with open(path, "r+b") as file:  # noqa: ASYNC230 - a test's small file
+        file.seek(header.arrays[0].offset + 20_000)  # in a late batch of array "a"
+        flipped = file.read(1)[0] ^ 1
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([flipped]))
+    with pytest.raises(CheckpointCorruptedError, match=r"array 0 \('a'\).*checksum mismatch"):
+        await Saver().restore(path, target)

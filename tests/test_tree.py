@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.extra import numpy as hnp
 
-from asyncckpt import CheckpointError, Saver
+from asyncckpt import CheckpointError, Saver, _tree
 from asyncckpt._tree import MAX_DEPTH, SnapshotPool
 
 if TYPE_CHECKING:
@@ -760,3 +760,27 @@ def test_numpy_scalars_are_snapshotted_as_0d_arrays() -> None:
     assert leaf.array.shape == ()
     assert leaf.array.dtype == np.int16
     assert leaf.array[()] == -3
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["all-cores", "caller-only"])
+def test_a_snapshot_copied_on_several_threads_equals_the_tree(
+    monkeypatch: pytest.MonkeyPatch, threshold: int
+) -> None:
+    # Large states are cut into one share per core (arrays cut along their rows); with the
+    # threshold lowered, small arrays of every layout take that path.
+    monkeypatch.setattr(_tree, "_PARALLEL_COPY_BYTES", threshold)
+    rng = np.random.default_rng(7)
+    tree = {
+        "big": rng.random(50_000),
+        "strided": rng.random((300, 40))[:, ::3],
+        "one_row": rng.random((1, 5_000)),
+        "scalar": np.asarray(2.5),
+        "empty": np.zeros((0, 4)),
+        "records": np.zeros(100, dtype=[("a", "<i4"), ("b", "<f8")]),
+        "tail": rng.integers(0, 9, 7),
+    }
+    snapshot = _tree.SnapshotPool().take(tree)
+    for leaf in snapshot.leaves:
+        np.testing.assert_array_equal(leaf.array, tree[str(leaf.path[0])])
+        assert leaf.array.flags.c_contiguous
+    snapshot.release()
