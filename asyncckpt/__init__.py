@@ -7,15 +7,24 @@ Public names are re-exported here from private modules; import them from ``async
 
 from __future__ import annotations
 
-from ._errors import CheckpointCorruptedError as CheckpointCorruptedError
-from ._errors import CheckpointError as CheckpointError
-from ._errors import CheckpointFormatError as CheckpointFormatError
-from ._errors import CheckpointLockedError as CheckpointLockedError
-from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
-from ._errors import CheckpointWriteError as CheckpointWriteError
-from ._errors import NanLossDuringTrainingError as NanLossDuringTrainingError
-from ._errors import OutOfRangeError as OutOfRangeError
-from ._errors import PreemptedError as PreemptedError
+from ._checkpoint import CheckpointManager as CheckpointManager
+from ._checkpoint import CheckpointManagerStatistics as CheckpointManagerStatistics
+from ._checkpoint import CheckpointState as CheckpointState
+from ._checkpoint import SaveOutcome as SaveOutcome
+from ._checkpoint import Saver as Saver
+from ._checkpoint import get_checkpoint_state as get_checkpoint_state
+from ._checkpoint import latest_checkpoint as latest_checkpoint
+from ._core._errors import CheckpointCorruptedError as CheckpointCorruptedError
+from ._core._errors import CheckpointError as CheckpointError
+from ._core._errors import CheckpointFormatError as CheckpointFormatError
+from ._core._errors import CheckpointLockedError as CheckpointLockedError
+from ._core._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._core._errors import CheckpointWriteError as CheckpointWriteError
+from ._core._errors import NanLossDuringTrainingError as NanLossDuringTrainingError
+from ._core._errors import OutOfRangeError as OutOfRangeError
+from ._core._errors import PreemptedError as PreemptedError
+from ._core._types import StateTree as StateTree
+from ._core._types import SupportsStateDict as SupportsStateDict
 from ._hooks._base import CheckpointSaverListener as CheckpointSaverListener
 from ._hooks._base import SessionRunArgs as SessionRunArgs
 from ._hooks._base import SessionRunContext as SessionRunContext
@@ -28,19 +37,15 @@ from ._hooks._basic import StepCounterHook as StepCounterHook
 from ._hooks._basic import StopAtStepHook as StopAtStepHook
 from ._hooks._checkpoint import CheckpointSaverHook as CheckpointSaverHook
 from ._hooks._input import CheckpointInputPipelineHook as CheckpointInputPipelineHook
+from ._hooks._iterators import AsyncCountingIterator as AsyncCountingIterator
+from ._hooks._iterators import BatchIterator as BatchIterator
+from ._hooks._iterators import CountingIterator as CountingIterator
+from ._hooks._iterators import ResumableIterator as ResumableIterator
+from ._hooks._iterators import SequenceIterator as SequenceIterator
+from ._hooks._iterators import ShuffledIterator as ShuffledIterator
 from ._hooks._summary import SummarySaverHook as SummarySaverHook
 from ._hooks._timer import NeverTriggerTimer as NeverTriggerTimer
 from ._hooks._timer import SecondOrStepTimer as SecondOrStepTimer
-from ._iterators import AsyncCountingIterator as AsyncCountingIterator
-from ._iterators import BatchIterator as BatchIterator
-from ._iterators import CountingIterator as CountingIterator
-from ._iterators import ResumableIterator as ResumableIterator
-from ._iterators import SequenceIterator as SequenceIterator
-from ._iterators import ShuffledIterator as ShuffledIterator
-from ._saver import CheckpointState as CheckpointState
-from ._saver import Saver as Saver
-from ._saver import get_checkpoint_state as get_checkpoint_state
-from ._saver import latest_checkpoint as latest_checkpoint
 from ._session._coordinator import Coordinator as Coordinator
 from ._session._creators import ChiefSessionCreator as ChiefSessionCreator
 from ._session._creators import StepSession as StepSession
@@ -50,11 +55,6 @@ from ._session._scaffold import Scaffold as Scaffold
 from ._session._signals import stop_on_signals as stop_on_signals
 from ._summary._proto import SessionLog as SessionLog
 from ._summary._writer import SummaryWriter as SummaryWriter
-from ._types import StateTree as StateTree
-from ._types import SupportsStateDict as SupportsStateDict
-from ._writer import CheckpointManager as CheckpointManager
-from ._writer import CheckpointManagerStatistics as CheckpointManagerStatistics
-from ._writer import SaveOutcome as SaveOutcome
 
 __version__ = "0.1.0"
 

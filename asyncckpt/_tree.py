@@ -1,4 +1,4 @@
-"""State trees: flatten into a spec plus array leaves, snapshot into reused buffers, rebuild.
+"""State trees: flatten into a spec plus array leaves, check a target tree, rebuild.
 
 Owns what a tree may contain and how it is encoded as plain msgpack-ready values (the spec).
 Knows nothing of files, headers or scheduling.
@@ -16,29 +16,25 @@ A spec node is a list whose first item is a tag:
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import re
-import threading
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
 
 import numpy as np
 
-from ._errors import CheckpointFormatError
-from ._types import StateTree, SupportsStateDict
-from ._util import usable_cores
+from ._core._errors import CheckpointFormatError
+from ._core._types import StateTree, SupportsStateDict
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 __all__ = [
     "MAX_DEPTH",
+    "AddLeaf",
     "ArrayLeaf",
-    "Snapshot",
-    "SnapshotPool",
     "build",
     "byte_view",
+    "check_into_array",
+    "flatten",
     "format_path",
     "match_into",
 ]
@@ -53,9 +49,6 @@ _INT64_MIN: Final = -(2**63)
 _UINT64_END: Final = 2**64
 _MAX_BIGINT_DIGITS: Final = 4300  # Python's own int/str conversion limit
 _BIGINT_DIGITS: Final = re.compile(rf"-?[0-9]{{1,{_MAX_BIGINT_DIGITS}}}")
-
-_PARALLEL_COPY_BYTES: Final = 16 * 1024 * 1024
-"""Below this a snapshot is copied on the caller's thread alone: a hand-off costs more."""
 
 Key = str | int
 TreePath = tuple[Key, ...]
@@ -79,7 +72,8 @@ def byte_view(array: np.ndarray[Any, Any]) -> memoryview:
 
 
 class ArrayLeaf(NamedTuple):
-    """One array of a snapshot: C-contiguous bytes that will not change until release.
+    """One array leaf of a flattened tree: its path and C-contiguous bytes (in a snapshot,
+    bytes that will not change until the snapshot is released).
 
     A named tuple: a snapshot of thousands of small arrays makes one per array per save,
     and a frozen dataclass costs several times more to build.
@@ -89,109 +83,28 @@ class ArrayLeaf(NamedTuple):
     array: np.ndarray[Any, Any]
 
 
-@dataclass(slots=True, eq=False)
-class Snapshot:
-    """A tree frozen at one instant: its spec plus C-contiguous arrays.
+AddLeaf: TypeAlias = "Callable[[TreePath, np.ndarray[Any, Any]], int]"
+"""Receives each array leaf (and bytes, and numpy scalars, as arrays) of a tree being
+flattened; returns the index the spec refers to it by."""
 
-    Mutable arrays were copied into pooled buffers; read-only arrays, bytes and numpy scalars
-    are referenced. ``release()`` hands the buffers back to the pool once they are written.
+
+def flatten(tree: StateTree, add_leaf: AddLeaf) -> Spec:
+    """Return the spec of ``tree``, handing each array leaf to ``add_leaf`` in order.
+
+    Raises:
+        TypeError: a leaf or key cannot be saved; the message names its path.
     """
-
-    spec: Spec
-    leaves: list[ArrayLeaf]
-    nbytes: int
-    _pool: SnapshotPool | None = None
-    _buffers: dict[TreePath, np.ndarray[Any, Any]] = field(default_factory=dict)
-
-    def release(self) -> None:
-        """Return the buffers to the pool; the snapshot must not be used afterwards."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool._give_back(self._buffers)
-
-
-class SnapshotPool:
-    """Buffers reused from one snapshot to the next, so a repeated save allocates nothing.
-
-    Each snapshot in flight holds one set of buffers, keyed by tree path; a released set is
-    reused by the next snapshot if the arrays at the same paths keep their dtype and shape.
-    Up to ``max_free_sets`` released sets are kept alive (freed memory costs dearly to touch
-    again on these machines, so keeping it beats giving it back).
-    """
-
-    def __init__(self, max_free_sets: int = 2) -> None:
-        self._free: list[dict[TreePath, np.ndarray[Any, Any]]] = []
-        self._max_free_sets = max_free_sets
-        self.buffers_allocated = 0
-        self.bytes_allocated = 0
-
-    def take(self, tree: StateTree) -> Snapshot:
-        """Snapshot ``tree``: copy its mutable arrays, reference everything immutable.
-
-        Runs synchronously on the caller's thread so that no other task can change the tree
-        half-way through the copy.
-
-        Raises:
-            TypeError: a leaf or key cannot be saved; the message names its path.
-        """
-        reusable = self._free.pop() if self._free else {}
-        snapshot = Snapshot(spec=[], leaves=[], nbytes=0, _pool=self)
-        try:
-            flattener = _Flattener(self, reusable, snapshot)
-            snapshot.spec = flattener.node(tree, (), set(), 0)
-            _copy(flattener.copies)
-        except BaseException:
-            # Keep the buffers this attempt did not get to, so a rejected tree costs no
-            # reallocation on the next save.
-            for path, buffer in reusable.items():
-                snapshot._buffers.setdefault(path, buffer)
-            snapshot.release()
-            raise
-        return snapshot
-
-    def _buffer_for(
-        self,
-        reusable: dict[TreePath, np.ndarray[Any, Any]],
-        path: TreePath,
-        like: np.ndarray[Any, Any],
-    ) -> np.ndarray[Any, Any]:
-        buffer = reusable.pop(path, None)
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
-            # copyto() copies a structured array field by field, never the padding between
-            # fields: zero it once, or the file would carry whatever the heap held there.
-            allocate = np.empty if like.dtype.fields is None else np.zeros
-            buffer = allocate(like.shape, like.dtype)
-            self.buffers_allocated += 1
-            self.bytes_allocated += buffer.nbytes
-        return buffer
-
-    def _give_back(self, buffers: dict[TreePath, np.ndarray[Any, Any]]) -> None:
-        if len(self._free) < self._max_free_sets:
-            self._free.append(buffers)
+    return _Flattener(add_leaf).node(tree, (), set(), 0)
 
 
 class _Flattener:
-    def __init__(
-        self,
-        pool: SnapshotPool,
-        reusable: dict[TreePath, np.ndarray[Any, Any]],
-        snapshot: Snapshot,
-    ) -> None:
-        self._pool = pool
-        self._reusable = reusable
-        self._snapshot = snapshot
-        # (buffer, live array): copied once the whole tree was accepted, in parallel.
-        self.copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+    __slots__ = ("_add_leaf",)
+
+    def __init__(self, add_leaf: AddLeaf) -> None:
+        self._add_leaf = add_leaf
 
     def _leaf(self, tag: str, path: TreePath, array: np.ndarray[Any, Any]) -> Spec:
-        if array.flags.writeable or not array.flags.c_contiguous:
-            buffer = self._pool._buffer_for(self._reusable, path, array)
-            self.copies.append((buffer, array))
-            self._snapshot._buffers[path] = buffer
-            array = buffer
-        self._snapshot.leaves.append(ArrayLeaf(path, array))
-        self._snapshot.nbytes += array.nbytes
-        return [tag, len(self._snapshot.leaves) - 1]
+        return [tag, self._add_leaf(path, array)]
 
     def node(self, value: object, path: TreePath, parents: set[int], depth: int) -> Spec:
         # depth counts containers and state_dict() objects (an object adds no path key).
@@ -247,92 +160,6 @@ class _Flattener:
             f"cannot save {type(value).__name__} at {format_path(path)}: leaves must be numpy "
             "arrays, numbers, str, bytes or None, or objects with state_dict()/load_state_dict()"
         )
-
-
-# -- copying ---------------------------------------------------------------------------------
-
-_CopyPair = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
-_copy_threads: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
-_copy_threads_lock = threading.Lock()
-
-
-def _copy_thread_pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int] | None:
-    """The threads that copy beside the caller's (one per extra core) and their number, or
-    None on one core."""
-    global _copy_threads
-    extra = usable_cores() - 1
-    if extra < 1:
-        return None
-    with _copy_threads_lock:
-        if _copy_threads is None:
-            pool = concurrent.futures.ThreadPoolExecutor(extra, thread_name_prefix="asyncckpt-copy")
-            _copy_threads = pool, extra
-        return _copy_threads
-
-
-def _forget_copy_threads() -> None:
-    # A forked child has none of the parent's threads: its pool would never run a task.
-    global _copy_threads, _copy_threads_lock
-    _copy_threads, _copy_threads_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_copy_threads)
-
-
-def _copy_all(pairs: Sequence[_CopyPair]) -> None:
-    for buffer, array in pairs:
-        np.copyto(buffer, array, casting="no")
-
-
-def _copy(pairs: list[_CopyPair]) -> None:
-    """Copy live arrays into their buffers, on every core for a large state.
-
-    The caller's thread takes a share and waits for the others: the snapshot is complete,
-    and no other task of its event loop ran, when this returns.
-    """
-    total = sum(array.nbytes for _buffer, array in pairs)
-    copy_threads = _copy_thread_pool() if total >= _PARALLEL_COPY_BYTES else None
-    if copy_threads is None:
-        _copy_all(pairs)
-        return
-    threads, count = copy_threads
-    shares = _split(pairs, total, count + 1)
-    futures = [threads.submit(_copy_all, share) for share in shares[1:]]
-    try:
-        _copy_all(shares[0])
-    finally:
-        # Even when interrupted: no thread may still write into buffers going back to the pool.
-        concurrent.futures.wait(futures)
-    for future in futures:
-        future.result()
-
-
-def _split(pairs: list[_CopyPair], total: int, count: int) -> list[list[_CopyPair]]:
-    """Cut the copies into ``count`` shares of about equal bytes, cutting arrays into rows."""
-    share_bytes = -(-total // count)
-    shares: list[list[_CopyPair]] = [[] for _ in range(count)]
-    index, room = 0, share_bytes
-    for buffer, array in pairs:
-        if array.ndim == 0 or array.nbytes <= room or index == count - 1:
-            shares[index].append((buffer, array))
-            room -= array.nbytes
-        else:
-            if array.flags.c_contiguous:  # rows of one element: any cut point will do
-                buffer, array = buffer.reshape(-1), array.reshape(-1)
-            rows, row_bytes, start = len(array), array.nbytes // len(array), 0
-            while start < rows:
-                if room <= 0 and index < count - 1:
-                    index, room = index + 1, share_bytes
-                take = rows - start
-                if index < count - 1:
-                    take = min(take, max(1, room // row_bytes))
-                shares[index].append((buffer[start : start + take], array[start : start + take]))
-                room -= take * row_bytes
-                start += take
-        if room <= 0 and index < count - 1:
-            index, room = index + 1, share_bytes
-    return shares
 
 
 def _check_key(key: object, path: TreePath) -> Key:

@@ -15,11 +15,10 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import _format
-from ._errors import CheckpointError
-from ._saver import (
+from ._checkpoint import (
     STATE_FILENAME,
     FoundCheckpoint,
+    _format,
     get_checkpoint_state,
     is_state_file_name,
     latest_checkpoint,
@@ -28,7 +27,8 @@ from ._saver import (
     scan_directory,
     verify_file,
 )
-from ._storage import list_names
+from ._core._errors import CheckpointError
+from ._storage import LocalStorage
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+# Local paths only, for now; object-store URLs get their storage from the URL.
+_STORAGE = LocalStorage()
 
 
 def _when(timestamp: float) -> str:
@@ -66,9 +68,9 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     # checkpoint_input, a worker's checkpoint_input_worker_1...).
     states = [
         state
-        for name in list_names(directory)
+        for name in _STORAGE.list_names(directory)
         if is_state_file_name(name)
-        if (state := get_checkpoint_state(directory, name)) is not None
+        if (state := get_checkpoint_state(directory, name, storage=_STORAGE)) is not None
     ]
     model_state = next((st for st in states if st.latest is not None), None)
     latest = model_state.latest if model_state is not None else None
@@ -78,7 +80,7 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         name: stamp for st in states for name, stamp in zip(st.names, st.timestamps, strict=True)
     }
     rows: list[dict[str, Any]] = []
-    for found in scan_directory(directory):
+    for found in scan_directory(_STORAGE, directory):
         header = found.header
         rows.append(
             {
@@ -122,7 +124,7 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
 
 def _resolve(path: str) -> str:
     if os.path.isdir(path):
-        latest = latest_checkpoint(path)
+        latest = latest_checkpoint(path, storage=_STORAGE)
         if latest is None:
             raise _Usage(f"{path}: no checkpoint in this directory")
         return latest
@@ -187,7 +189,7 @@ def _tree_json(node: list[Any], arrays: Sequence[_format.ArrayEntry]) -> Any:
 
 def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     path = _resolve(args.path)
-    header = read_header_sync(path)
+    header = read_header_sync(_STORAGE, path)
     total = sum(entry.nbytes for entry in header.arrays)
     if args.json:
         json.dump(
@@ -229,7 +231,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     if os.path.isdir(target):
         files: list[str] = []
         try:
-            state = get_checkpoint_state(target)
+            state = get_checkpoint_state(target, storage=_STORAGE)
             missing = [p for p in (state.paths() if state else ()) if not os.path.exists(p)]
             results.extend(
                 {
@@ -251,13 +253,13 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
                     "error": _error_json(exc),
                 }
             )
-        found: list[FoundCheckpoint] = scan_directory(target)
+        found: list[FoundCheckpoint] = scan_directory(_STORAGE, target)
         files = [f.path for f in found]
     else:
         files = [target]
     for path in files:
         try:
-            header = verify_file(path)
+            header = verify_file(_STORAGE, path)
         except CheckpointError as exc:
             results.append({"path": path, "ok": False, "error": _error_json(exc)})
         else:
@@ -293,7 +295,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     if not os.path.isdir(args.directory):
         raise _Usage(f"{args.directory}: not a directory")
-    kept, deleted = prune(args.directory, args.keep)
+    kept, deleted = prune(_STORAGE, args.directory, args.keep)
     if args.json:
         json.dump({"kept": kept, "deleted": deleted}, out, indent=2)
         out.write("\n")

@@ -37,8 +37,9 @@ from typing import Any
 import anyio
 import numpy as np
 
+from asyncckpt._storage import LocalStorage
 from asyncckpt import CheckpointManager, cli, latest_checkpoint
-from asyncckpt._saver import read_header_sync
+from asyncckpt._checkpoint import read_header_sync
 from asyncckpt._storage import TEMP_MARKER
 
 __all__ = ["CHILD", "CrashSummary", "KillReport", "check_directory", "main", "run_crashes"]
@@ -168,7 +169,7 @@ def _inspect(directory: str) -> tuple[int | None, int, list[str]]:
         problems.append(f"verify failed: {out.getvalue().strip()}")
     try:
         path = latest_checkpoint(directory)
-        step = None if path is None else read_header_sync(path).step
+        step = None if path is None else read_header_sync(LocalStorage(), path).step
     except Exception as exc:
         problems.append(f"latest_checkpoint failed: {exc!r}")
         step = None

@@ -31,11 +31,11 @@ from asyncckpt import (
     Saver,
     Scaffold,
     SummaryWriter,
-    _saver,
-    _storage,
     latest_checkpoint,
     summary,
 )
+from asyncckpt._checkpoint import _file
+from asyncckpt._storage import _local as _storage
 from asyncckpt._summary._proto import encode_event
 from asyncckpt._summary._records import iter_records
 from asyncckpt.cli import main as cli_main
@@ -142,7 +142,7 @@ class CancelAtPoint:
         monkeypatch.setattr(_storage, "open_for_read", counted_open)
         monkeypatch.setattr(_storage.ReadFile, "read", counted_read)
         monkeypatch.setattr(_storage.ReadFile, "run_sync", counted_run_sync)
-        monkeypatch.setattr(_saver, "_read_threads", lambda: 2)  # whatever this machine has
+        monkeypatch.setattr(_file, "_read_threads", lambda: 2)  # whatever this machine has
 
 
 # The awaits of a streaming restore of make_state(): open, prelude, header, then each thread's

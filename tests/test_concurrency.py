@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-    from asyncckpt._writer import Policy
+    from asyncckpt._checkpoint._manager import Policy
 
 pytestmark = pytest.mark.anyio
 

@@ -28,8 +28,8 @@ from asyncckpt import (
     OutOfRangeError,
     PreemptedError,
     Saver,
-    _errors,
 )
+from asyncckpt._core import _errors
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:

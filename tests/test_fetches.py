@@ -25,7 +25,7 @@ from asyncckpt.testing import RecordingHook
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from asyncckpt._types import MaybeAwaitable
+    from asyncckpt._core._types import MaybeAwaitable
 
 pytestmark = pytest.mark.anyio
 

@@ -28,14 +28,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from asyncckpt._storage import LocalStorage
 from asyncckpt import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointFormatError,
     Saver,
 )
-from asyncckpt._crc32c import crc32c
-from asyncckpt._format import (
+from asyncckpt._core._crc32c import crc32c
+from asyncckpt._checkpoint._format import (
     ALIGNMENT,
     FORMAT_VERSION,
     HEADER_KEYS,
@@ -45,7 +46,7 @@ from asyncckpt._format import (
     check_metadata,
     encode_header,
 )
-from asyncckpt._saver import verify_file
+from asyncckpt._checkpoint import verify_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -430,14 +431,14 @@ def test_every_byte_is_covered_by_a_checksum_or_zero_padding(tmp_path: Path) -> 
         for offset in range(start, end):
             path.write_bytes(flipped(data, offset, 0x80))
             with pytest.raises(CheckpointError) as info:
-                verify_file(str(path))
+                verify_file(LocalStorage(), str(path))
             if part == "magic":
                 assert isinstance(info.value, CheckpointFormatError)
             else:
                 assert isinstance(info.value, CheckpointCorruptedError), offset
                 assert info.value.part == part, offset
     path.write_bytes(data)
-    verify_file(str(path))
+    verify_file(LocalStorage(), str(path))
 
 
 async def _save_and_read(directory: Path, tree: Any) -> bytes:

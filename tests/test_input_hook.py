@@ -40,7 +40,7 @@ from asyncckpt import (
     latest_checkpoint,
 )
 from asyncckpt._hooks._input import CheckpointInputPipelineHook, input_pipeline_listeners
-from asyncckpt._iterators import (
+from asyncckpt._hooks._iterators import (
     AsyncCountingIterator,
     BatchIterator,
     ResumableIterator,
@@ -747,7 +747,7 @@ CHILD = textwrap.dedent(
     from asyncckpt import CheckpointSaverHook, ChiefSessionCreator, MonitoredSession
     from asyncckpt import StopAtStepHook
     from asyncckpt._hooks._input import CheckpointInputPipelineHook
-    from asyncckpt._iterators import BatchIterator, ShuffledIterator
+    from asyncckpt._hooks._iterators import BatchIterator, ShuffledIterator
 
     directory, log_path, backend, last_step = sys.argv[1:]
 

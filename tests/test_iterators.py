@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncckpt import Saver
-from asyncckpt._iterators import (
+from asyncckpt._hooks._iterators import (
     AsyncCountingIterator,
     BatchIterator,
     CountingIterator,

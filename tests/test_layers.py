@@ -1,4 +1,5 @@
-"""Imports point downward only: each module's layer must not import a higher one."""
+"""The house as DESIGN.md draws it: one folder per layer, imports pointing down only, and no
+module reaching into another module's private names."""
 
 from __future__ import annotations
 
@@ -11,77 +12,177 @@ PACKAGE = Path(__file__).resolve().parent.parent / "asyncckpt"
 
 # Rank of each layer from DESIGN.md, lowest first; equal ranks may not import each other.
 LAYER_RANKS = {
-    "_errors": 0, "_types": 0, "_util": 0, "_crc32c": 0,
-    "_tree": 1, "_iterators": 1,
-    "_format": 2, "_storage": 2,
-    "_saver": 3,
-    "_writer": 4, "_summary": 4,
-    "_hooks": 5,
-    "_session": 6,
-    "cli": 7,
-    "testing": 8, "summary": 8, "__init__": 8, "__main__": 8,
+    "_core": 0,
+    "_tree": 1,
+    "_storage": 2,
+    "_checkpoint": 3, "_summary": 3,
+    "_hooks": 4,
+    "_session": 5,
+    "cli": 6,
+    "testing": 7, "summary": 7, "__init__": 7, "__main__": 7,
 }  # fmt: skip
-BASE = {"_errors", "_types", "_util", "_crc32c"}
+
+# Inside the checkpoint stack, the order of its modules (DESIGN.md: format below the saver,
+# the saver below the manager); a module may import only those before it.
+CHECKPOINT_ORDER = [
+    "_format",
+    "_state_file",
+    "_snapshot",
+    "_file",
+    "_directory",
+    "_saver",
+    "_maintenance",
+    "_manager",
+]
+
+
+def _module_parts(path: Path) -> tuple[str, ...]:
+    relative = path.relative_to(PACKAGE).with_suffix("")
+    parts = relative.parts
+    return parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts
 
 
 def _top_module(path: Path) -> str:
-    relative = path.relative_to(PACKAGE)
-    return relative.parts[0].removesuffix(".py")
+    return _module_parts(path)[0]
 
 
-def _imported_modules(path: Path) -> set[str]:
-    """Return the top-level package modules that ``path`` imports."""
+def _imports(path: Path) -> list[tuple[str, ...]]:
+    """Every package module ``path`` imports, as a path of names below ``asyncckpt``
+    (``from . import _format`` inside ``_checkpoint`` gives ``("_checkpoint", "_format")``)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    depth_in_package = len(path.relative_to(PACKAGE).parts) - 1
-    found: set[str] = set()
+    relative = path.relative_to(PACKAGE)
+    package = list(relative.parts[:-1])
+    found: list[tuple[str, ...]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                if node.level - 1 < depth_in_package:
-                    continue  # an import inside the module's own sub-package
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(alias.name for alias in node.names)
+                base = package[: len(package) - (node.level - 1)]
+                target = [*base, *(node.module.split(".") if node.module else [])]
             elif node.module and node.module.split(".")[0] == "asyncckpt":
-                parts = node.module.split(".")
-                found.add(parts[1] if len(parts) > 1 else "__init__")
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            if node.module is None or not target:
+                found.extend((*target, alias.name) for alias in node.names)
+            else:
+                found.append(tuple(target))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "asyncckpt":
-                    found.add(parts[1] if len(parts) > 1 else "__init__")
+                    found.append(tuple(parts[1:]) or ("__init__",))
     return found
 
 
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 
+def _ids(path: Path) -> str:
+    return str(path.relative_to(PACKAGE))
+
+
 def test_every_module_has_a_layer() -> None:
     unknown = {_top_module(p) for p in MODULES} - set(LAYER_RANKS)
     assert not unknown, f"add these modules to LAYER_RANKS: {sorted(unknown)}"
+    checkpoint = {p.stem for p in (PACKAGE / "_checkpoint").glob("_*.py")} - {"__init__"}
+    assert checkpoint == set(CHECKPOINT_ORDER), "add the module to CHECKPOINT_ORDER"
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_root_holds_only_entry_points_and_the_tree() -> None:
+    # One folder per layer: nothing else lies flat beside the public entry points.
+    flat = {p.stem for p in PACKAGE.glob("*.py")}
+    assert flat == {"__init__", "__main__", "cli", "summary", "_tree"}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_ids)
 def test_imports_point_down(path: Path) -> None:
     module = _top_module(path)
     rank = LAYER_RANKS[module]
-    for imported in _imported_modules(path) - {module}:
-        imported_rank = LAYER_RANKS[imported]
-        if module in BASE and imported in BASE:
-            continue  # the base modules form one layer that may share helpers
+    for imported in _imports(path):
+        if imported[0] == module:
+            continue
+        imported_rank = LAYER_RANKS[imported[0]]
         assert imported_rank < rank, (
-            f"{module} (layer {rank}) imports {imported} (layer {imported_rank}): "
-            "imports must point to lower layers only"
+            f"{_ids(path)} (layer {rank}) imports {'.'.join(imported)} (layer "
+            f"{imported_rank}): imports must point to lower layers only"
         )
 
 
+@pytest.mark.parametrize("path", sorted(p for p in (PACKAGE / "_checkpoint").glob("_*.py") if p.stem != "__init__"), ids=_ids)
+def test_the_checkpoint_stack_is_ordered(path: Path) -> None:
+    position = CHECKPOINT_ORDER.index(path.stem)
+    for imported in _imports(path):
+        if imported[0] == "_checkpoint" and len(imported) > 1:
+            assert CHECKPOINT_ORDER.index(imported[1]) < position, (
+                f"{path.stem} imports {imported[1]}, which is above it in the checkpoint stack"
+            )
+
+
+def _defined_names(tree: ast.Module) -> set[str]:
+    """Names a module defines: its functions, classes, methods, and attributes it assigns."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_ids)
+def test_no_module_reaches_into_another_modules_private_names(path: Path) -> None:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    own = _defined_names(tree)
+    reaches = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            and node.attr not in own
+        ):
+            reaches.append(f"line {node.lineno}: {ast.unparse(node)}")
+    assert not reaches, f"{_ids(path)} uses private names of other modules: {reaches}"
+
+
+# The public facades re-export from private modules (STYLE.md); the base layer's modules
+# are its interface.
+_FACADES = {"__init__", "summary"}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_ids)
+def test_private_modules_are_reached_only_from_their_own_package(path: Path) -> None:
+    module = _module_parts(path)
+    if module[0] in _FACADES:
+        return
+    for imported in _imports(path):
+        # Inside a layer's package, its private modules are that package's business: other
+        # layers use what the package's __init__ re-exports.
+        inner = imported[1:]
+        if (
+            imported[0] != "_core"
+            and inner
+            and inner[0].startswith("_")
+            and imported[0] != module[0]
+        ):
+            pytest.fail(f"{_ids(path)} imports {'.'.join(imported)}; import it from {imported[0]}")
+
+
 def test_cli_never_reaches_sessions_or_hooks() -> None:
-    imported = _imported_modules(PACKAGE / "cli.py")
-    assert not imported & {"_session", "_hooks", "_writer"}
+    imported = {parts[0] for parts in _imports(PACKAGE / "cli.py")}
+    assert not imported & {"_session", "_hooks"}
 
 
 def test_the_parser_sees_imports() -> None:
     # Guards the checks above against passing vacuously on a parser that misses imports.
-    assert {"_format", "_storage", "_tree", "_errors"} <= _imported_modules(PACKAGE / "_saver.py")
-    assert "_saver" in _imported_modules(PACKAGE / "cli.py")
+    saver = _imports(PACKAGE / "_checkpoint" / "_saver.py")
+    assert ("_checkpoint", "_directory") in saver
+    assert ("_storage",) in saver
+    assert ("_checkpoint",) in _imports(PACKAGE / "cli.py")
+    reach = ast.parse("self._a._b\nother._c\n")
+    assert {n.attr for n in ast.walk(reach) if isinstance(n, ast.Attribute)} == {"_a", "_b", "_c"}

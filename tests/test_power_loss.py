@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
+from asyncckpt._storage import LocalStorage
 from asyncckpt import CheckpointManager, cli, latest_checkpoint
-from asyncckpt._saver import read_header_sync
+from asyncckpt._checkpoint import read_header_sync
 from asyncckpt._storage import LOCK_NAME, TEMP_MARKER
 from asyncckpt.testing import FaultyStorage
 
@@ -251,7 +252,7 @@ async def check_crash_state(
         assert previous is None, context
         assert not durable, context
         return None
-    step = read_header_sync(path).step
+    step = read_header_sync(LocalStorage(), path).step
     assert step in ({new} if durable else {previous, new}), context
     async with CheckpointManager(directory, max_to_keep=2) as manager:
         assert not [n for n in os.listdir(directory) if TEMP_MARKER in n], context

@@ -14,6 +14,7 @@ import anyio.lowlevel
 import numpy as np
 import pytest
 
+from asyncckpt._storage import LocalStorage
 from asyncckpt import (
     CheckpointCorruptedError,
     CheckpointError,
@@ -21,12 +22,12 @@ from asyncckpt import (
     CheckpointNotFoundError,
     CheckpointState,
     Saver,
-    _saver,
-    _storage,
     get_checkpoint_state,
     latest_checkpoint,
 )
-from asyncckpt._saver import format_state, lock_name, parse_state
+from asyncckpt._checkpoint._state_file import format_state, lock_name, parse_state
+from asyncckpt._checkpoint import _file
+from asyncckpt._storage import _local as _storage
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
@@ -657,15 +658,15 @@ async def test_a_restore_read_in_many_batches_by_several_tasks_checks_every_batc
 ) -> None:
     # Large files are read by one task per core in batches; small batches and a fixed task
     # count make this small file take the same path.
-    monkeypatch.setattr(_saver, "_READ_BATCH_BYTES", 1000)
-    monkeypatch.setattr(_saver, "_read_threads", lambda: 3)
+    monkeypatch.setattr(_file, "_READ_BATCH_BYTES", 1000)
+    monkeypatch.setattr(_file, "_read_threads", lambda: 3)
     state = {"a": np.arange(3000, dtype=np.float64), "b": np.arange(7, dtype=np.int8), "c": 1}
     path = await Saver().save(state, str(ckpt_dir / "model.ckpt"), global_step=1)
     target = {"a": np.zeros(3000), "b": np.zeros(7, np.int8), "c": 0} if into else None
     restored = await Saver().restore(path, target)
     np.testing.assert_array_equal(restored["a"], state["a"])
     np.testing.assert_array_equal(restored["b"], state["b"])
-    header = await _saver.read_header(path)
+    header = await _file.read_header(LocalStorage(), path)
     with open(path, "r+b") as file:  # noqa: ASYNC230 - a test's small file
         file.seek(header.arrays[0].offset + 20_000)  # in a late batch of array "a"
         flipped = file.read(1)[0] ^ 1

@@ -21,6 +21,7 @@ import anyio.lowlevel
 import numpy as np
 import pytest
 
+from asyncckpt._storage import LocalStorage
 from asyncckpt import (
     CheckpointLockedError,
     CheckpointManager,
@@ -30,7 +31,7 @@ from asyncckpt import (
     get_checkpoint_state,
     latest_checkpoint,
 )
-from asyncckpt._saver import prune
+from asyncckpt._checkpoint import prune
 from asyncckpt._storage import temp_target
 from asyncckpt.testing import FaultyStorage, StorageOp
 
@@ -597,7 +598,7 @@ def test_prune_removes_only_the_leftovers_of_what_its_state_file_lists(ckpt_dir:
     theirs = [".input.ckpt-4.asyncckpt-tmp-a", ".checkpoint_input.asyncckpt-tmp-b"]
     _plant(ckpt_dir, [".model.ckpt-4.asyncckpt-tmp-c", ".checkpoint.asyncckpt-tmp-d", *theirs])
     (ckpt_dir / "model.ckpt-1").unlink()  # the state file names a missing file: rebuilt
-    kept, deleted = prune(str(ckpt_dir), keep=1)
+    kept, deleted = prune(LocalStorage(), str(ckpt_dir), keep=1)
     assert (kept, deleted) == (["model.ckpt-3"], ["model.ckpt-2"])
     assert sorted(temp_files(ckpt_dir)) == sorted(theirs)
     input_state = get_checkpoint_state(ckpt_dir, "checkpoint_input")

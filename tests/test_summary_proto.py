@@ -24,7 +24,7 @@ from support import Fields
 from support import parse_protobuf as parse
 
 from asyncckpt import summary
-from asyncckpt._crc32c import crc32c, masked_crc32c
+from asyncckpt._core._crc32c import crc32c, masked_crc32c
 from asyncckpt._summary._proto import (
     FILE_VERSION,
     MAX_STEP,

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.extra import numpy as hnp
 
 from asyncckpt import CheckpointError, Saver, _tree
-from asyncckpt._tree import MAX_DEPTH, SnapshotPool
+from asyncckpt._checkpoint._snapshot import SnapshotPool
+from asyncckpt._tree import MAX_DEPTH
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -34,12 +34,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import anyio
+import anyio.abc
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Mapping
+    from collections.abc import Callable, Coroutine, Hashable, Mapping
     from contextlib import AbstractAsyncContextManager
 
-    from .._types import MaybeAwaitable, StateTree
+    from .._core._types import MaybeAwaitable, StateTree
 
 __all__ = [
     "CheckpointSaverListener",
@@ -82,6 +83,13 @@ class CoordinatorLike(Protocol):
 
     def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run ``fn(*args)`` as a background task owned by the session."""
+
+    async def start(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        """Run ``fn(*args, task_status=...)`` in the session and return what it started with."""
+
+    @property
+    def shared(self) -> dict[Hashable, Any]:
+        """What the hooks of this session share (summary writers by directory)."""
 
     def pending_started(self) -> None:
         """Count a background job in flight: the session lets it progress between steps."""
@@ -222,15 +230,11 @@ async def open_in_session(
     owns something with tasks of its own (a CheckpointManager, a SummaryWriter): its task
     group nests in the session's, so it never outlives the session, on any exit path.
     """
-    opened: list[R] = []
-    ready = anyio.Event()
 
-    async def hold() -> None:
+    async def hold(*, task_status: anyio.abc.TaskStatus[R]) -> None:
         async with resource as value:
-            opened.append(value)
-            ready.set()
+            task_status.started(value)
             await (until.wait() if until is not None else anyio.sleep_forever())
 
-    coord.start_soon(hold)
-    await ready.wait()
-    return opened[0]
+    opened: R = await coord.start(hold)
+    return opened

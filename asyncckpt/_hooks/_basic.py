@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._errors import NanLossDuringTrainingError, OutOfRangeError
+from .._core._errors import NanLossDuringTrainingError, OutOfRangeError
 from ._base import (
     CoordinatorLike,
     SessionLike,
@@ -28,7 +28,8 @@ from ._timer import SecondOrStepTimer
 if TYPE_CHECKING:
     import os
 
-    from .._summary._writer import SummaryWriter
+    from .._storage import Storage
+    from .._summary import SummaryWriter
 
 __all__ = [
     "FinalOpsHook",
@@ -100,6 +101,7 @@ class StepCounterHook(SessionRunHook):
         output_dir: where the summary will be written.
         summary_writer: a writer to use instead.
         clock: the monotonic clock of the timer.
+        storage: where the event file lives (local files by default).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class StepCounterHook(SessionRunHook):
         summary_writer: SummaryWriter | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        storage: Storage | None = None,
     ) -> None:
         if (every_n_steps is None) == (every_n_secs is None):
             raise ValueError(
@@ -120,6 +123,7 @@ class StepCounterHook(SessionRunHook):
             every_secs=every_n_secs, every_steps=every_n_steps, clock=clock
         )
         self.output_dir = output_dir
+        self._storage = storage
         self.summary_writer = summary_writer
         self.steps_per_sec: list[tuple[int, float]] = []
         """Every ``(global_step, steps/sec)`` figure logged so far."""
@@ -131,7 +135,7 @@ class StepCounterHook(SessionRunHook):
     async def after_create_session(self, session: SessionLike, coord: CoordinatorLike) -> None:
         """Get the session's summary writer for ``output_dir`` (if any)."""
         if self.summary_writer is None and self.output_dir is not None:
-            self.summary_writer = await summary_writer_for(coord, self.output_dir)
+            self.summary_writer = await summary_writer_for(coord, self.output_dir, self._storage)
 
     def after_run(
         self, run_context: SessionRunContext, run_values: SessionRunValues

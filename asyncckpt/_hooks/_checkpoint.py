@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 import anyio
 import anyio.lowlevel
 
-from .._errors import CheckpointWriteError
-from .._saver import STATE_FILENAME
-from .._summary._proto import SessionLog
-from .._util import call_maybe_async
-from .._writer import CheckpointManager, Policy, SaveOutcome
+from .._checkpoint import STATE_FILENAME, CheckpointManager, Policy, SaveOutcome
+from .._core._errors import CheckpointWriteError
+from .._core._util import call_maybe_async
+from .._summary import SessionLog
 from ._base import (
     CheckpointSaverListener,
     CoordinatorLike,
@@ -36,9 +35,10 @@ from ._timer import SecondOrStepTimer
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
-    from .._errors import CheckpointError
-    from .._saver import Saver
-    from .._summary._writer import SummaryWriter
+    from .._checkpoint import Saver
+    from .._core._errors import CheckpointError
+    from .._storage import Storage
+    from .._summary import SummaryWriter
 
 logger = logging.getLogger("asyncckpt")
 T = TypeVar("T")
@@ -87,6 +87,8 @@ class CheckpointSaverHook(SessionRunHook):
         on_write_error: ``"raise"`` (end the session at the next step boundary) or
             ``"log"`` (log and keep training).
         clock: the monotonic clock of the timer (inject a fake in tests).
+        storage: where checkpoints (and the event file logging them) live; local files by
+            default.
 
     Raises:
         ValueError: not exactly one of ``save_steps`` / ``save_secs``; both ``saver`` and
@@ -108,6 +110,7 @@ class CheckpointSaverHook(SessionRunHook):
         stop_grace_period_secs: float = 120.0,
         on_write_error: Literal["raise", "log"] = "raise",
         clock: Callable[[], float] = time.monotonic,
+        storage: Storage | None = None,
     ) -> None:
         if (save_secs is None) == (save_steps is None):
             raise ValueError("pass exactly one of save_steps= or save_secs=")
@@ -135,6 +138,7 @@ class CheckpointSaverHook(SessionRunHook):
             "policy": policy,
             "stop_grace_period_secs": stop_grace_period_secs,
             "latest_filename": saver.latest_filename if saver is not None else STATE_FILENAME,
+            "storage": storage if storage is not None or saver is None else saver.storage,
         }
         # Fail on bad arguments now, not when the session starts.
         CheckpointManager(**self._manager_args)
@@ -178,20 +182,23 @@ class CheckpointSaverHook(SessionRunHook):
 
     async def after_create_session(self, session: SessionLike, coord: CoordinatorLike) -> None:
         """Open the manager (first time only), then save the starting step."""
-        await self._open(session, coord)
-        await self._save(session, session.global_step)
+        await self.open_manager(session, coord)
+        await self.save(session, session.global_step)
 
-    async def _open(self, session: SessionLike, coord: CoordinatorLike) -> CheckpointManager:
+    async def open_manager(self, session: SessionLike, coord: CoordinatorLike) -> CheckpointManager:
         """Open the manager (first time only) and start the timer at the session's step.
 
-        The first half of ``after_create_session``, for hooks built on this one: the input
-        pipeline hook restores through the manager before it decides whether to save.
+        The first half of ``after_create_session``, for hooks built on this one (the input
+        pipeline hook restores through the manager before it decides whether to save); the
+        second half is ``save(session, session.global_step)``.
         """
         self._coord = coord
         self._session = session
         if self._manager is None:
             # TensorFlow's hook logs each checkpoint to its directory's event file.
-            self._summary_writer = await summary_writer_for(coord, self.checkpoint_dir)
+            self._summary_writer = await summary_writer_for(
+                coord, self.checkpoint_dir, self._manager_args["storage"]
+            )
             self._closing = anyio.Event()
             self._outcome_arrived = anyio.Event()
             manager = CheckpointManager(**self._manager_args)
@@ -215,7 +222,7 @@ class CheckpointSaverHook(SessionRunHook):
         if not self._timer.should_trigger_for_step(step):
             return None
         self._timer.update_last_triggered_step(step)
-        return self._save(session, step)
+        return self.save(session, step)
 
     async def end(self, session: SessionLike) -> None:
         """Save the last step unless it was saved, wait for every write and listener, then
@@ -230,7 +237,7 @@ class CheckpointSaverHook(SessionRunHook):
                     await manager.wait()  # make room: the final save is never dropped
                 self._final_step = step
                 self._timer.update_last_triggered_step(step)
-                await self._save(session, step)
+                await self.save(session, step)
             await self._reported(manager.wait)
             while self._outcomes or self._delivering:
                 assert self._outcome_arrived is not None
@@ -243,9 +250,15 @@ class CheckpointSaverHook(SessionRunHook):
         if self._closing is not None:
             self._closing.set()
 
-    async def _save(self, session: SessionLike, step: int) -> None:
-        assert self._manager is not None
-        assert self._coord is not None
+    async def save(self, session: SessionLike, step: int) -> None:
+        """Save ``session``'s state as checkpoint ``step`` now: the listeners' ``before_save``,
+        the snapshot, then the write in the background (for hooks built on this one).
+
+        Raises:
+            RuntimeError: the manager is not open (call ``open_manager`` first).
+        """
+        if self._manager is None or self._coord is None:
+            raise RuntimeError("call open_manager() (or after_create_session()) before save()")
         for listener in self._listeners:
             await call_maybe_async(listener.before_save, session, step)
         if await self._reported(partial(self._manager.save, session.state, step)):

@@ -15,17 +15,18 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from .._saver import STATE_FILENAME, Saver, check_name
-from .._types import SupportsStateDict
-from .._util import check_int
+from .._checkpoint import STATE_FILENAME, Saver, check_name
+from .._core._types import SupportsStateDict
+from .._core._util import check_int
 from ._base import CheckpointSaverListener, SessionRunArgs, SessionRunContext, SessionRunHook
 from ._checkpoint import CheckpointSaverHook
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterable
 
-    from .._types import StateTree
-    from .._writer import CheckpointManager, Policy
+    from .._checkpoint import CheckpointManager, Policy
+    from .._core._types import StateTree
+    from .._storage import Storage
     from ._base import CoordinatorLike, SessionLike, SessionRunValues
 
 __all__ = ["CheckpointInputPipelineHook", "Iterators", "input_pipeline_listeners"]
@@ -154,7 +155,8 @@ class CheckpointInputPipelineHook(SessionRunHook):
             that each worker saves and restores its own input.
         task_id: the worker's index among those of ``task_type``.
         max_to_keep: input checkpoints kept (keep at least as many as the model does).
-        max_pending, policy, stop_grace_period_secs, clock: as for ``CheckpointSaverHook``.
+        max_pending, policy, stop_grace_period_secs, clock, storage: as for
+            ``CheckpointSaverHook``.
 
     Raises:
         ValueError: both ``save_steps`` and ``save_secs``; an empty ``iterators``; only one
@@ -179,6 +181,7 @@ class CheckpointInputPipelineHook(SessionRunHook):
         policy: Policy = "block",
         stop_grace_period_secs: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        storage: Storage | None = None,
     ) -> None:
         if save_steps is not None and save_secs is not None:
             raise ValueError(
@@ -218,6 +221,7 @@ class CheckpointInputPipelineHook(SessionRunHook):
             policy=policy,
             stop_grace_period_secs=stop_grace_period_secs,
             clock=clock,
+            storage=storage,
         )
         self.checkpoint_dir = self._saver_hook.checkpoint_dir
         self._follower: _FollowSaves | None = None
@@ -316,7 +320,7 @@ class CheckpointInputPipelineHook(SessionRunHook):
                 )
             follower.begun = False  # the next session's CheckpointSaverHook sets it again
         input_session = _InputSession(session, self._iterators)
-        manager = await self._saver_hook._open(input_session, coord)
+        manager = await self._saver_hook.open_manager(input_session, coord)
         step = session.global_step
         restored = await self._restore(manager, step)
         self._session, self._input_session = session, input_session
@@ -325,7 +329,7 @@ class CheckpointInputPipelineHook(SessionRunHook):
         self._input_context = SessionRunContext(SessionRunArgs(), input_session)
         self._created_step = step
         if restored is None:
-            await self._saver_hook._save(input_session, step)
+            await self._saver_hook.save(input_session, step)
 
     def after_run(
         self, run_context: SessionRunContext, run_values: SessionRunValues
@@ -400,7 +404,7 @@ class CheckpointInputPipelineHook(SessionRunHook):
         assert self._input_session is not None
         manager = self.manager
         assert manager is not None
-        await self._saver_hook._save(self._input_session, step)
+        await self._saver_hook.save(self._input_session, step)
         # Durable before the model's snapshot of this step is taken, so before it is listed.
         await manager.wait()
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-from .._summary._proto import SessionLog, SummaryValue, histogram, scalar, text
-from .._summary._writer import SummaryWriter
+from .._summary import SessionLog, SummaryValue, SummaryWriter, histogram, scalar, text
 from ._base import (
     CoordinatorLike,
     SessionLike,
@@ -27,13 +25,12 @@ from ._base import (
 )
 from ._timer import SecondOrStepTimer
 
+if TYPE_CHECKING:
+    from .._storage import Storage
+
 __all__ = ["SummaryOp", "SummarySaverHook", "summary_writer_for"]
 
 SummaryOp: TypeAlias = "str | Sequence[str] | Callable[[Mapping[str, Any]], Any]"
-
-_writers: weakref.WeakKeyDictionary[CoordinatorLike, dict[str, SummaryWriter]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def _directory_key(logdir: str | os.PathLike[str]) -> str:
@@ -41,20 +38,21 @@ def _directory_key(logdir: str | os.PathLike[str]) -> str:
 
 
 async def summary_writer_for(
-    coord: CoordinatorLike, logdir: str | os.PathLike[str]
+    coord: CoordinatorLike, logdir: str | os.PathLike[str], storage: Storage | None = None
 ) -> SummaryWriter:
     """Return the session's writer for ``logdir``, opening it on first use.
 
     Hooks of one session that write to one directory share one writer and one event file
     (TensorFlow's ``SummaryWriterCache``). The writer runs in a background task of the
     session, so it is closed, with every accepted event written, when the session closes;
-    sharing stops at the session because a writer's task must have one owner.
+    sharing stops at the session because a writer's task must have one owner. The first
+    hook to ask for a directory chooses its ``storage``.
     """
-    key = _directory_key(logdir)
-    writers = _writers.setdefault(coord, {})
-    writer = writers.get(key)
-    if writer is None:
-        writer = writers[key] = SummaryWriter(key)
+    directory = _directory_key(logdir)
+    key = (SummaryWriter, directory)
+    writer = coord.shared.get(key)
+    if not isinstance(writer, SummaryWriter):
+        writer = coord.shared[key] = SummaryWriter(directory, storage=storage)
         await open_in_session(coord, writer)
     return writer
 
@@ -114,6 +112,7 @@ class SummarySaverHook(SessionRunHook):
         scaffold: take ``summary_op`` from here (exactly one of scaffold/summary_op).
         summary_op: see above.
         clock: the monotonic clock of the timer.
+        storage: where the event file lives (local files by default).
 
     Raises:
         ValueError: not exactly one of scaffold/summary_op or of save_steps/save_secs, or
@@ -130,6 +129,7 @@ class SummarySaverHook(SessionRunHook):
         summary_op: SummaryOp | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        storage: Storage | None = None,
     ) -> None:
         if (scaffold is None) == (summary_op is None):
             raise ValueError("Exactly one of scaffold or summary_op should be set.")
@@ -137,6 +137,7 @@ class SummarySaverHook(SessionRunHook):
             raise ValueError("pass output_dir= (or an open summary_writer=) to say where to write")
         self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        self._storage = storage
         self._given_writer = summary_writer
         self._writer: SummaryWriter | None = summary_writer
         op = summary_op if summary_op is not None else getattr(scaffold, "summary_op", None)
@@ -169,7 +170,7 @@ class SummarySaverHook(SessionRunHook):
         """Get the writer; after a recovery, announce the restart again."""
         if self._given_writer is None:
             assert self.output_dir is not None
-            self._writer = await summary_writer_for(coord, self.output_dir)
+            self._writer = await summary_writer_for(coord, self.output_dir, self._storage)
         self._next_step = None
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:

@@ -5,13 +5,14 @@ Knows nothing of steps, checkpoints or hooks beyond what it is handed.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Hashable, Iterator
 
 __all__ = ["Coordinator"]
 
@@ -28,6 +29,10 @@ class Coordinator:
     checkpoint being written): while any is, the session yields to the event loop once per
     step so the jobs progress even when the step function never awaits, and recovery waits
     for them. When none is, a step costs nothing extra.
+
+    ``shared`` holds what the hooks of one session share (their summary writers, one per
+    directory); it is emptied when the session closes. The session drives ``attach()`` /
+    ``detach()`` around its task group, and ``cancelled_on_stop()`` around its waits.
     """
 
     def __init__(self) -> None:
@@ -37,18 +42,22 @@ class Coordinator:
         self._idle_event: anyio.Event | None = None
         self._stop_scopes: set[anyio.CancelScope] = set()
         self.pending = 0
+        self.shared: dict[Hashable, Any] = {}
 
     def __repr__(self) -> str:
         return f"<Coordinator stop_requested={self._stop} pending={self.pending}>"
 
-    def _attach(self, task_group: anyio.abc.TaskGroup) -> None:
+    def attach(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Run background tasks in ``task_group`` (the session's, while it is open)."""
         self._task_group = task_group
         self._stop_event = anyio.Event()
         if self._stop:
             self._stop_event.set()
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
+        """Refuse background tasks from now on and forget the shared resources."""
         self._task_group = None
+        self.shared.clear()
 
     def request_stop(self) -> None:
         """Ask the session to stop at its next step boundary (idempotent, never blocks)."""
@@ -78,9 +87,21 @@ class Coordinator:
         Raises:
             RuntimeError: the session is not open.
         """
+        self._open_task_group("start_soon").start_soon(fn, *args)
+
+    async def start(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        """Run ``fn(*args, task_status=...)`` as a background task owned by the session, and
+        return the value it passes to ``task_status.started()`` (anyio's ``TaskGroup.start``).
+
+        Raises:
+            RuntimeError: the session is not open.
+        """
+        return await self._open_task_group("start").start(fn, *args)
+
+    def _open_task_group(self, method: str) -> anyio.abc.TaskGroup:
         if self._task_group is None:
-            raise RuntimeError("start_soon() needs an open session (inside `async with`)")
-        self._task_group.start_soon(fn, *args)
+            raise RuntimeError(f"{method}() needs an open session (inside `async with`)")
+        return self._task_group
 
     def pending_started(self) -> None:
         """Count one background job in flight (see the class docstring)."""
@@ -100,11 +121,14 @@ class Coordinator:
                 self._idle_event = anyio.Event()
             await self._idle_event.wait()
 
-    def _stop_cancels(self, scope: anyio.CancelScope) -> None:
-        """Register ``scope`` to be cancelled by ``request_stop()`` (until forgotten)."""
-        if self._stop:
-            scope.cancel()
-        self._stop_scopes.add(scope)
-
-    def _forget(self, scope: anyio.CancelScope) -> None:
-        self._stop_scopes.discard(scope)
+    @contextmanager
+    def cancelled_on_stop(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope that ``request_stop()`` cancels (at once if a stop was requested)."""
+        with anyio.CancelScope() as scope:
+            if self._stop:
+                scope.cancel()
+            self._stop_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._stop_scopes.discard(scope)

@@ -3,20 +3,25 @@ initializing. Knows nothing of hooks beyond the session they receive."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from .._errors import OutOfRangeError
-from .._saver import latest_checkpoint, read_checkpoint
-from .._util import call_maybe_async
+import anyio
+
+from .._checkpoint import latest_checkpoint, read_checkpoint
+from .._core._errors import OutOfRangeError
+from .._core._util import call_maybe_async
+from .._storage import LocalStorage
 from ._fetches import resolve_fetches
 from ._scaffold import Scaffold
 
 if TYPE_CHECKING:
-    from .._types import StateTree
+    from .._core._types import StateTree
+    from .._storage import Storage
 
 __all__ = [
     "NO_OUTPUTS",
@@ -83,10 +88,12 @@ class StepSession:
     def __repr__(self) -> str:
         return f"<StepSession global_step={self.global_step} step_fn={self.step_fn!r}>"
 
-    async def _step(self, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Call the step function; a ``StopIteration`` (which cannot cross a coroutine) comes
-        out as ``OutOfRangeError``, the end of the input.
+    async def step(self, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Call the step function with ``feeds`` and count the step; return its outputs.
 
+        The part of a run that a ``MonitoredSession`` wraps in its hooks. A ``StopIteration``
+        (which cannot cross a coroutine) comes out as ``OutOfRangeError``, the end of the
+        input.
         """
         try:
             # (Unpacking an empty mapping into the call is not free, and this is every step.)
@@ -102,7 +109,7 @@ class StepSession:
 
     async def run(self, fetches: Any = None, feed_dict: Mapping[str, Any] | None = None) -> Any:
         """Run one step without hooks; return the fetched outputs (all of them for None)."""
-        outputs = await self._step(dict(feed_dict or {}))
+        outputs = await self.step(dict(feed_dict or {}))
         return resolve_fetches(fetches, outputs, self.global_step, all_if_none=True)
 
 
@@ -126,6 +133,7 @@ class ChiefSessionCreator:
         scaffold: where ``init_fn`` comes from.
         checkpoint_dir: restore the latest checkpoint of this directory.
         checkpoint_filename_with_path: restore exactly this checkpoint instead.
+        storage: where the checkpoints live (local files by default).
     """
 
     def __init__(
@@ -135,6 +143,8 @@ class ChiefSessionCreator:
         scaffold: Scaffold | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_filename_with_path: str | os.PathLike[str] | None = None,
+        *,
+        storage: Storage | None = None,
     ) -> None:
         if not callable(step_fn):
             raise TypeError("step_fn must be callable as step_fn(state, **feeds)")
@@ -144,6 +154,7 @@ class ChiefSessionCreator:
         self.step_fn = step_fn
         self.scaffold = scaffold or Scaffold()
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.storage: Storage = storage or LocalStorage()
         self.checkpoint_filename_with_path = (
             None
             if checkpoint_filename_with_path is None
@@ -157,12 +168,14 @@ class ChiefSessionCreator:
         """Restore the latest checkpoint into the state, or call ``init_fn``."""
         path = self.checkpoint_filename_with_path
         if path is None and self.checkpoint_dir is not None:
-            path = latest_checkpoint(self.checkpoint_dir)
+            path = await anyio.to_thread.run_sync(
+                functools.partial(latest_checkpoint, self.checkpoint_dir, storage=self.storage)
+            )
         if path is None:
             session = StepSession(self.state, self.step_fn, 0)
             if self.scaffold.init_fn is not None:
                 await call_maybe_async(self.scaffold.init_fn, self.scaffold, session)
             return session
-        header, tree = await read_checkpoint(path, into=self.state)
+        header, tree = await read_checkpoint(self.storage, path, into=self.state)
         self.state = tree
         return StepSession(tree, self.step_fn, header.step or 0)

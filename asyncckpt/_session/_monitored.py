@@ -22,13 +22,18 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._errors import OutOfRangeError, PreemptedError
-from .._hooks._base import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
-from .._hooks._basic import StepCounterHook
-from .._hooks._checkpoint import CheckpointSaverHook
-from .._hooks._input import input_pipeline_listeners
-from .._hooks._summary import SummarySaverHook
-from .._util import raise_single_exception
+from .._core._errors import OutOfRangeError, PreemptedError
+from .._core._util import raise_single_exception
+from .._hooks import (
+    CheckpointSaverHook,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+    StepCounterHook,
+    SummarySaverHook,
+    input_pipeline_listeners,
+)
 from ._coordinator import Coordinator
 from ._creators import (
     ChiefSessionCreator,
@@ -43,7 +48,8 @@ if TYPE_CHECKING:
     import os
     from types import TracebackType
 
-    from .._types import StateTree
+    from .._core._types import StateTree
+    from .._storage import Storage
 
 __all__ = ["MonitoredSession", "MonitoredTrainingSession"]
 
@@ -182,8 +188,8 @@ class MonitoredSession:
         try:
             async with AsyncExitStack() as stack:
                 self._task_group = await stack.enter_async_context(anyio.create_task_group())
-                self._coord._attach(self._task_group)
-                stack.callback(self._coord._detach)
+                self._coord.attach(self._task_group)
+                stack.callback(self._coord.detach)
                 await self._create()
                 # Bound once, so the step path looks nothing up; each with the key that
                 # routes the results of its hook's fetches back to it.
@@ -301,7 +307,7 @@ class MonitoredSession:
                 feeds = (
                     merge_feeds(feed_dict, hook_feeds) if hook_feeds else (feed_dict or _NO_FEEDS)
                 )
-                outputs = await raw._step(feeds)
+                outputs = await raw.step(feeds)
                 step = raw.global_step
                 if hook_fetches is None:
                     for after_run in self._after_run_calls:
@@ -347,14 +353,11 @@ class MonitoredSession:
         if isinstance(source, AsyncIterable):
             iterator = aiter(source)
             while not self.should_stop():
-                with anyio.CancelScope() as scope:
-                    self._coord._stop_cancels(scope)
+                with self._coord.cancelled_on_stop() as scope:
                     try:
                         item = await anext(iterator)
                     except StopAsyncIteration:
                         return
-                    finally:
-                        self._coord._forget(scope)
                 if scope.cancelled_caught:
                     return
                 yield item
@@ -423,6 +426,7 @@ class MonitoredTrainingSession(MonitoredSession):
         log_step_count_steps: how often steps/sec is logged (None or 0: never).
         stop_grace_period_secs: see ``MonitoredSession``.
         recoverable_errors: see ``MonitoredSession``.
+        storage: where checkpoints and summaries live (local files by default).
     """
 
     def __init__(
@@ -443,6 +447,7 @@ class MonitoredTrainingSession(MonitoredSession):
         stop_grace_period_secs: float = 120.0,
         *,
         recoverable_errors: tuple[type[BaseException], ...] = (PreemptedError,),
+        storage: Storage | None = None,
     ) -> None:
         scaffold = scaffold or Scaffold()
         ckpt_steps, ckpt_secs = _interval(
@@ -457,7 +462,11 @@ class MonitoredTrainingSession(MonitoredSession):
             all_hooks.extend(chief_only_hooks or ())
             if self.summary_dir is not None and log_step_count_steps:
                 all_hooks.append(
-                    StepCounterHook(every_n_steps=log_step_count_steps, output_dir=self.summary_dir)
+                    StepCounterHook(
+                        every_n_steps=log_step_count_steps,
+                        output_dir=self.summary_dir,
+                        storage=storage,
+                    )
                 )
             if self.summary_dir is not None and (
                 self.save_summaries_steps or self.save_summaries_secs
@@ -468,6 +477,7 @@ class MonitoredTrainingSession(MonitoredSession):
                         save_secs=self.save_summaries_secs or None,
                         output_dir=self.summary_dir,
                         scaffold=scaffold,
+                        storage=storage,
                     )
                 )
             if checkpoint_dir is not None and (ckpt_steps or ckpt_secs):
@@ -482,10 +492,13 @@ class MonitoredTrainingSession(MonitoredSession):
                             [*(chief_only_hooks or ()), *(hooks or ())]
                         ),
                         stop_grace_period_secs=stop_grace_period_secs,
+                        storage=storage,
                     )
                 )
         all_hooks.extend(hooks or ())
-        creator = ChiefSessionCreator(state, step_fn, scaffold, checkpoint_dir=checkpoint_dir)
+        creator = ChiefSessionCreator(
+            state, step_fn, scaffold, checkpoint_dir=checkpoint_dir, storage=storage
+        )
         super().__init__(
             creator, all_hooks, stop_grace_period_secs, recoverable_errors=recoverable_errors
         )

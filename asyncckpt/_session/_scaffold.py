@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-    from .._hooks._base import SessionLike
-    from .._saver import Saver
+    from .._checkpoint import Saver
+    from .._hooks import SessionLike
 
 __all__ = ["InitFn", "Scaffold", "SummaryOp"]
 

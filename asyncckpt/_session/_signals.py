@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from .._util import single_exception
+from .._core._util import single_exception
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

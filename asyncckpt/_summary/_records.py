@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Final
 
-from .._crc32c import masked_crc32c
+from .._core._crc32c import masked_crc32c
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -13,7 +13,7 @@ from typing import Final
 
 import numpy as np
 
-from .._crc32c import crc32c
+from .._core._crc32c import crc32c
 from . import _proto
 from ._records import frame
 

@@ -2,7 +2,7 @@
 
 Owns one event file per writer, the queue, the in-memory buffer and the flush schedule, and
 the per-tag step order TensorBoard needs. Encoding lives in ``_proto``/``_records`` (and the
-scalar fast path in ``_scalars``); files in ``_storage``.
+scalar fast path in ``_scalars``); files in the ``Storage`` it is given.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import anyio
 import anyio.lowlevel
 
-from .. import _storage
-from .._util import check_int, single_exception
+from .._core._util import check_int, single_exception
+from .._storage import LocalStorage
 from . import _proto
 from ._records import frame
 from ._scalars import ScalarRecords
@@ -28,6 +28,8 @@ from ._scalars import ScalarRecords
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from types import TracebackType
+
+    from .._storage import AppendFile, Storage
 
 __all__ = ["SummaryWriter"]
 
@@ -212,6 +214,7 @@ class SummaryWriter:
         filename_suffix: appended to the file name.
         stop_grace_period_secs: how long an exceptional exit keeps writing accepted events.
         clock: wall-clock source for event times (``time.time``).
+        storage: where the event file lives (local files by default).
     """
 
     def __init__(
@@ -223,6 +226,7 @@ class SummaryWriter:
         *,
         stop_grace_period_secs: float = 120.0,
         clock: Callable[[], float] = time.time,
+        storage: Storage | None = None,
     ) -> None:
         check_int("max_queue", max_queue, minimum=1)
         if not flush_secs > 0:
@@ -230,6 +234,7 @@ class SummaryWriter:
         if os.sep in filename_suffix:
             raise ValueError("filename_suffix must not contain a path separator")
         self.logdir = os.fspath(logdir)
+        self.storage: Storage = storage or LocalStorage()
         self.max_queue = max_queue
         self.flush_secs = flush_secs
         self._grace = stop_grace_period_secs
@@ -260,7 +265,7 @@ class SummaryWriter:
         if self._entered:
             raise RuntimeError("a SummaryWriter can be entered only once; create a new one")
         self._entered = True
-        file = await _storage.create_new_file(self.path)
+        file = await self.storage.create_new_file(self.path)
         first = frame(
             _proto.encode_event(
                 wall_time=self._clock(),
@@ -560,7 +565,7 @@ class _Buffer:
 
     __slots__ = ("_file", "_records", "size", "written")
 
-    def __init__(self, file: _storage.AppendFile) -> None:
+    def __init__(self, file: AppendFile) -> None:
         self._file = file
         self._records: list[bytes] = []
         self.size = 0

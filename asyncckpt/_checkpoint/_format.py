@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Final
 import msgpack
 import numpy as np
 
-from ._crc32c import crc32c
-from ._errors import CheckpointCorruptedError, CheckpointFormatError
-from ._tree import ArrayLeaf, Spec, format_path, iter_array_refs
+from .._core._crc32c import crc32c
+from .._core._errors import CheckpointCorruptedError, CheckpointFormatError
+from .._tree import ArrayLeaf, Spec, format_path, iter_array_refs
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

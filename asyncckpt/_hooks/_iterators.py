@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeAlias, Type
 
 import numpy as np
 
-from ._util import check_int
+from .._core._util import check_int
 
 if TYPE_CHECKING:
     from typing import Self

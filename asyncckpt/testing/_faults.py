@@ -1,11 +1,7 @@
-"""Test kit for code that uses asyncckpt: storage fault injection and stalls (more with hooks).
+"""FaultyStorage and StorageStall: storage faults and stalls on demand, for tests.
 
-``FaultyStorage`` makes chosen storage operations fail with an OSError, exactly as a full
-disk, a read-only file system or a failing device would, so that tests can check what a
-user sees (``CheckpointWriteError``, the previous checkpoint intact) without a real fault.
-It can also hold one storage call in its worker thread, as a slow disk would, until the test
-releases it (``FaultyStorage.stall()``, a ``StorageStall``), to test backpressure and
-cancellation mid-write without a single real sleep.
+A ``Storage`` that wraps another one; knows nothing of checkpoints beyond the storage
+operations it sees.
 """
 
 from __future__ import annotations
@@ -21,28 +17,18 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from . import _storage
-from ._hooks._base import (
-    CheckpointSaverListener,
-    CoordinatorLike,
-    SessionLike,
-    SessionRunArgs,
-    SessionRunContext,
-    SessionRunHook,
-    SessionRunValues,
-)
+from .._storage import LOCK_NAME, LocalStorage, Probe, Storage
 
 if TYPE_CHECKING:
+    import mmap
+    from collections.abc import Awaitable, Callable, Sequence
+    from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
-__all__ = [
-    "FakeClock",
-    "FaultyStorage",
-    "RecordingHook",
-    "RecordingListener",
-    "StorageOp",
-    "StorageStall",
-]
+    from .._core._types import Buffer
+    from .._storage import AppendFile, DirectoryLock, ReadFile
+
+__all__ = ["FaultyStorage", "StorageOp", "StorageStall"]
 
 StorageOp = Literal["open", "write", "fsync", "rename", "fsync_dir", "unlink", "read"]
 _OPS: Final = ("open", "write", "fsync", "rename", "fsync_dir", "unlink", "read")
@@ -207,8 +193,12 @@ class StorageStall:
         )
 
 
-class FaultyStorage:
-    """Inject OSErrors into asyncckpt's storage operations while the context is active.
+class FaultyStorage(Storage):
+    """A ``Storage`` that injects OSErrors into the operations of the one it wraps.
+
+    Pass it as ``storage=`` to a ``Saver``, ``CheckpointManager``, ``SummaryWriter``, hook or
+    session; it wraps local files unless given another ``Storage``. Use it as a ``with``
+    block: leaving it releases every stall (see ``stall()``).
 
     Operations: ``"open"`` (creating a temp file or opening one to read), ``"write"`` (of a
     temp file), ``"fsync"`` (of a temp file), ``"rename"`` (the atomic replace, seen with the
@@ -221,17 +211,28 @@ class FaultyStorage:
     Example::
 
         with FaultyStorage() as faults:
+            saver = Saver(storage=faults)
             faults.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
             with pytest.raises(CheckpointWriteError):
                 await saver.save(state, prefix, global_step=2)
+
+    ``calls_on_event_loop`` lists the operations that ran on a thread running an event loop
+    (asyncckpt's async APIs make none: each goes through a worker thread).
+
+    Args:
+        storage: the storage to wrap (local files by default).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, storage: Storage | None = None) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.calls_on_event_loop: list[tuple[str, str]] = []
         self._rules: list[_Rule] = []
         self._stalls: list[StorageStall] = []
         self._lock = threading.Lock()
-        self._previous: _storage.FaultPlan | None = None
+        self._inner = (storage or LocalStorage()).instrumented(self.check)
+
+    def __repr__(self) -> str:
+        return f"FaultyStorage({self._inner!r}, calls={len(self.calls)})"
 
     def fail(
         self,
@@ -301,10 +302,13 @@ class FaultyStorage:
         with self._lock:
             self._rules.clear()
 
-    def check(self, op: str, path: str) -> None:
+    def check(self, op: str, path: str, /) -> None:
         """Record ``op`` on ``path``, hold it if a stall asks, then raise what a rule asks for."""
+        on_loop = _on_event_loop_thread()
         with self._lock:
             self.calls.append((op, path))
+            if on_loop:
+                self.calls_on_event_loop.append((op, path))
             stall = self._stall_for(op, path)
             error = self._error_for(op, path)
         if stall is not None:
@@ -343,7 +347,6 @@ class FaultyStorage:
         return None
 
     def __enter__(self) -> Self:
-        self._previous = _storage.install_faults(self)
         return self
 
     def __exit__(
@@ -352,7 +355,6 @@ class FaultyStorage:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _storage.install_faults(self._previous)
         with self._lock:
             stalls = list(self._stalls)
         # Never leave a worker thread waiting; a stall that gave up fails the test here too,
@@ -361,133 +363,72 @@ class FaultyStorage:
         if errors and exc_type is None:
             raise RuntimeError(errors[0])
 
+    # -- the Storage interface: every operation goes to the wrapped storage, through check() --
 
-class FakeClock:
-    """A clock for timers and hooks that moves only when told: ``clock()``, ``advance(s)``.
+    def instrumented(self, probe: Probe) -> Storage:
+        """Return a storage whose operations pass this one's faults, then ``probe``."""
+        return self._inner.instrumented(probe)
 
-    Pass it as ``clock=`` to ``SecondOrStepTimer``, ``CheckpointSaverHook``,
-    ``StepCounterHook`` or ``LoggingTensorHook`` (monotonic seconds), or to ``Saver``
-    (wall-clock seconds) to test time-based schedules without sleeping.
-    """
+    def read_small_file(self, path: str) -> bytes | None:
+        """See ``Storage.read_small_file``."""
+        return self._inner.read_small_file(path)
 
-    def __init__(self, start: float = 0.0) -> None:
-        self.now = float(start)
+    def write_small_file_atomic(self, path: str, data: bytes) -> None:
+        """See ``Storage.write_small_file_atomic``."""
+        self._inner.write_small_file_atomic(path, data)
 
-    def __call__(self) -> float:
-        return self.now
+    def list_names(self, directory: str) -> list[str]:
+        """See ``Storage.list_names``."""
+        return self._inner.list_names(directory)
 
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward by ``seconds`` (>= 0)."""
-        if seconds < 0:
-            raise ValueError("a clock never goes back")
-        self.now += seconds
+    def file_info(self, path: str) -> os.stat_result | None:
+        """See ``Storage.file_info``."""
+        return self._inner.file_info(path)
 
-    def __repr__(self) -> str:
-        return f"FakeClock({self.now})"
+    def read_prefix(self, path: str, size: int) -> bytes:
+        """See ``Storage.read_prefix``."""
+        return self._inner.read_prefix(path, size)
 
+    def remove_files(self, paths: Sequence[str], *, keep_spare: bool = False) -> str | None:
+        """See ``Storage.remove_files``."""
+        return self._inner.remove_files(paths, keep_spare=keep_spare)
 
-Call = tuple[str, "int | None"]
-SharedLog = list[tuple[str, str, "int | None"]]
+    def remove_spare(self, path: str) -> None:
+        """See ``Storage.remove_spare``."""
+        self._inner.remove_spare(path)
 
+    def remove_temp_files(self, directory: str, owns: Callable[[str], bool]) -> list[str]:
+        """See ``Storage.remove_temp_files``."""
+        return self._inner.remove_temp_files(directory, owns)
 
-class _Recorder:
-    """``calls`` of one object, mirrored as ``(name, method, step)`` into a shared log."""
+    def lock(self, directory: str, name: str = LOCK_NAME) -> DirectoryLock:
+        """See ``Storage.lock``."""
+        return self._inner.lock(directory, name)
 
-    def __init__(self, name: str, log: SharedLog | None, stop_at: int | None) -> None:
-        self.name = name
-        self.calls: list[Call] = []
-        self._log = log
-        self._stop_at = stop_at
-
-    def _record(self, method: str, step: int | None) -> None:
-        self.calls.append((method, step))
-        if self._log is not None:
-            self._log.append((self.name, method, step))
-
-    def _stop_due(self, step: int) -> bool:
-        return self._stop_at is not None and step >= self._stop_at
-
-
-class RecordingHook(_Recorder, SessionRunHook):
-    """A hook that records every call as ``(method, global_step)`` in ``calls``.
-
-    ``before_run`` records the step before the run, ``after_run`` the step after it. With
-    ``log`` (a list shared by several hooks and listeners), each call is also appended there
-    as ``(name, method, step)``, so a test can assert the interleaving. ``fetches`` and
-    ``feed_dict`` are requested on every step; ``stop_at`` requests a stop in ``after_run``
-    once the global step reaches it.
-    """
-
-    def __init__(
+    async def write_atomic(
         self,
-        name: str = "hook",
+        final_path: str,
+        pieces: Sequence[Buffer],
         *,
-        log: SharedLog | None = None,
-        fetches: object = None,
-        feed_dict: dict[str, object] | None = None,
-        stop_at: int | None = None,
+        late_head: Callable[[], Awaitable[bytes]] | None = None,
+        reuse: str | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
-        super().__init__(name, log, stop_at)
-        self.results: list[object] = []
-        self._args = (
-            SessionRunArgs(fetches, feed_dict) if fetches is not None or feed_dict else None
+        """See ``Storage.write_atomic``."""
+        await self._inner.write_atomic(
+            final_path, pieces, late_head=late_head, reuse=reuse, limiter=limiter
         )
 
-    def begin(self) -> None:
-        """Record ``("begin", None)``."""
-        self._record("begin", None)
+    def open_for_read(
+        self, path: str, *, limiter: anyio.CapacityLimiter | None = None
+    ) -> AbstractAsyncContextManager[ReadFile]:
+        """See ``Storage.open_for_read``."""
+        return self._inner.open_for_read(path, limiter=limiter)
 
-    def after_create_session(self, session: SessionLike, coord: CoordinatorLike) -> None:
-        """Record ``("after_create_session", step)``."""
-        self._record("after_create_session", session.global_step)
+    def open_mmap(self, path: str) -> mmap.mmap:
+        """See ``Storage.open_mmap``."""
+        return self._inner.open_mmap(path)
 
-    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
-        """Record ``("before_run", step before the run)``."""
-        self._record("before_run", run_context.session.global_step)
-        return self._args
-
-    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
-        """Record ``("after_run", step after the run)`` and keep ``run_values.results``."""
-        step = run_context.session.global_step
-        self._record("after_run", step)
-        self.results.append(run_values.results)
-        if self._stop_due(step):
-            run_context.request_stop()
-
-    def end(self, session: SessionLike) -> None:
-        """Record ``("end", step)``."""
-        self._record("end", session.global_step)
-
-
-class RecordingListener(_Recorder, CheckpointSaverListener):
-    """A listener that records ``(method, step)`` in ``calls`` (``begin`` with None).
-
-    ``stop_at``: ``after_save`` returns True from that step on. ``log`` as for
-    ``RecordingHook``.
-    """
-
-    def __init__(
-        self,
-        name: str = "listener",
-        *,
-        log: SharedLog | None = None,
-        stop_at: int | None = None,
-    ) -> None:
-        super().__init__(name, log, stop_at)
-
-    def begin(self) -> None:
-        """Record ``("begin", None)``."""
-        self._record("begin", None)
-
-    def before_save(self, session: SessionLike, global_step_value: int) -> None:
-        """Record ``("before_save", step)``."""
-        self._record("before_save", global_step_value)
-
-    def after_save(self, session: SessionLike, global_step_value: int) -> bool:
-        """Record ``("after_save", step)``; True once ``stop_at`` is reached."""
-        self._record("after_save", global_step_value)
-        return self._stop_due(global_step_value)
-
-    def end(self, session: SessionLike, global_step_value: int) -> None:
-        """Record ``("end", step)``."""
-        self._record("end", global_step_value)
+    async def create_new_file(self, path: str) -> AppendFile:
+        """See ``Storage.create_new_file``."""
+        return await self._inner.create_new_file(path)

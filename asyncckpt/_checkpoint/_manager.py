@@ -1,14 +1,13 @@
 """CheckpointManager: snapshots on the caller's loop, writes in a background task.
 
 Owns the bounded queue of snapshots, its policies (block / skip / replace), the writer task
-and its task group, and how write errors reach the caller. Uses the Saver for the file work;
-knows nothing of hooks or sessions.
+and its task group, and how write errors reach the caller. The directory (``_directory``) does the
+file work; knows nothing of hooks or sessions.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
@@ -16,16 +15,30 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
 import anyio
 import anyio.abc
 
-from ._errors import CheckpointError, CheckpointNotFoundError
-from ._saver import STATE_FILENAME, Saver, check_name, split_step
-from ._tree import Snapshot, SnapshotPool
-from ._util import check_int, raise_single_exception
+from .._core._errors import CheckpointError, CheckpointNotFoundError
+from .._core._lifecycle import BackgroundTask
+from .._core._sync import EvictingQueue
+from .._core._util import check_int
+from .._storage import LocalStorage
+from . import _format
+from ._directory import CheckpointDirectory
+from ._file import read_checkpoint
+from ._snapshot import Snapshot, SnapshotPool
+from ._state_file import (
+    STATE_FILENAME,
+    Retention,
+    check_latest_filename,
+    check_name,
+    checkpoint_path,
+    split_step,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-    from ._types import StateTree
+    from .._core._types import StateTree
+    from .._storage import Storage
 
 __all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy", "SaveOutcome"]
 
@@ -86,52 +99,6 @@ class _SaveJob:
     metadata: dict[str, Any]
 
 
-class _JobQueue:
-    """A bounded FIFO of waiting jobs that can also evict its newest entry.
-
-    anyio's memory streams cannot evict, and the ``"replace"`` policy must; one small queue
-    then serves all three policies alike.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.jobs: deque[_SaveJob] = deque()
-        self.closed = False
-        self._changed = anyio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-
-    def full(self) -> bool:
-        return len(self.jobs) >= self.capacity
-
-    def put(self, job: _SaveJob) -> None:
-        self.jobs.append(job)
-        self.notify()
-
-    def replace_newest(self, job: _SaveJob) -> _SaveJob:
-        old = self.jobs.pop()
-        self.jobs.append(job)
-        return old
-
-    async def get(self) -> _SaveJob | None:
-        while not self.jobs:
-            if self.closed:
-                return None
-            await self.changed()
-        job = self.jobs.popleft()
-        self.notify()
-        return job
-
-    def close(self) -> None:
-        self.closed = True
-        self.notify()
-
-
 class CheckpointManager:
     """Save a service's or trainer's state in the background, keeping the newest few.
 
@@ -166,6 +133,7 @@ class CheckpointManager:
         latest_filename: the state file's name. Managers with different state files (and
             basenames) may share a directory: each holds only its own state file's lock and
             cleans up only its own temporary files.
+        storage: where checkpoints live (local files by default).
     """
 
     def __init__(
@@ -179,6 +147,7 @@ class CheckpointManager:
         *,
         stop_grace_period_secs: float = 120.0,
         latest_filename: str = STATE_FILENAME,
+        storage: Storage | None = None,
     ) -> None:
         check_int("max_pending", max_pending, minimum=1)
         if policy not in _POLICIES:
@@ -190,21 +159,25 @@ class CheckpointManager:
         self.max_pending = max_pending
         self.policy: Policy = policy
         self._grace = stop_grace_period_secs
-        self._saver = Saver(
-            max_to_keep, keep_checkpoint_every_n_hours, latest_filename=latest_filename
+        self.latest_filename = check_latest_filename(latest_filename)
+        self.storage: Storage = storage or LocalStorage()
+        self._directory = CheckpointDirectory(
+            self.directory,
+            latest_filename=latest_filename,
+            retention=Retention(
+                max_to_keep=max_to_keep,
+                keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+            ),
+            storage=self.storage,
+            recycle=True,
         )
-        self.latest_filename = latest_filename
         self._pool = SnapshotPool(max_free_sets=max_pending + 1)
-        self._queue: _JobQueue | None = None
+        self._queue: EvictingQueue[_SaveJob] | None = None
         self._stack: AsyncExitStack | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._writer_scope: anyio.CancelScope | None = None
+        self._task = BackgroundTask("CheckpointManager")
         self._limiter: anyio.CapacityLimiter | None = None
-        self._entered = False
         self._closed = False
-        self._stopping = False
         self._writing: _SaveJob | None = None
-        self._writer_done = False
         self._unreported: list[CheckpointError] = []
         self._latest_step: int | None = None
         self._written = self._skipped = self._replaced = self._failed = self._bytes = 0
@@ -212,7 +185,7 @@ class CheckpointManager:
         self._done_callbacks: list[Callable[[SaveOutcome], object]] = []
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._entered else "new"
+        state = "closed" if self._closed else "open" if self._queue is not None else "new"
         return (
             f"<CheckpointManager {self.directory!r} {state} policy={self.policy!r} "
             f"pending={self._pending()}/{self.max_pending} written={self._written} "
@@ -222,20 +195,19 @@ class CheckpointManager:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._entered:
-            raise RuntimeError("a CheckpointManager can be entered only once; create a new one")
-        self._entered = True
+        self._task.claim()
         try:
             async with AsyncExitStack() as stack:
                 self._limiter = anyio.CapacityLimiter(_IO_THREADS)
-                await anyio.to_thread.run_sync(self._saver._hold, self.directory, self.basename)
-                stack.callback(self._saver._release, self.directory)
+                # First: a cancellation that lands just after the lock was taken (in a
+                # worker thread, which finishes first) must still release it.
+                stack.push_async_callback(self._release_directory)
+                await anyio.to_thread.run_sync(
+                    self._directory.hold, [self.basename], limiter=self._limiter
+                )
                 self._latest_step = self._listed_latest_step()
-                self._queue = _JobQueue(self.max_pending)
-                # Created here, not in __init__: a cancel scope needs a running event loop.
-                self._writer_scope = anyio.CancelScope(shield=True)
-                self._task_group = await stack.enter_async_context(anyio.create_task_group())
-                await self._task_group.start(self._serve)
+                self._queue = EvictingQueue(self.max_pending)
+                await self._task.open(stack, self._serve)
                 self._stack = stack.pop_all()
         except BaseException:
             self._queue = None  # not open: save() refuses, aclose() has nothing to stop
@@ -253,10 +225,7 @@ class CheckpointManager:
             await self._stop(exc)
         finally:
             if stack is not None:
-                try:
-                    await stack.aclose()  # the writer has stopped: the group exits at once
-                except BaseExceptionGroup as group:
-                    raise_single_exception(group)
+                await self._task.exit(stack)  # the writer has stopped: the group exits at once
         self._report(exc)
 
     async def aclose(self) -> None:
@@ -274,14 +243,13 @@ class CheckpointManager:
     async def _stop(self, exc: BaseException | None) -> None:
         """Write what must be written, stop the writer and release the directory.
 
-        The task group is not exited here but in ``__aexit__``: it was entered there, in the
-        owner's task, and cancel scopes must exit in the order they were entered, which an
-        ``aclose()`` under the caller's own ``fail_after`` would break.
+        The task group is not exited here but in ``__aexit__`` (see ``BackgroundTask``), so
+        ``aclose()`` works under the caller's own ``fail_after``.
         """
         queue = self._queue
-        if queue is None or self._stopping:
+        if queue is None or self._closed:
             return
-        self._stopping = self._closed = True
+        self._closed = True
         try:
             try:
                 if exc is None:
@@ -289,25 +257,24 @@ class CheckpointManager:
                     await self._wait_idle()  # every accepted snapshot (the caller may cancel)
             finally:
                 # An exception, a cancellation of the owner, or a cancelled drain: keep
-                # writing the snapshots already taken for up to the grace period. Only this
-                # bounded drain of our own writes is shielded, never the caller's code.
-                with anyio.move_on_after(self._grace, shield=True):
-                    await self._wait_idle()
+                # writing the snapshots already taken for up to the grace period. Only a
+                # write that outlives it is abandoned (its temp file is removed), and the
+                # previous checkpoint stays the latest. A cancelled write waits for its
+                # worker thread, so nothing is torn and that wait stays short.
+                await self._task.stop(self._wait_idle, self._grace)
                 queue.close()
-                # Only a write that outlived the grace period is abandoned (its temp file is
-                # removed); the previous checkpoint stays the latest. A cancelled write waits
-                # for its worker thread, so nothing is torn and this wait stays short.
-                assert self._writer_scope is not None
-                self._writer_scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    while not self._writer_done:
-                        await queue.changed()
         finally:
-            for job in queue.jobs:
+            for job in queue.clear():
                 job.snapshot.release()
                 self._settle(SaveOutcome(step=job.step, path=job.path, written=False))
-            queue.jobs.clear()
-            self._saver._release(self.directory)
+            await self._release_directory()
+
+    async def _release_directory(self) -> None:
+        # Our own bounded cleanup (a spare file's unlink, a close): shielded, so a
+        # cancelled owner never leaves the lock held.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._directory.release, limiter=self._limiter)
+        self._pool.close()
 
     def _report(self, exc: BaseException | None) -> None:
         if exc is None:
@@ -316,53 +283,49 @@ class CheckpointManager:
             errors, self._unreported = self._unreported, []
             exc.add_note(f"asyncckpt: {len(errors)} checkpoint write(s) also failed: {errors}")
 
-    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        assert self._queue is not None
-        assert self._writer_scope is not None
-        # The writer is shielded from cancellations of the owner (they would cut the grace
-        # period short); _stop() cancels this scope itself once the grace period is over.
-        with self._writer_scope:
-            task_status.started()
-            try:
-                while (job := await self._queue.get()) is not None:
-                    self._writing = job
-                    outcome = SaveOutcome(step=job.step, path=job.path, written=False)
-                    try:
-                        size = await self._saver._commit(
-                            job.snapshot,
-                            job.path,
-                            step=job.step,
-                            metadata=job.metadata,
-                            limiter=self._limiter,
-                        )
-                    except CheckpointError as exc:
-                        # Kept, not swallowed: raised by the next save(), wait() or close.
-                        self._failed += 1
-                        self._last_error = exc
-                        self._unreported.append(exc)
-                        # A failure after the state file was replaced (deleting old
-                        # checkpoints) leaves the new checkpoint listed as the latest: follow
-                        # the state file, or restore() would read an unlisted old file.
-                        self._latest_step = self._listed_latest_step()
-                        listed = self._latest_step == job.step
-                        outcome = replace(outcome, written=listed, error=exc)
-                    else:
-                        self._written += 1
-                        self._bytes += size
-                        self._latest_step = job.step
-                        outcome = replace(outcome, written=True)
-                    finally:
-                        job.snapshot.release()
-                        self._writing = None
-                        self._queue.notify()
-                        self._settle(outcome)
-            finally:
-                self._writer_done = True
-                self._queue.notify()
+    async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        queue = self._queue
+        assert queue is not None
+        task_status.started()
+        try:
+            while (job := await queue.get()) is not None:
+                self._writing = job
+                outcome = SaveOutcome(step=job.step, path=job.path, written=False)
+                try:
+                    size = await self._directory.commit(
+                        job.snapshot,
+                        job.path,
+                        step=job.step,
+                        metadata=job.metadata,
+                        limiter=self._limiter,
+                    )
+                except CheckpointError as exc:
+                    # Kept, not swallowed: raised by the next save(), wait() or close.
+                    self._failed += 1
+                    self._last_error = exc
+                    self._unreported.append(exc)
+                    # A failure after the state file was replaced (deleting old checkpoints)
+                    # leaves the new checkpoint listed as the latest: follow the state
+                    # file, or restore() would read an unlisted old file.
+                    self._latest_step = self._listed_latest_step()
+                    listed = self._latest_step == job.step
+                    outcome = replace(outcome, written=listed, error=exc)
+                else:
+                    self._written += 1
+                    self._bytes += size
+                    self._latest_step = job.step
+                    outcome = replace(outcome, written=True)
+                finally:
+                    job.snapshot.release()
+                    self._writing = None
+                    queue.changes.notify()
+                    self._settle(outcome)
+        finally:
+            queue.changes.notify()  # waiters see the writer gone
 
     # -- saving -------------------------------------------------------------------------------
 
-    def _open_queue(self) -> _JobQueue:
+    def _open_queue(self) -> EvictingQueue[_SaveJob]:
         if self._queue is None or self._closed:
             raise RuntimeError(
                 "the CheckpointManager is not open: use it as `async with CheckpointManager(...)`"
@@ -380,7 +343,7 @@ class CheckpointManager:
             raise first
 
     def _pending(self) -> int:
-        queued = len(self._queue.jobs) if self._queue is not None else 0
+        queued = len(self._queue) if self._queue is not None else 0
         return queued + (self._writing is not None)
 
     async def save(
@@ -401,9 +364,10 @@ class CheckpointManager:
         """
         queue = self._open_queue()
         self._raise_unreported()
-        path, step_value, meta = self._saver._prepare(
-            os.path.join(self.directory, self.basename), step, metadata
+        path, step_value = checkpoint_path(
+            os.path.join(self.directory, self.basename), step, self.latest_filename
         )
+        meta = _format.check_metadata(metadata) if metadata is not None else {}
         if step_value is None:
             raise TypeError("step must be an int")
         if queue.full():
@@ -412,9 +376,9 @@ class CheckpointManager:
                 return False
             if self.policy == "block":
                 while queue.full():
-                    if self._writer_done:
+                    if not self._task.alive:
                         raise RuntimeError("the CheckpointManager's writer has stopped")
-                    await queue.changed()
+                    await queue.changes.changed()
                 queue = self._open_queue()
         job = _SaveJob(self._pool.take(state), step_value, path, meta)
         if queue.full():  # only "replace" gets here full
@@ -428,8 +392,8 @@ class CheckpointManager:
 
     async def _wait_idle(self) -> None:
         assert self._queue is not None
-        while self._pending() and not self._writer_done:
-            await self._queue.changed()
+        while self._pending() and self._task.alive:
+            await self._queue.changes.changed()
 
     async def wait(self) -> None:
         """Wait until every snapshot taken so far is durable (or failed).
@@ -448,8 +412,8 @@ class CheckpointManager:
         return step if prefix == self.basename else None
 
     def _listed_latest_step(self) -> int | None:
-        names = self._saver.last_checkpoints(self.directory)
-        return self._step_of(os.path.basename(names[-1])) if names else None
+        latest = self._directory.state.latest
+        return self._step_of(latest) if latest is not None else None
 
     def latest_step(self) -> int | None:
         """The step of the newest durable checkpoint, or None."""
@@ -457,10 +421,7 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """Steps of the kept checkpoints, oldest first."""
-        names = self._saver.last_checkpoints(self.directory)
-        return [
-            s for s in map(self._step_of, (os.path.basename(n) for n in names)) if s is not None
-        ]
+        return self._directory.steps(self.basename)
 
     async def restore(
         self,
@@ -489,7 +450,10 @@ class CheckpointManager:
             if step is None:
                 raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
         path = os.path.join(self.directory, f"{self.basename}-{step}")
-        return await self._saver.restore(path, into, mmap=mmap, verify=verify)
+        _header, tree = await read_checkpoint(
+            self.storage, path, into=into, use_mmap=mmap, verify=verify, limiter=self._limiter
+        )
+        return tree
 
     def add_done_callback(self, fn: Callable[[SaveOutcome], object]) -> None:
         """Call ``fn(outcome)`` on the event loop each time an accepted save is settled.

@@ -1,0 +1,48 @@
+"""The checkpoint stack: snapshots, the file format, the state file, one checkpoint file,
+the directory a writer holds, ``Saver``, maintenance for the command line, and
+``CheckpointManager`` with its background writer.
+
+Built on the tree and storage layers; knows nothing of hooks or sessions.
+"""
+
+from ._directory import CheckpointDirectory as CheckpointDirectory
+from ._file import read_checkpoint as read_checkpoint
+from ._file import read_header_sync as read_header_sync
+from ._file import verify_file as verify_file
+from ._format import Header as Header
+from ._maintenance import FoundCheckpoint as FoundCheckpoint
+from ._maintenance import prune as prune
+from ._maintenance import scan_directory as scan_directory
+from ._manager import CheckpointManager as CheckpointManager
+from ._manager import CheckpointManagerStatistics as CheckpointManagerStatistics
+from ._manager import Policy as Policy
+from ._manager import SaveOutcome as SaveOutcome
+from ._saver import Saver as Saver
+from ._saver import get_checkpoint_state as get_checkpoint_state
+from ._saver import latest_checkpoint as latest_checkpoint
+from ._state_file import STATE_FILENAME as STATE_FILENAME
+from ._state_file import CheckpointState as CheckpointState
+from ._state_file import check_name as check_name
+from ._state_file import is_state_file_name as is_state_file_name
+
+__all__ = [
+    "STATE_FILENAME",
+    "CheckpointDirectory",
+    "CheckpointManager",
+    "CheckpointManagerStatistics",
+    "CheckpointState",
+    "FoundCheckpoint",
+    "Header",
+    "Policy",
+    "SaveOutcome",
+    "Saver",
+    "check_name",
+    "get_checkpoint_state",
+    "is_state_file_name",
+    "latest_checkpoint",
+    "prune",
+    "read_checkpoint",
+    "read_header_sync",
+    "scan_directory",
+    "verify_file",
+]

@@ -1,0 +1,343 @@
+"""A checkpoint directory as one writer holds it, and the state-file reads everyone uses.
+
+Owns the order of a commit: the checkpoint file (``_file``), then the state file that lists
+it, then the retirement of what retention no longer keeps, so that a crash at any instant
+leaves the state file naming durable files only. What to keep is decided by the pure plan in
+``_state_file``; every byte goes through the ``Storage``. Knows nothing of queues or hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._core._errors import CheckpointFormatError, CheckpointNotFoundError, CheckpointWriteError
+from .._storage import DirectorySyncError
+from ._file import write_snapshot
+from ._state_file import (
+    CheckpointState,
+    Retention,
+    format_state,
+    lock_name,
+    owned_by,
+    parse_state,
+    plan_next_state,
+    split_step,
+    state_path,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from .._storage import Storage
+    from ._snapshot import Snapshot
+
+__all__ = ["CheckpointDirectory", "get_checkpoint_state", "latest_checkpoint"]
+
+
+def get_checkpoint_state(
+    checkpoint_dir: str | os.PathLike[str],
+    latest_filename: str | None = None,
+    *,
+    storage: Storage,
+) -> CheckpointState | None:
+    """Read the state file of ``checkpoint_dir`` (a blocking call); None when there is none.
+
+    Raises:
+        CheckpointCorruptedError: the state file fails its checksum.
+        CheckpointFormatError: the state file is unreadable or names files outside the directory.
+    """
+    directory = os.fspath(checkpoint_dir)
+    path = state_path(directory, latest_filename)
+    try:
+        data = storage.read_small_file(path)
+    except OSError as exc:
+        raise CheckpointFormatError(path, f"cannot read the state file: {exc}") from exc
+    if data is None:
+        return None
+    return parse_state(data, directory, path)
+
+
+def latest_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    latest_filename: str | None = None,
+    *,
+    storage: Storage,
+) -> str | None:
+    """Return the newest checkpoint's path in ``checkpoint_dir`` (a blocking call), or None.
+
+    Raises:
+        CheckpointNotFoundError: the state file names a checkpoint that is missing.
+        CheckpointCorruptedError, CheckpointFormatError: the state file is damaged.
+    """
+    state = get_checkpoint_state(checkpoint_dir, latest_filename, storage=storage)
+    if state is None or state.latest is None:
+        return None
+    path = os.path.join(state.directory, state.latest)
+    if storage.file_info(path) is None:
+        raise CheckpointNotFoundError(
+            path,
+            "the state file names this checkpoint but it is missing; restore it, or run "
+            "`asyncckpt prune` to rewrite the state file from the checkpoints on disk",
+        )
+    return path
+
+
+def _reason(exc: BaseException) -> str:
+    """Describe the OSError behind a storage error as ``strerror (errno N)``."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return f"{cause.strerror or cause} (errno {cause.errno})"
+    return str(exc)
+
+
+class CheckpointDirectory:
+    """One directory as its writer sees it: the state file, the lock, and the spare file.
+
+    The interface between the writers (``Saver``, ``CheckpointManager``) and the files::
+
+        directory.hold(prefixes)       # blocking: lock, read the state file, remove our
+                                       # crashed writers' temporary files
+        await directory.commit(...)    # the file, then the state file, then retention
+        directory.release()            # blocking: the spare file and the lock go back
+
+    A ``Saver`` holds a directory for one save at a time; a manager for its whole life, and
+    with ``recycle`` the checkpoint that retention retires is kept as a temporary file that
+    the next save overwrites in place (fresh page-cache memory costs about 2.7 s per GiB to
+    touch on these machines, and a delete frees every extent; see docs/PERFORMANCE.md).
+
+    Args:
+        path: the directory.
+        latest_filename: its state file's name (the lock is that state file's).
+        retention: what to keep.
+        storage: where the files live.
+        recycle: reuse retired files (only for a writer that holds the lock across saves).
+        clock: wall-clock time for the state file's timestamps.
+        created: when the writer was made (``clock()`` by default): the first period of
+            ``keep_checkpoint_every_n_hours`` starts then.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        latest_filename: str,
+        retention: Retention,
+        storage: Storage,
+        recycle: bool = False,
+        clock: Callable[[], float] = time.time,
+        created: float | None = None,
+    ) -> None:
+        self.path = path
+        self.latest_filename = latest_filename
+        self.state = CheckpointState(directory=path)
+        self.loaded = False
+        self._retention = retention
+        self._storage = storage
+        self._recycle = recycle
+        self._clock = clock
+        # TensorFlow's Saver counts keep_checkpoint_every_n_hours from its creation.
+        self._created = clock() if created is None else created
+        self._lock = storage.lock(path, lock_name(latest_filename))
+        self._spare: str | None = None
+
+    def __repr__(self) -> str:
+        held = "held" if self._lock.held else "not held"
+        return f"<CheckpointDirectory {self.path!r} {self.latest_filename!r} {held}>"
+
+    @property
+    def held(self) -> bool:
+        """Whether this writer holds the directory's lock."""
+        return self._lock.held
+
+    # -- blocking calls (worker threads) ------------------------------------------------------
+
+    def load_state(self) -> CheckpointState:
+        """Read the state file now (an empty state when there is none) and return it."""
+        found = get_checkpoint_state(self.path, self.latest_filename, storage=self._storage)
+        self.state = found if found is not None else CheckpointState(directory=self.path)
+        self.loaded = True
+        return self.state
+
+    def hold(self, prefixes: Iterable[str]) -> list[str]:
+        """Take the lock, read the state file, and remove the temporary files that crashed
+        or cancelled writers of this state file and these checkpoint prefixes left.
+
+        Only those are ours: another writer sharing the directory under its own lock (the
+        input pipeline's) may be writing the others.
+
+        Returns:
+            The names of the temporary files removed.
+
+        Raises:
+            CheckpointLockedError: another writer holds the directory.
+            CheckpointWriteError, CheckpointFormatError: the lock or the state file fails.
+        """
+        self._lock.acquire()
+        try:
+            # Another writer may have saved here since this one last held the lock.
+            self.load_state()
+            return self._storage.remove_temp_files(
+                self.path, owned_by(self.latest_filename, prefixes)
+            )
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def release(self) -> None:
+        """Delete the spare file and release the lock (idempotent)."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            self._storage.remove_spare(spare)
+        self._lock.release()
+
+    # -- one save -----------------------------------------------------------------------------
+
+    async def commit(
+        self,
+        snapshot: Snapshot,
+        path: str,
+        *,
+        step: int | None,
+        metadata: dict[str, Any],
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> int:
+        """Write ``snapshot`` as checkpoint ``path``, list it, retire what retention drops.
+
+        Must be held. A failed or cancelled save leaves the directory as it was: the
+        previous checkpoint stays the latest and nothing new is listed.
+
+        Returns:
+            The checkpoint file's size in bytes.
+
+        Raises:
+            CheckpointWriteError: the message says what the directory holds now.
+        """
+        name = os.path.basename(path)
+        now = self._clock()
+        old = self.state
+        size = await self._write(snapshot, path, step, metadata, now, old, limiter)
+        new_state, retired = plan_next_state(
+            old, name, now, self._retention, first_preserved=self._created
+        )
+        await self._register(new_state, path, old, limiter)
+        if retired:
+            await self._retire(retired, name, limiter)
+        return size
+
+    async def _write(
+        self,
+        snapshot: Snapshot,
+        path: str,
+        step: int | None,
+        metadata: dict[str, Any],
+        now: float,
+        old: CheckpointState,
+        limiter: anyio.CapacityLimiter | None,
+    ) -> int:
+        spare, self._spare = self._spare, None
+        try:
+            return await write_snapshot(
+                self._storage,
+                snapshot,
+                path,
+                step=step,
+                metadata=metadata,
+                wall_time=now,
+                reuse=spare,
+                limiter=limiter,
+            )
+        except BaseException as exc:
+            if spare is not None:  # unless the write took it and removed it already
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        self._storage.remove_spare, spare, limiter=limiter
+                    )
+            if not isinstance(exc, DirectorySyncError):
+                raise
+            # Complete and in place, but never listed and perhaps not durable: remove it.
+            await self._discard_unlisted(path, old, limiter)
+            raise CheckpointWriteError(
+                path,
+                f"{_reason(exc)} while syncing the directory after writing this checkpoint; "
+                "it was not registered and the previous checkpoint is still the latest",
+            ) from exc.__cause__
+
+    async def _register(
+        self,
+        new_state: CheckpointState,
+        path: str,
+        old: CheckpointState,
+        limiter: anyio.CapacityLimiter | None,
+    ) -> None:
+        # The state file names only durable checkpoints; retirements come after it, so a
+        # crash in between leaves unlisted files, never a listed file that is gone.
+        state_file = state_path(self.path, self.latest_filename)
+        try:
+            await anyio.to_thread.run_sync(
+                self._storage.write_small_file_atomic,
+                state_file,
+                format_state(new_state),
+                limiter=limiter,
+            )
+        except DirectorySyncError as exc:
+            # The new state file is what readers see now; deleting old checkpoints could
+            # break the old one, should a power loss bring it back, so none are deleted.
+            self.state = new_state
+            raise CheckpointWriteError(
+                state_file,
+                f"{_reason(exc)} while syncing the directory after updating the state file: "
+                f"{os.path.basename(path)} is listed as the latest checkpoint, but a power "
+                "loss may bring back the previous state file; no old checkpoint was deleted",
+            ) from exc.__cause__
+        except BaseException:
+            # A failed or cancelled save leaves the directory as it was.
+            await self._discard_unlisted(path, old, limiter)
+            raise
+        self.state = new_state
+
+    async def _retire(
+        self, retired: list[str], name: str, limiter: anyio.CapacityLimiter | None
+    ) -> None:
+        doomed = [os.path.join(self.path, n) for n in retired]
+        try:
+            # The state file no longer lists them: if they are not deleted now, no later
+            # save will, so a cancellation waits for these few unlinks.
+            with anyio.CancelScope(shield=True):
+                self._spare = await anyio.to_thread.run_sync(
+                    functools.partial(self._storage.remove_files, doomed, keep_spare=self._recycle),
+                    limiter=limiter,
+                )
+        except CheckpointWriteError as exc:
+            what = "this old checkpoint" if exc.path in doomed else "old checkpoints"
+            error = CheckpointWriteError(
+                exc.path,
+                f"{exc.detail}; the new checkpoint {name} was saved and is the latest, "
+                f"but {what} (no longer listed) must be deleted by hand",
+            )
+            for note in getattr(exc, "__notes__", ()):
+                error.add_note(note)
+            raise error from exc.__cause__
+
+    async def _discard_unlisted(
+        self, path: str, old: CheckpointState, limiter: anyio.CapacityLimiter | None
+    ) -> None:
+        """Remove a checkpoint file this save wrote but did not list (best effort)."""
+        if os.path.basename(path) in old.names:
+            return  # re-saving a listed step: the listed file is the new one now
+        with anyio.CancelScope(shield=True), contextlib.suppress(CheckpointWriteError):
+            await anyio.to_thread.run_sync(self._storage.remove_files, [path], limiter=limiter)
+
+    def steps(self, basename: str) -> list[int]:
+        """Steps of the listed checkpoints named ``<basename>-<step>``, oldest first."""
+        steps = []
+        for name in self.state.names:
+            prefix, step = split_step(name)
+            if prefix == basename and step is not None:
+                steps.append(step)
+        return steps

@@ -1,0 +1,344 @@
+"""One checkpoint file: write it from a snapshot, read its header, read it into a tree.
+
+Owns the order of a file's bytes on the way out (arrays straight from the snapshot, checksums
+computed beside the write, the header last) and in (parallel reads straight into the target
+arrays, each batch checked while cache-hot). The bytes' layout is ``_format``'s; the I/O is
+the ``Storage``'s. Knows nothing of state files, retention or queues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import numpy as np
+
+from .._core._crc32c import crc32c
+from .._core._errors import CheckpointCorruptedError
+from .._core._util import raise_single_exception, usable_cores
+from .._tree import build, byte_view, check_into_array, match_into
+from . import _format
+
+if TYPE_CHECKING:
+    import mmap
+    from collections.abc import Sequence
+
+    from .._core._types import StateTree
+    from .._storage import ReadFile, Storage
+    from ._snapshot import Snapshot
+
+__all__ = [
+    "read_checkpoint",
+    "read_header",
+    "read_header_sync",
+    "read_mapped",
+    "verify_file",
+    "write_snapshot",
+]
+
+
+def _crcs(snapshot: Snapshot) -> list[int]:
+    return [crc32c(byte_view(leaf.array)) for leaf in snapshot.leaves]
+
+
+_ZEROS: Final = bytes(_format.ALIGNMENT)
+
+
+async def write_snapshot(
+    storage: Storage,
+    snapshot: Snapshot,
+    path: str,
+    *,
+    step: int | None,
+    metadata: dict[str, Any],
+    wall_time: float,
+    reuse: str | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> int:
+    """Write one checkpoint file from a snapshot, atomically; return its size in bytes.
+
+    Array bytes go straight from the snapshot's buffers to the file: no copy of the state.
+    With ``reuse``, a retired checkpoint file is overwritten instead of a new one created.
+    Their checksums are computed in a second thread while they are written, and the header
+    that holds them is written last, over the room the layout reserved for it.
+    """
+    fields: dict[str, Any] = {
+        "step": step,
+        "time": wall_time,
+        "metadata": metadata,
+        "tree": snapshot.spec,
+        "leaves": snapshot.leaves,
+    }
+    if not snapshot.leaves:
+        whole, _offsets, file_size = _format.encode_header(**fields, crcs=[])
+        await storage.write_atomic(path, [whole], reuse=reuse, limiter=limiter)
+        return file_size
+    layout = _format.plan_layout(**fields)
+    pieces: list[Any] = [bytes(layout.data_start)]
+    position = layout.data_start
+    for leaf, offset in zip(snapshot.leaves, layout.offsets, strict=True):
+        if offset > position:
+            pieces.append(_ZEROS[: offset - position])
+        pieces.append(byte_view(leaf.array))
+        position = offset + leaf.array.nbytes
+    crcs: list[int] = []
+    crcs_done = anyio.Event()
+
+    async def compute_crcs() -> None:
+        crcs.extend(await anyio.to_thread.run_sync(_crcs, snapshot, limiter=limiter))
+        crcs_done.set()
+
+    async def head() -> bytes:
+        await crcs_done.wait()
+        return _format.encode_head(layout, **fields, crcs=crcs)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(compute_crcs)
+            await storage.write_atomic(path, pieces, late_head=head, reuse=reuse, limiter=limiter)
+    except BaseExceptionGroup as group:
+        raise_single_exception(group)
+    return layout.file_size
+
+
+async def read_header(
+    storage: Storage, path: str, *, limiter: anyio.CapacityLimiter | None = None
+) -> _format.Header:
+    """Read and validate a checkpoint's header without reading its arrays."""
+    async with storage.open_for_read(path, limiter=limiter) as file:
+        return await _read_header(file)
+
+
+async def _read_header(file: ReadFile) -> _format.Header:
+    prelude = await file.read(0, _format.PRELUDE_SIZE)
+    header_len, header_crc = _format.decode_prelude(prelude, file.size, file.path)
+    header = await file.read(_format.PRELUDE_SIZE, header_len)
+    if len(header) != header_len:
+        raise CheckpointCorruptedError(file.path, "size", "file shrank while being read")
+    return _format.decode_header(header, header_crc, file.size, file.path)
+
+
+_READ_BATCH_BYTES: Final = 16 * 1024 * 1024
+"""Bytes one worker-thread call reads (and checks): a cancellation waits for one at most."""
+
+
+def _read_threads() -> int:
+    return usable_cores()
+
+
+@dataclass(slots=True)
+class _ReadBatch:
+    """File bytes from ``offset`` read by one vectored call: padding and (parts of) arrays."""
+
+    offset: int
+    views: list[memoryview] = field(default_factory=list)
+    nbytes: int = 0
+    # (array index, its bytes in this batch, whether they end the array)
+    parts: list[tuple[int, memoryview, bool]] = field(default_factory=list)
+    # (index of the array the padding precedes, the padding's bytes)
+    padding: list[tuple[int, bytearray]] = field(default_factory=list)
+
+    def add(self, view: memoryview) -> None:
+        self.views.append(view)
+        self.nbytes += len(view)
+
+
+class _ArrayReads:
+    """Read a checkpoint's arrays straight into their targets, on every core.
+
+    The arrays are cut into one share of consecutive file bytes per thread; each thread reads
+    its share in bounded batches and checks each batch's checksums and padding right after
+    reading it, while the bytes are still in the CPU's cache.
+    """
+
+    def __init__(self, file: ReadFile, header: _format.Header, verify: bool) -> None:
+        self._file = file
+        self._entries = header.arrays
+        self._data_start = header.data_start
+        self._verify = verify
+        self._crcs = [0] * len(header.arrays)
+
+    def plan(self, arrays: Sequence[np.ndarray[Any, Any]], threads: int) -> list[list[_ReadBatch]]:
+        total = sum(entry.nbytes for entry in self._entries)
+        share_bytes = max(-(-total // max(threads, 1)), 1)
+        shares: list[list[_ReadBatch]] = []
+        share_room = 0
+        position = self._data_start
+        for index, (entry, array) in enumerate(zip(self._entries, arrays, strict=True)):
+            if share_room <= 0 or not shares:
+                shares.append([_ReadBatch(position)])
+                share_room = share_bytes
+            batch = shares[-1][-1]
+            if entry.offset > position:
+                gap = bytearray(entry.offset - position)
+                batch.add(memoryview(gap))
+                batch.padding.append((index, gap))
+            view = byte_view(array)
+            start = 0
+            while True:
+                room = _READ_BATCH_BYTES - batch.nbytes
+                if room <= 0:
+                    batch = _ReadBatch(entry.offset + start)
+                    shares[-1].append(batch)
+                    room = _READ_BATCH_BYTES
+                part = view[start : start + room]
+                start += len(part)
+                batch.add(part)
+                batch.parts.append((index, part, start == len(view)))
+                if start == len(view):
+                    break
+            share_room -= entry.nbytes
+            position = entry.offset + entry.nbytes
+        return shares
+
+    async def run(self, share: list[_ReadBatch]) -> None:
+        for batch in share:
+            await self._file.run_sync(self._read, batch)
+
+    def _read(self, batch: _ReadBatch) -> None:
+        path = self._file.path
+        if self._file.read_into_sync(batch.offset, batch.views) != batch.nbytes:
+            raise CheckpointCorruptedError(path, "size", "file shrank while being read")
+        if not self._verify:
+            return
+        for index, gap in batch.padding:
+            _check_padding(gap, path, index)
+        crcs = self._crcs
+        for index, data, last in batch.parts:
+            crcs[index] = crc32c(data, crcs[index])
+            if last and crcs[index] != self._entries[index].crc32c:
+                raise CheckpointCorruptedError(
+                    path, _format.array_part(self._entries[index], index), "checksum mismatch"
+                )
+
+
+def _check_padding(data: bytes | bytearray | memoryview, path: str, index: int) -> None:
+    if bytes(data).count(0) != len(data):
+        raise CheckpointCorruptedError(path, f"padding before array {index}", "non-zero bytes")
+
+
+def _verify_arrays(
+    path: str, entries: Sequence[_format.ArrayEntry], arrays: Sequence[np.ndarray[Any, Any]]
+) -> None:
+    for index, (entry, array) in enumerate(zip(entries, arrays, strict=True)):
+        if crc32c(byte_view(array)) != entry.crc32c:
+            raise CheckpointCorruptedError(
+                path, _format.array_part(entry, index), "checksum mismatch"
+            )
+
+
+async def read_checkpoint(
+    storage: Storage,
+    path: str,
+    *,
+    into: StateTree = None,
+    use_mmap: bool = False,
+    verify: bool = True,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> tuple[_format.Header, StateTree]:
+    """Read one checkpoint: into existing arrays, into fresh ones, or as read-only views.
+
+    Raises:
+        CheckpointNotFoundError: no file at ``path``.
+        CheckpointCorruptedError: a checksum or size does not match.
+        CheckpointFormatError: the file is not a checkpoint this version can read.
+        ValueError: ``into`` does not have the checkpoint's structure.
+    """
+    if use_mmap:
+        header, arrays = await anyio.to_thread.run_sync(
+            read_mapped, storage, path, verify, limiter=limiter
+        )
+        _into_targets(header, into, path)  # the mapped arrays are then copied into into=
+        return header, build(header.tree, arrays, into)
+    async with storage.open_for_read(path, limiter=limiter) as file:
+        header = await _read_header(file)
+        targets = _into_targets(header, into, path)
+        arrays = [
+            targets[index] if index in targets else np.empty(entry.shape, entry.dtype)
+            for index, entry in enumerate(header.arrays)
+        ]
+        reads = _ArrayReads(file, header, verify)
+        try:
+            async with anyio.create_task_group() as tasks:
+                for share in reads.plan(arrays, _read_threads()):
+                    tasks.start_soon(reads.run, share)
+        except BaseExceptionGroup as group:
+            raise_single_exception(group)
+    return header, build(header.tree, arrays, into)
+
+
+def _into_targets(
+    header: _format.Header, into: StateTree, path: str
+) -> dict[int, np.ndarray[Any, Any]]:
+    """Check ``into`` against the checkpoint; return the arrays that can be read into in place.
+
+    Raises:
+        ValueError: ``into`` differs in structure, or an array in dtype or shape.
+    """
+    if into is None:
+        return {}
+    targets = match_into(header.tree, into, path)
+    return {
+        index: live
+        for index, live in targets.items()
+        if check_into_array(
+            index,
+            live,
+            header.arrays[index].dtype,
+            header.arrays[index].shape,
+            header.arrays[index].path,
+            path,
+        )
+    }
+
+
+def _decode_mapped(path: str, mapped: mmap.mmap) -> _format.Header:
+    size = len(mapped)
+    header_len, header_crc = _format.decode_prelude(mapped[: _format.PRELUDE_SIZE], size, path)
+    return _format.decode_header(
+        mapped[_format.PRELUDE_SIZE : _format.PRELUDE_SIZE + header_len], header_crc, size, path
+    )
+
+
+def read_header_sync(storage: Storage, path: str) -> _format.Header:
+    """Read and validate a checkpoint's header (a blocking call: the CLI, worker threads)."""
+    mapped = storage.open_mmap(path)
+    try:
+        return _decode_mapped(path, mapped)
+    finally:
+        mapped.close()
+
+
+def read_mapped(
+    storage: Storage, path: str, verify: bool
+) -> tuple[_format.Header, list[np.ndarray[Any, Any]]]:
+    """Map a checkpoint and return its header and read-only arrays viewing the mapping
+    (a blocking call); with ``verify``, every byte is checked first."""
+    mapped = storage.open_mmap(path)
+    header = _decode_mapped(path, mapped)
+    arrays: list[np.ndarray[Any, Any]] = []
+    position = header.data_start
+    for index, entry in enumerate(header.arrays):
+        if verify:
+            _check_padding(memoryview(mapped)[position : entry.offset], path, index)
+        flat = np.frombuffer(mapped, np.uint8, entry.nbytes, entry.offset)
+        arrays.append(
+            flat.view(entry.dtype).reshape(entry.shape)
+            if entry.nbytes
+            else np.empty(entry.shape, entry.dtype)
+        )
+        position = entry.offset + entry.nbytes
+    if verify:
+        _verify_arrays(path, header.arrays, arrays)
+    return header, arrays
+
+
+def verify_file(storage: Storage, path: str) -> _format.Header:
+    """Check every byte of one checkpoint (prelude, header, padding, arrays); return its header.
+
+    Raises:
+        CheckpointCorruptedError, CheckpointFormatError, CheckpointNotFoundError.
+    """
+    header, _arrays = read_mapped(storage, path, verify=True)
+    return header

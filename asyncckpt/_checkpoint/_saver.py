@@ -1,0 +1,235 @@
+"""Saver: save / restore / latest_checkpoint, as TensorFlow's ``tf.train.Saver``.
+
+Owns its snapshot pool and one ``CheckpointDirectory`` per directory it saved into; a save
+holds that directory for its duration. Knows nothing of hooks, sessions or background queues.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._storage import LocalStorage
+from . import _format
+from ._directory import CheckpointDirectory
+from ._directory import get_checkpoint_state as _get_checkpoint_state
+from ._directory import latest_checkpoint as _latest_checkpoint
+from ._file import read_checkpoint
+from ._snapshot import SnapshotPool
+from ._state_file import (
+    STATE_FILENAME,
+    Retention,
+    check_latest_filename,
+    checkpoint_path,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+
+    from .._core._types import StateTree
+    from .._storage import Storage
+    from ._state_file import CheckpointState
+
+__all__ = ["Saver", "get_checkpoint_state", "latest_checkpoint"]
+
+
+def get_checkpoint_state(
+    checkpoint_dir: str | os.PathLike[str],
+    latest_filename: str | None = None,
+    *,
+    storage: Storage | None = None,
+) -> CheckpointState | None:
+    """Read the state file of ``checkpoint_dir``; None when there is none.
+
+    Raises:
+        CheckpointCorruptedError: the state file fails its checksum.
+        CheckpointFormatError: the state file is unreadable or names files outside the directory.
+    """
+    return _get_checkpoint_state(checkpoint_dir, latest_filename, storage=storage or LocalStorage())
+
+
+def latest_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    latest_filename: str | None = None,
+    *,
+    storage: Storage | None = None,
+) -> str | None:
+    """Return the path of the newest checkpoint in ``checkpoint_dir``, or None if none exists.
+
+    Raises:
+        CheckpointNotFoundError: the state file names a checkpoint that is missing; the
+            directory was changed by hand.
+        CheckpointCorruptedError, CheckpointFormatError: the state file is damaged.
+    """
+    return _latest_checkpoint(checkpoint_dir, latest_filename, storage=storage or LocalStorage())
+
+
+class Saver:
+    """Save and restore state trees as checkpoint files, keeping the newest few.
+
+    Like TensorFlow's ``tf.train.Saver``: ``save(state, "dir/model.ckpt", global_step=7)``
+    writes ``dir/model.ckpt-7`` and lists it in ``dir/checkpoint``; older checkpoints beyond
+    ``max_to_keep`` are deleted (all of them at once, unlike TensorFlow's one per save), except
+    one every ``keep_checkpoint_every_n_hours``, which stays on disk. A Saver picks up the
+    list from the state file each time it saves into a directory, so retention continues
+    across restarts and sequential writers never clobber each other's list.
+
+    Args:
+        max_to_keep: how many recent checkpoints to keep; ``None`` or 0 keeps all.
+        keep_checkpoint_every_n_hours: additionally keep one checkpoint per this many hours.
+        latest_filename: the state file's name (TensorFlow's ``checkpoint``).
+        clock: wall-clock source for timestamps (``time.time``), injectable for tests.
+        storage: where checkpoints live (local files by default).
+    """
+
+    def __init__(
+        self,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = 10000.0,
+        *,
+        latest_filename: str = STATE_FILENAME,
+        clock: Callable[[], float] = time.time,
+        storage: Storage | None = None,
+    ) -> None:
+        self.retention = Retention(
+            max_to_keep=max_to_keep, keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours
+        )
+        self.latest_filename = check_latest_filename(latest_filename)
+        self.storage: Storage = storage or LocalStorage()
+        self._clock = clock
+        self._created = clock()
+        self._directories: dict[str, CheckpointDirectory] = {}
+        self._busy: set[str] = set()
+        self._pool = SnapshotPool(max_free_sets=1)
+
+    @property
+    def max_to_keep(self) -> int | None:
+        """How many recent checkpoints are kept (None or 0: all)."""
+        return self.retention.max_to_keep
+
+    @property
+    def keep_checkpoint_every_n_hours(self) -> float | None:
+        """One checkpoint per this many hours is kept besides."""
+        return self.retention.keep_checkpoint_every_n_hours
+
+    def __repr__(self) -> str:
+        return (
+            f"Saver(max_to_keep={self.max_to_keep}, keep_checkpoint_every_n_hours="
+            f"{self.keep_checkpoint_every_n_hours}, directories={sorted(self._directories)})"
+        )
+
+    def _directory(self, path: str) -> CheckpointDirectory:
+        directory = self._directories.get(path)
+        if directory is None:
+            directory = self._directories[path] = CheckpointDirectory(
+                path,
+                latest_filename=self.latest_filename,
+                retention=self.retention,
+                storage=self.storage,
+                clock=self._clock,
+                created=self._created,
+            )
+        return directory
+
+    def last_checkpoints(self, checkpoint_dir: str | os.PathLike[str]) -> list[str]:
+        """The kept checkpoints' paths in ``checkpoint_dir``, oldest first."""
+        directory = self._directory(os.fspath(checkpoint_dir))
+        if not directory.loaded:
+            directory.load_state()  # a synchronous API, as TensorFlow's
+        return directory.state.paths()
+
+    async def save(
+        self,
+        state: StateTree,
+        save_path: str | os.PathLike[str],
+        global_step: int | np.integer[Any] | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Save ``state`` to ``<save_path>-<global_step>`` and return that path.
+
+        The state is copied into reused buffers first, so the caller may change it as soon as
+        this coroutine yields. The file is written to a temporary name, fsynced and renamed;
+        then the state file is replaced; then surplus checkpoints are deleted. The directory's
+        lock is held for the save (taken and released in worker threads).
+
+        Raises:
+            TypeError: the state holds something that cannot be saved (named by path), or
+                ``global_step`` is not an int, or ``metadata`` holds non-plain values.
+            ValueError: ``global_step`` is negative, or the name is not a plain file name.
+            RuntimeError: another save into the same directory by this Saver is running.
+            CheckpointWriteError: the write failed; the message says what the directory
+                holds (normally: the previous checkpoint is still the latest).
+            CheckpointLockedError: another writer holds the directory.
+        """
+        path, step = checkpoint_path(save_path, global_step, self.latest_filename)
+        meta = _format.check_metadata(metadata) if metadata is not None else {}
+        directory_path, name = os.path.split(path)
+        directory = self._directory(directory_path or ".")
+        if directory.path in self._busy:
+            raise RuntimeError(
+                f"a save into {directory.path} is already running; await it before saving "
+                "again (or use CheckpointManager, which queues saves)"
+            )
+        prefix = name if step is None else name.removesuffix(f"-{step}")
+        snapshot = self._pool.take(state)
+        self._busy.add(directory.path)
+        try:
+            await anyio.to_thread.run_sync(directory.hold, [prefix])
+            try:
+                await directory.commit(snapshot, path, step=step, metadata=meta)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(directory.release)
+        finally:
+            self._busy.discard(directory.path)
+            snapshot.release()
+        return path
+
+    async def restore(
+        self,
+        save_path: str | os.PathLike[str] | None,
+        into: StateTree = None,
+        *,
+        mmap: bool = False,
+        verify: bool = True,
+    ) -> StateTree:
+        """Read the checkpoint at ``save_path`` and return its tree.
+
+        Args:
+            save_path: a checkpoint path, e.g. from ``latest_checkpoint(dir)``.
+            into: a tree of the same structure to fill in place: its arrays receive the data
+                (no new allocation), its dicts and lists are updated, its objects get
+                ``load_state_dict``. On a corrupted file its arrays may hold partial data.
+            mmap: return read-only arrays mapped from the file (zero copy).
+            verify: check every array's checksum (with ``mmap``, ``False`` skips reading
+                the data at all; the prelude and header are always checked).
+
+        Raises:
+            CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError;
+            ValueError: ``save_path`` is None, or ``into`` does not match the checkpoint.
+        """
+        if save_path is None:
+            raise ValueError(
+                "save_path is None: there is no checkpoint to restore; check "
+                "latest_checkpoint(dir) before calling restore"
+            )
+        _header, tree = await read_checkpoint(
+            self.storage, os.fspath(save_path), into=into, use_mmap=mmap, verify=verify
+        )
+        return tree
+
+    @staticmethod
+    def latest_checkpoint(
+        checkpoint_dir: str | os.PathLike[str],
+        latest_filename: str | None = None,
+        *,
+        storage: Storage | None = None,
+    ) -> str | None:
+        """Return the newest checkpoint's path in ``checkpoint_dir``, or None."""
+        return latest_checkpoint(checkpoint_dir, latest_filename, storage=storage)

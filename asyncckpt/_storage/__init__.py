@@ -1,0 +1,31 @@
+"""The storage layer: the ``Storage`` interface and its backends; the only code that does I/O.
+
+Knows nothing of trees, headers, hooks or sessions: it moves bytes and names, and turns
+``OSError`` into the package's errors at its boundary.
+"""
+
+from ._base import LOCK_NAME as LOCK_NAME
+from ._base import MAX_SMALL_FILE as MAX_SMALL_FILE
+from ._base import TEMP_MARKER as TEMP_MARKER
+from ._base import AppendFile as AppendFile
+from ._base import DirectoryLock as DirectoryLock
+from ._base import DirectorySyncError as DirectorySyncError
+from ._base import Probe as Probe
+from ._base import ReadFile as ReadFile
+from ._base import Storage as Storage
+from ._local import LocalStorage as LocalStorage
+from ._local import temp_target as temp_target
+
+__all__ = [
+    "LOCK_NAME",
+    "MAX_SMALL_FILE",
+    "TEMP_MARKER",
+    "AppendFile",
+    "DirectoryLock",
+    "DirectorySyncError",
+    "LocalStorage",
+    "Probe",
+    "ReadFile",
+    "Storage",
+    "temp_target",
+]

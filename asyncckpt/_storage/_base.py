@@ -1,0 +1,249 @@
+"""The ``Storage`` interface: every operation the layers above need, and nothing else.
+
+Knows nothing of trees, headers or hooks. A backend implements it (``LocalStorage`` for
+POSIX files); a wrapper (``asyncckpt.testing.FaultyStorage``) forwards to one.
+
+Two kinds of method:
+
+* plain methods block (a disk, a network) and are called from worker threads only, one
+  thread hop per logical operation (``anyio.to_thread.run_sync(storage.list_names, d)``);
+  the synchronous public API (``latest_checkpoint``, the command line) calls them directly;
+* ``async`` methods stream (a checkpoint's arrays, an event file) and make their own hops.
+
+Every error leaves as the package's own: ``CheckpointWriteError`` (its ``__cause__`` the
+``OSError``) when writing, ``CheckpointNotFoundError`` for what is not there, and the raw
+``OSError`` of a failed read for the caller to translate with the file's context.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from .._core._errors import CheckpointWriteError
+
+if TYPE_CHECKING:
+    import contextlib
+    import mmap
+    import os
+    from collections.abc import Awaitable, Callable, Sequence
+
+    import anyio
+
+    from .._core._types import Buffer
+
+__all__ = [
+    "LOCK_NAME",
+    "MAX_SMALL_FILE",
+    "TEMP_MARKER",
+    "AppendFile",
+    "DirectoryLock",
+    "DirectorySyncError",
+    "Probe",
+    "ReadFile",
+    "Storage",
+]
+
+TEMP_MARKER: Final = ".asyncckpt-tmp-"
+"""Part of every temporary file's name: ``.<final name>.asyncckpt-tmp-<random>``."""
+LOCK_NAME: Final = ".asyncckpt.lock"
+"""The lock file of the writers of the default state file."""
+MAX_SMALL_FILE: Final = 16 * 1024 * 1024
+"""The largest state file read; a larger one is refused, never allocated."""
+
+
+class DirectorySyncError(CheckpointWriteError):
+    """A file was put in place, but its durability is in doubt (the directory sync failed).
+
+    Readers already see the new file, so callers must not discard anything. The checkpoint
+    layer turns this into a plain ``CheckpointWriteError`` that says what the directory holds.
+    """
+
+
+class ReadFile(Protocol):
+    """An open checkpoint: positional reads, and vectored reads into arrays from threads."""
+
+    @property
+    def path(self) -> str:
+        """Where the file is (for error messages)."""
+
+    @property
+    def size(self) -> int:
+        """Its size in bytes when it was opened."""
+
+    def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
+        """Fill ``views`` back to back from ``offset`` (from a worker thread); return how many
+        bytes were read, fewer only at the end of the file."""
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking work on this file (its reads, their checksums) in a worker thread."""
+
+
+class AppendFile(Protocol):
+    """A new file written front to back (an event file)."""
+
+    @property
+    def path(self) -> str:
+        """Where the file is."""
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; a cancellation never tears it."""
+
+    async def flush(self) -> None:
+        """Hand what was written to the operating system (readers see it then)."""
+
+    async def aclose(self) -> None:
+        """Flush and close (idempotent)."""
+
+
+class Probe(Protocol):
+    """Sees each primitive operation of a storage before it happens (fault injection).
+
+    It may raise an ``OSError`` to make the operation fail exactly as the device would, or
+    block (in the worker thread making the call) to stall it.
+    """
+
+    def __call__(self, op: str, path: str, /) -> None:
+        """Observe ``op`` on ``path``; raise to fail it."""
+
+
+class DirectoryLock(Protocol):
+    """An exclusive, non-blocking lock of one state file's writers on a directory."""
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+
+    def acquire(self) -> None:
+        """Take the lock (blocking call).
+
+        Raises:
+            CheckpointLockedError: another writer holds it.
+            CheckpointWriteError: the lock cannot be created.
+        """
+
+    def release(self) -> None:
+        """Release the lock (idempotent, blocking call)."""
+
+
+class Storage(abc.ABC):
+    """Where checkpoints, state files and event files live (see the module docstring)."""
+
+    @abc.abstractmethod
+    def instrumented(self, probe: Probe) -> Storage:
+        """Return a storage over the same place whose primitive operations pass ``probe``."""
+
+    # -- small files and names ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def read_small_file(self, path: str) -> bytes | None:
+        """Return the bytes of a small file (a state file), or None when it does not exist.
+
+        Raises:
+            CheckpointNotFoundError: ``path`` is not a regular file.
+            OSError: it exists but cannot be read.
+        """
+
+    @abc.abstractmethod
+    def write_small_file_atomic(self, path: str, data: bytes) -> None:
+        """Replace ``path`` with ``data`` atomically and durably (a state file).
+
+        Raises:
+            DirectorySyncError: the file was replaced, but its durability is in doubt.
+            CheckpointWriteError: it could not be written; the old one is untouched.
+        """
+
+    @abc.abstractmethod
+    def list_names(self, directory: str) -> list[str]:
+        """Return the sorted names in ``directory`` (empty when it does not exist)."""
+
+    @abc.abstractmethod
+    def file_info(self, path: str) -> os.stat_result | None:
+        """Return the stat of ``path`` (links not followed), or None when it is missing."""
+
+    @abc.abstractmethod
+    def read_prefix(self, path: str, size: int) -> bytes:
+        """Return the first ``size`` bytes of a regular file (b"" for anything else)."""
+
+    # -- removing -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def remove_files(self, paths: Sequence[str], *, keep_spare: bool = False) -> str | None:
+        """Delete checkpoint files; missing ones are fine. With ``keep_spare`` the first is
+        kept under a temporary name, returned, for ``write_atomic(reuse=...)``.
+
+        Raises:
+            CheckpointWriteError: a file could not be deleted (every file is still tried).
+        """
+
+    @abc.abstractmethod
+    def remove_spare(self, path: str) -> None:
+        """Delete a spare file that no save will reuse (a failure is no error: it is a
+        temporary file, which the next writer's cleanup removes)."""
+
+    @abc.abstractmethod
+    def remove_temp_files(self, directory: str, owns: Callable[[str], bool]) -> list[str]:
+        """Delete temporary files whose final name ``owns`` accepts; return their names.
+
+        Call only while holding the lock that covers every name ``owns`` accepts.
+        """
+
+    @abc.abstractmethod
+    def lock(self, directory: str, name: str = LOCK_NAME) -> DirectoryLock:
+        """Return the (not yet taken) lock ``name`` of ``directory``."""
+
+    # -- checkpoint files ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def write_atomic(
+        self,
+        final_path: str,
+        pieces: Sequence[Buffer],
+        *,
+        late_head: Callable[[], Awaitable[bytes]] | None = None,
+        reuse: str | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        """Write ``pieces`` to ``final_path`` atomically: a crash or cancellation at any
+        instant leaves the old file or the complete new one, never a partial file there.
+
+        With ``late_head``, the first piece only reserves room that the bytes it returns
+        (computed while the rest was written) fill last. With ``reuse``, a spare file from
+        ``remove_files(keep_spare=True)`` is overwritten in place when it is still there.
+
+        Raises:
+            DirectorySyncError: the file is in place, but its durability is in doubt.
+            CheckpointWriteError: an OSError (disk full, permission, I/O error).
+        """
+
+    @abc.abstractmethod
+    def open_for_read(
+        self, path: str, *, limiter: anyio.CapacityLimiter | None = None
+    ) -> contextlib.AbstractAsyncContextManager[ReadFile]:
+        """Open a checkpoint for positional reads (``async with``).
+
+        Raises:
+            CheckpointNotFoundError: there is no regular file at ``path``.
+        """
+
+    @abc.abstractmethod
+    def open_mmap(self, path: str) -> mmap.mmap:
+        """Map a checkpoint read-only (blocking call).
+
+        Raises:
+            CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointCorruptedError: the file is empty.
+        """
+
+    # -- event files --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_new_file(self, path: str) -> AppendFile:
+        """Create ``path`` (and its directory) for appending; it must not exist yet.
+
+        Raises:
+            OSError: the file exists or cannot be created.
+        """

@@ -1,0 +1,663 @@
+"""LocalStorage: the ``Storage`` of POSIX files (atomic writes, reads, the lock, cleanup).
+
+Knows nothing of hooks, trees or the header layout: it moves bytes and names, and turns
+OSErrors into the package's errors at its boundary.
+
+Every blocking step is a plain sync function; the async functions call them in worker
+threads, one thread hop per logical operation. Streaming reads and writes go through aiofiles
+on asyncio and through anyio's file API on trio (aiofiles is asyncio-only). The commit
+(flush, fsync, rename, directory fsync) is always a single worker-thread call, so a
+cancellation can never tear it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import io
+import mmap
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import aiofiles.threadpool
+import anyio
+
+from .._core._errors import (
+    CheckpointCorruptedError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
+from ._base import LOCK_NAME, MAX_SMALL_FILE, TEMP_MARKER, DirectorySyncError, Probe, Storage
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+    from .._core._types import Buffer
+
+__all__ = ["LocalAppendFile", "LocalReadFile", "LocalStorage", "PosixDirectoryLock", "temp_target"]
+
+_CHUNK_BYTES: Final = 64 * 1024 * 1024
+_IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX"), 1024)
+_WRITE_BUFFER: Final = 1024 * 1024
+
+
+def _no_probe(op: str, path: str, /) -> None:
+    """The probe of an uninstrumented storage: every operation proceeds."""
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _CheckedFileIO(io.FileIO):
+    """A raw file whose writes pass through the probe (the only place buffered writes happen)."""
+
+    # Opened from a descriptor, a FileIO's ``name`` is that number: keep the path for the probe.
+    check_path: str = ""
+    probe: Probe = _no_probe
+
+    def write(self, data: Buffer, /) -> int:
+        self.probe("write", self.check_path)
+        return super().write(data)
+
+
+# -- sync primitives -------------------------------------------------------------------------
+
+
+def _temp_name(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}{TEMP_MARKER}{secrets.token_hex(6)}")
+
+
+def _discard_sync(file: io.BufferedWriter, temp_path: str) -> None:
+    # Runs while another error propagates: that error is what the caller must see, and a
+    # temp file left behind is removed by the next writer that opens the directory.
+    with contextlib.suppress(OSError, ValueError):
+        file.close()
+    with contextlib.suppress(OSError):
+        os.unlink(temp_path)
+
+
+def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
+    reason = exc.strerror or str(exc)
+    return CheckpointWriteError(
+        path, f"{reason} (errno {exc.errno}); the previous checkpoint is still the latest"
+    )
+
+
+def temp_target(name: str) -> str | None:
+    """Return the name a temporary file was being written for, or None if it is not one.
+
+    Temporary files are named ``.<final name>.asyncckpt-tmp-<random>``.
+    """
+    if not name.startswith("."):
+        return None
+    target, marker, _random = name[1:].rpartition(TEMP_MARKER)
+    return target if marker and target else None
+
+
+class PosixDirectoryLock:
+    """An exclusive, non-blocking lock on a checkpoint directory (flock on a lock file).
+
+    flock locks belong to the open file, so two writers in one process conflict as surely as
+    two processes do; the kernel drops the lock when a process dies. Writers that share a
+    directory but not their files (the model's and the input pipeline's) use locks of
+    different names.
+
+    Args:
+        directory: the directory; created if missing when the lock is taken.
+        name: the lock file's name in it (``.asyncckpt.lock`` by default).
+    """
+
+    def __init__(self, directory: str, name: str = LOCK_NAME) -> None:
+        self.directory = directory
+        self.name = name
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            CheckpointLockedError: another writer holds it.
+            CheckpointWriteError: the directory or lock file cannot be created.
+        """
+        path = os.path.join(self.directory, self.name)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            detail = f"cannot open the lock file: {exc.strerror}"
+            if exc.errno == errno.ELOOP:
+                detail += " (it is a symlink, which is never followed: remove it)"
+            raise CheckpointWriteError(path, detail) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            held = "this checkpoint directory"
+            if self.name != LOCK_NAME:
+                held = f"the lock {self.name} of {held}"
+            raise CheckpointLockedError(
+                self.directory,
+                f"another writer holds {held} (pid {holder}); stop it or use another directory",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+
+# -- async operations ------------------------------------------------------------------------
+
+
+def _async_wrap(file: Any) -> Any:
+    if _on_asyncio():
+        return aiofiles.threadpool.wrap(file)
+    return anyio.wrap_file(file)
+
+
+def _skip(views: list[memoryview], count: int) -> list[memoryview]:
+    """Drop the first ``count`` bytes of ``views`` (what a short vectored call did)."""
+    while views and count >= len(views[0]):
+        count -= len(views[0])
+        views = views[1:]
+    if count:
+        views = [views[0][count:], *views[1:]]
+    return views
+
+
+def _batches(pieces: Sequence[Buffer]) -> list[list[memoryview]]:
+    """Cut the pieces into bounded batches of at most IOV_MAX views, one pwritev each.
+
+    A batch is small enough that a cancellation waits for little more than one, and large
+    enough that the thread hops and syscalls it costs are lost in the copy.
+    """
+    out: list[list[memoryview]] = []
+    batch: list[memoryview] = []
+    batch_bytes = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if len(view) <= _CHUNK_BYTES - batch_bytes and len(batch) < _IOV_MAX:
+            batch.append(view)  # fits whole: the case of every small array, kept cheap
+            batch_bytes += len(view)
+            continue
+        for start in range(0, len(view), _CHUNK_BYTES):
+            chunk = view[start : start + _CHUNK_BYTES]
+            if batch and (batch_bytes + len(chunk) > _CHUNK_BYTES or len(batch) == _IOV_MAX):
+                out.append(batch)
+                batch, batch_bytes = [], 0
+            batch.append(chunk)
+            batch_bytes += len(chunk)
+    if batch:
+        out.append(batch)
+    return out
+
+
+@dataclass(slots=True)
+class LocalReadFile:
+    """An open checkpoint for reading: positional reads through the async file layer, and
+    vectored reads straight into arrays for worker threads."""
+
+    path: str
+    size: int
+    _file: Any
+    _limiter: anyio.CapacityLimiter | None
+    _fd: int
+
+    def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
+        """Fill ``views`` back to back from ``offset`` (from a worker thread); return how many
+        bytes were read, fewer only at the end of the file."""
+        total = 0
+        while views:
+            count = os.preadv(self._fd, views[:_IOV_MAX], offset + total)
+            if not count:
+                break
+            total += count
+            views = _skip(views, count)
+        return total
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
+        await self._file.seek(offset)
+        data: bytes = await self._file.read(size)
+        return data
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU work on read bytes (checksums) in a worker thread."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+@dataclass(slots=True)
+class LocalAppendFile:
+    """A new file written front to back through the async file layer (event files)."""
+
+    path: str
+    _file: Any
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` (whole records: shielded, so a cancellation never tears one)."""
+        with anyio.CancelScope(shield=True):
+            await self._file.write(data)
+
+    async def flush(self) -> None:
+        """Hand buffered bytes to the operating system (no fsync: TensorBoard's writer
+        does not either, and readers tolerate a torn last record)."""
+        with anyio.CancelScope(shield=True):
+            await self._file.flush()
+
+    async def aclose(self) -> None:
+        """Flush and close (idempotent)."""
+        with anyio.CancelScope(shield=True):
+            await (self._file.close() if _on_asyncio() else self._file.aclose())
+
+
+class LocalStorage(Storage):
+    """The ``Storage`` of a POSIX file system: atomic renames, fsync, flock.
+
+    Args:
+        probe: sees every primitive operation first (``asyncckpt.testing.FaultyStorage``
+            passes one to inject faults); none by default.
+    """
+
+    def __init__(self, *, probe: Probe | None = None) -> None:
+        self._probe: Probe = probe or _no_probe
+
+    def __repr__(self) -> str:
+        return (
+            "LocalStorage()" if self._probe is _no_probe else f"LocalStorage(probe={self._probe!r})"
+        )
+
+    def instrumented(self, probe: Probe) -> LocalStorage:
+        """Return a LocalStorage whose operations pass ``probe`` (after this one's probe)."""
+        if self._probe is _no_probe:
+            return LocalStorage(probe=probe)
+        outer = self._probe
+
+        def both(op: str, path: str, /) -> None:
+            outer(op, path)
+            probe(op, path)
+
+        return LocalStorage(probe=both)
+
+    def lock(self, directory: str, name: str = LOCK_NAME) -> PosixDirectoryLock:
+        """Return the flock-based lock ``name`` of ``directory`` (not yet taken)."""
+        return PosixDirectoryLock(directory, name)
+
+    def _fsync_dir(self, directory: str, renamed: str | None = None) -> None:
+        # After a rename the fault plan sees the renamed file's path, so a test can pick which
+        # commit's directory sync fails; after deletions it sees the directory.
+        self._probe("fsync_dir", renamed or directory)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _create_exclusive(self, path: str) -> io.BufferedWriter:
+        self._probe("open", path)
+        # O_EXCL|O_NOFOLLOW: never write through a planted symlink or into someone else's file.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o644)
+        try:
+            raw = _CheckedFileIO(fd, "wb", closefd=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        raw.check_path = path
+        raw.probe = self._probe
+        return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER)
+
+    def _open_temp_sync(
+        self, final_path: str, reuse: str | None = None
+    ) -> tuple[io.BufferedWriter, str]:
+        if reuse is not None:
+            self._probe("open", reuse)
+            try:
+                fd = os.open(reuse, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                pass  # gone (another writer's cleanup) or unusable: a new file will do
+            else:
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise IsADirectoryError(errno.EISDIR, "a spare file must be a regular file")
+                    raw = _CheckedFileIO(fd, "wb", closefd=True)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                raw.check_path = reuse
+                raw.probe = self._probe
+                return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER), reuse
+        temp_path = _temp_name(final_path)
+        return self._create_exclusive(temp_path), temp_path
+
+    def _commit_sync(
+        self, file: io.BufferedWriter, temp_path: str, final_path: str, size: int | None = None
+    ) -> None:
+        file.flush()
+        if size is not None:
+            os.ftruncate(file.fileno(), size)  # a reused file may have been longer
+        self._probe("fsync", temp_path)
+        os.fsync(file.fileno())
+        file.close()
+        self._probe("rename", final_path)
+        os.replace(temp_path, final_path)
+        try:
+            self._fsync_dir(os.path.dirname(final_path) or ".", final_path)
+        except OSError as exc:
+            # Not an OSError any more: callers must not discard anything, the rename happened.
+            reason = exc.strerror or str(exc)
+            raise DirectorySyncError(
+                final_path,
+                f"{reason} (errno {exc.errno}) while syncing the directory: the file is in place "
+                "but a power loss may undo the rename",
+            ) from exc
+
+    def write_small_file_atomic(self, path: str, data: bytes) -> None:
+        """Replace ``path`` with ``data`` atomically and durably (the state file).
+
+        Raises:
+            DirectorySyncError: the file was replaced, but the directory sync failed.
+            CheckpointWriteError: the file could not be written; the old one is untouched.
+        """
+        try:
+            file, temp_path = self._open_temp_sync(path)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        try:
+            file.write(data)
+            self._commit_sync(file, temp_path, path)
+        except OSError as exc:
+            _discard_sync(file, temp_path)
+            raise _write_error(path, exc) from exc
+
+    def read_small_file(self, path: str) -> bytes | None:
+        """Return the bytes of a small file (the state file), or None when it does not exist.
+
+        Raises:
+            CheckpointNotFoundError: ``path`` is a directory or a symlink.
+            OSError: the file exists but cannot be read.
+        """
+        self._probe("read", path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
+            raise
+        try:
+            # Checked before wrapping: open() on a directory's descriptor raises a bare
+            # IsADirectoryError (and would leak the descriptor).
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointNotFoundError(path, "not a regular file")
+            file = open(fd, "rb")  # noqa: SIM115 - closed just below
+        except BaseException:
+            os.close(fd)
+            raise
+        with file:
+            # Sized by the file, not the limit: read(n) allocates n bytes up front, and every
+            # latest_checkpoint() would otherwise allocate 16 MiB for a file of a few hundred.
+            data = file.read(min(info.st_size, MAX_SMALL_FILE) + 1)
+            if len(data) > info.st_size:  # it grew while being read: read on, still bounded
+                data += file.read(MAX_SMALL_FILE + 1 - len(data))
+            return data
+
+    def list_names(self, directory: str) -> list[str]:
+        """Return the names in ``directory`` (empty when it does not exist)."""
+        try:
+            return sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []
+
+    def file_info(self, path: str) -> os.stat_result | None:
+        """Return the stat of ``path`` without following symlinks, or None when it is missing."""
+        try:
+            return os.lstat(path)
+        except FileNotFoundError:
+            return None
+
+    def remove_files(self, paths: Sequence[str], *, keep_spare: bool = False) -> str | None:
+        """Delete checkpoint files (retention, prune); already-missing files are fine.
+
+        With ``keep_spare``, the first file is renamed to a temporary name instead, and that name
+        returned: the next save overwrites it in place (``self.write_atomic(reuse=...)``). Its pages
+        stay in the page cache and its blocks allocated, where a new file would need fresh
+        memory (which these virtual machines hand back to the host after about 2 s, and which
+        costs about 2.7 s per GiB to touch again) and a delete would free every extent.
+
+        Every file is tried, even after one fails, so one stuck file does not keep the others.
+
+        Raises:
+            CheckpointWriteError: a file exists but cannot be deleted (the first such file; a
+                note lists the others), or the directory cannot be synced afterwards.
+        """
+        errors: list[CheckpointWriteError] = []
+        spare: str | None = None
+        for index, path in enumerate(paths):
+            try:
+                if keep_spare and index == 0:
+                    temp_path = _temp_name(path)
+                    self._probe("rename", temp_path)
+                    os.rename(path, temp_path)
+                    spare = temp_path
+                    continue
+                self._probe("unlink", path)
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                error = CheckpointWriteError(path, f"could not delete: {exc.strerror}")
+                error.__cause__ = exc
+                errors.append(error)
+        if paths:
+            directory = os.path.dirname(paths[0]) or "."
+            try:
+                self._fsync_dir(directory)
+            except OSError as exc:
+                error = CheckpointWriteError(directory, f"could not sync: {exc.strerror}")
+                error.__cause__ = exc
+                errors.append(error)
+        if errors:
+            if len(errors) > 1:
+                errors[0].add_note(f"also failed: {[str(e) for e in errors[1:]]}")
+            raise errors[0]
+        return spare
+
+    def remove_spare(self, path: str) -> None:
+        """Delete a spare file that no save will reuse; one left behind is a temporary file,
+        which the next writer's cleanup removes, so a failure here is not an error."""
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    def remove_temp_files(self, directory: str, owns: Callable[[str], bool]) -> list[str]:
+        """Delete temporary files that a crashed or cancelled writer left; return their names.
+
+        Only the temporary files whose final name ``owns`` accepts are touched: several writers
+        may share a directory, each with its own lock, and another writer's temporary file may be
+        a write in progress. Call only while holding the lock that covers every name ``owns``
+        accepts.
+        """
+        removed = []
+        for name in self.list_names(directory):
+            target = temp_target(name)
+            if target is not None and owns(target):
+                # Best effort: a leftover that cannot be removed (not ours, or not a file) must
+                # not fail the save that found it; it is never read as a checkpoint anyway.
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+                    removed.append(name)
+        return removed
+
+    async def write_atomic(
+        self,
+        final_path: str,
+        pieces: Sequence[Buffer],
+        *,
+        late_head: Callable[[], Awaitable[bytes]] | None = None,
+        reuse: str | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        """Write ``pieces`` to ``final_path`` atomically: a temp file, fsync, rename, dir fsync.
+
+        With ``late_head``, the first piece only reserves room: once every other piece is
+        written, the bytes ``await late_head()`` returns (no longer than that piece) are written
+        over its start, so a header can hold checksums computed while the body was written.
+
+        With ``reuse``, a spare file from ``remove_files(keep_spare=True)`` is overwritten in place
+        (and cut to length) instead of a new file being created, when it is still there.
+
+        A crash or cancellation at any instant leaves either the old file or the complete new
+        one; the temp file is removed on error or cancellation (or by the next writer's cleanup).
+
+        Raises:
+            CheckpointWriteError: an OSError (disk full, permission, I/O error); ``__cause__``.
+        """
+        try:
+            file, temp_path = await anyio.to_thread.run_sync(
+                self._open_temp_sync, final_path, reuse, limiter=limiter
+            )
+        except OSError as exc:
+            raise _write_error(final_path, exc) from exc
+        try:
+            offset = 0
+            for batch in _batches(pieces):
+                # Each batch is bounded; shielding it lets a cancellation land between batches
+                # instead of abandoning a write that a worker thread is still doing. Entering a
+                # shielded scope is no checkpoint, so the cancellation is looked for here.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                with anyio.CancelScope(shield=True):
+                    offset = await anyio.to_thread.run_sync(
+                        self._write_at, file, temp_path, batch, offset, limiter=limiter
+                    )
+            if late_head is not None:
+                head = await late_head()
+                if len(head) > len(memoryview(pieces[0])):
+                    raise ValueError(
+                        "late_head() returned more bytes than the first piece reserves"
+                    )
+                await anyio.to_thread.run_sync(
+                    self._write_at, file, temp_path, [memoryview(head)], 0, limiter=limiter
+                )
+            await anyio.to_thread.run_sync(
+                self._commit_sync, file, temp_path, final_path, offset, limiter=limiter
+            )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_discard_sync, file, temp_path, limiter=limiter)
+            if isinstance(exc, OSError):
+                raise _write_error(final_path, exc) from exc
+            raise
+
+    def _write_at(
+        self, file: io.BufferedWriter, path: str, views: list[memoryview], offset: int
+    ) -> int:
+        """Write ``views`` back to back at ``offset`` (one syscall when it can); return the end."""
+        self._probe("write", path)
+        fd = file.fileno()
+        while views:
+            written = os.pwritev(fd, views[:_IOV_MAX], offset)
+            offset += written
+            views = _skip(views, written)  # a short write (signal, quota): go on with the rest
+        return offset
+
+    def _open_read_sync(self, path: str) -> tuple[io.BufferedReader, int]:
+        self._probe("open", path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(path, "no such checkpoint") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
+            raise
+        try:
+            # Checked before wrapping: open() on a directory's descriptor raises a bare
+            # IsADirectoryError (and would leak the descriptor).
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointNotFoundError(path, "not a regular file")
+            file = open(fd, "rb", buffering=0)  # noqa: SIM115 - closed by open_for_read
+        except BaseException:
+            os.close(fd)
+            raise
+        return file, info.st_size  # type: ignore[return-value]
+
+    @contextlib.asynccontextmanager
+    async def open_for_read(
+        self, path: str, *, limiter: anyio.CapacityLimiter | None = None
+    ) -> AsyncIterator[LocalReadFile]:
+        """Open a checkpoint for reading (no symlinks, regular files only).
+
+        Raises:
+            CheckpointNotFoundError: there is no regular file at ``path``.
+        """
+        file, size = await anyio.to_thread.run_sync(self._open_read_sync, path, limiter=limiter)
+        async_file = _async_wrap(file)
+        try:
+            yield LocalReadFile(path, size, async_file, limiter, file.fileno())
+        finally:
+            with anyio.CancelScope(shield=True):
+                # aiofiles spells it close(), anyio aclose().
+                await (async_file.close() if _on_asyncio() else async_file.aclose())
+
+    def open_mmap(self, path: str) -> mmap.mmap:
+        """Map a checkpoint read-only; the mapping outlives the descriptor and the file's name."""
+        file, size = self._open_read_sync(path)
+        with file:
+            if not size:  # mmap cannot map nothing; report it as the streaming reader does
+                raise CheckpointCorruptedError(path, "prelude", "file is only 0 bytes")
+            return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+
+    def read_prefix(self, path: str, size: int) -> bytes:
+        """Return the first ``size`` bytes of a regular file (b"" for anything else)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return b""
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return b""
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
+    def _create_new_sync(self, path: str) -> io.BufferedWriter:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return self._create_exclusive(path)
+
+    async def create_new_file(self, path: str) -> LocalAppendFile:
+        """Create ``path`` (and its directory); it must not exist yet.
+
+        Raises:
+            OSError: the file exists or cannot be created.
+        """
+        file = await anyio.to_thread.run_sync(self._create_new_sync, path)
+        return LocalAppendFile(path, _async_wrap(file))
