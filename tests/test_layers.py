@@ -108,7 +108,11 @@ def test_imports_point_down(path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (PACKAGE / "_checkpoint").glob("_*.py") if p.stem != "__init__"), ids=_ids)
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (PACKAGE / "_checkpoint").glob("_*.py") if p.stem != "__init__"),
+    ids=_ids,
+)
 def test_the_checkpoint_stack_is_ordered(path: Path) -> None:
     position = CHECKPOINT_ORDER.index(path.stem)
     for imported in _imports(path):
@@ -137,16 +141,17 @@ def _defined_names(tree: ast.Module) -> set[str]:
 def test_no_module_reaches_into_another_modules_private_names(path: Path) -> None:
     tree = ast.parse(path.read_text(), filename=str(path))
     own = _defined_names(tree)
-    reaches = []
-    for node in ast.walk(tree):
+    reaches = [
+        f"line {node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
         if (
             isinstance(node, ast.Attribute)
             and node.attr.startswith("_")
             and not node.attr.startswith("__")
             and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
             and node.attr not in own
-        ):
-            reaches.append(f"line {node.lineno}: {ast.unparse(node)}")
+        )
+    ]
     assert not reaches, f"{_ids(path)} uses private names of other modules: {reaches}"
 
 

@@ -283,10 +283,9 @@ class CheckpointManager:
             errors, self._unreported = self._unreported, []
             exc.add_note(f"asyncckpt: {len(errors)} checkpoint write(s) also failed: {errors}")
 
-    async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _serve(self) -> None:
         queue = self._queue
         assert queue is not None
-        task_status.started()
         try:
             while (job := await queue.get()) is not None:
                 self._writing = job

@@ -12,9 +12,12 @@ The lifecycle, in the owner's ``async with``::
     __aexit__:   await task.stop(drain, grace)          # idempotent
                  await task.exit(stack)                 # only here: scopes exit in order
 
-* ``serve(task_status)`` runs in a scope shielded from the owner's cancellation: a writer
-  must finish what it accepted, and only ``stop()`` cancels it, once the grace period for
-  ``drain()`` is over.
+* ``serve()`` runs in a scope shielded from the owner's cancellation: a writer must finish
+  what it accepted, and only ``stop()`` cancels it, once the grace period for ``drain()``
+  is over. It is spawned with ``start_soon``, never ``start()``: a cancellation of the owner
+  during ``start()`` makes anyio cancel the child and wait for it, shielded, which a
+  shielded child would never notice (the owner hung forever). ``open()`` thus has no await
+  between spawning the writer and the owner's stack taking it.
 * ``stop()`` is bounded cleanup of our own: the drain is shielded with a deadline, and the
   wait for the cancelled writer is shielded (it waits for one worker-thread call at most). It
   may run inside a caller's ``anyio.fail_after``: it exits no scope that it did not enter.
@@ -27,7 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.abc
+import anyio.lowlevel
 
 from ._util import raise_single_exception
 
@@ -79,36 +82,23 @@ class BackgroundTask:
             raise RuntimeError(f"a {self._owner} can be entered only once; create a new one")
         self._claimed = True
 
-    async def open(
-        self,
-        stack: AsyncExitStack,
-        serve: Callable[[anyio.abc.TaskStatus[None]], Awaitable[Any]],
-    ) -> None:
-        """Enter a task group on ``stack`` and start ``serve`` in it, shielded; return once
-        ``serve`` called ``task_status.started()``."""
+    async def open(self, stack: AsyncExitStack, serve: Callable[[], Awaitable[Any]]) -> None:
+        """Enter a task group on ``stack`` and spawn ``serve()`` in it, shielded."""
         # Made here, not in __init__: a cancel scope needs a running event loop.
         self._scope = anyio.CancelScope(shield=True)
         self._done = anyio.Event()
         task_group = await stack.enter_async_context(anyio.create_task_group())
-        try:
-            await task_group.start(self._run, serve)
-        except BaseException:
-            # Cancelled (or failed) while the writer started: it is shielded and would wait
-            # for a stop() that never comes, holding the group's exit forever.
-            self._scope.cancel()
-            raise
+        task_group.start_soon(self._run, serve)
 
-    async def _run(
-        self,
-        serve: Callable[[anyio.abc.TaskStatus[None]], Awaitable[Any]],
-        *,
-        task_status: anyio.abc.TaskStatus[None],
-    ) -> None:
+    async def _run(self, serve: Callable[[], Awaitable[Any]]) -> None:
         assert self._scope is not None
         assert self._done is not None
         try:
+            # The group may be cancelled before this task first runs (the owner failed):
+            # then there is nothing to write and no stop() to wait for.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             with self._scope:
-                await serve(task_status)
+                await serve()
         finally:
             self._done.set()
 

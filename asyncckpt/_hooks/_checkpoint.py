@@ -18,6 +18,7 @@ import anyio.lowlevel
 
 from .._checkpoint import STATE_FILENAME, CheckpointManager, Policy, SaveOutcome
 from .._core._errors import CheckpointWriteError
+from .._core._sync import Broadcast
 from .._core._util import call_maybe_async
 from .._summary import SessionLog
 from ._base import (
@@ -150,7 +151,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._session: SessionLike | None = None
         self._closing: anyio.Event | None = None
         self._outcomes: deque[SaveOutcome] = deque()
-        self._outcome_arrived: anyio.Event | None = None
+        self._outcome_arrived = Broadcast()
         self._delivering = False
         self._failure: CheckpointError | None = None
         self._final_step: int | None = None
@@ -171,7 +172,8 @@ class CheckpointSaverHook(SessionRunHook):
         """Forget any earlier session (a hook may serve several in turn), then call every
         listener's ``begin()``."""
         self._manager = self._coord = self._session = None
-        self._closing = self._outcome_arrived = None
+        self._closing = None
+        self._outcome_arrived = Broadcast()
         self._outcomes.clear()
         self._delivering = False
         self._failure = None
@@ -200,7 +202,6 @@ class CheckpointSaverHook(SessionRunHook):
                 coord, self.checkpoint_dir, self._manager_args["storage"]
             )
             self._closing = anyio.Event()
-            self._outcome_arrived = anyio.Event()
             manager = CheckpointManager(**self._manager_args)
             manager.add_done_callback(self._settled)
             self._manager = await open_in_session(coord, manager, until=self._closing)
@@ -240,8 +241,7 @@ class CheckpointSaverHook(SessionRunHook):
                 await self.save(session, step)
             await self._reported(manager.wait)
             while self._outcomes or self._delivering:
-                assert self._outcome_arrived is not None
-                await self._outcome_arrived.wait()
+                await self._outcome_arrived.changed()
         for listener in self._listeners:
             await call_maybe_async(listener.end, session, step)
         if self._failure is not None:
@@ -290,9 +290,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._wake()
 
     def _wake(self) -> None:
-        assert self._outcome_arrived is not None
-        self._outcome_arrived.set()
-        self._outcome_arrived = anyio.Event()
+        self._outcome_arrived.notify()
 
     async def _deliver_outcomes(self) -> None:
         # One task calls the listeners, so after_save calls keep the order of the saves and a
@@ -300,8 +298,7 @@ class CheckpointSaverHook(SessionRunHook):
         assert self._coord is not None
         while True:
             if not self._outcomes:
-                assert self._outcome_arrived is not None
-                await self._outcome_arrived.wait()
+                await self._outcome_arrived.changed()
                 continue
             # Woken in the instant the session was cancelled (trio runs the wakeups of one
             # batch in any order): the summary writer may be closed already, and listeners

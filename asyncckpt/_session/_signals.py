@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from .._core._util import single_exception
+from .._core._util import raise_single_exception
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -50,4 +50,4 @@ async def stop_on_signals(session: _Stoppable, *signals: signal.Signals) -> Asyn
                     task_group.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The block's own exception comes back wrapped by the task group: unwrap it.
-            raise single_exception(group) from None
+            raise_single_exception(group)

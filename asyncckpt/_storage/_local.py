@@ -289,9 +289,12 @@ class LocalStorage(Storage):
         self._probe: Probe = probe or _no_probe
 
     def __repr__(self) -> str:
-        return (
-            "LocalStorage()" if self._probe is _no_probe else f"LocalStorage(probe={self._probe!r})"
-        )
+        if self._probe is _no_probe:
+            return "LocalStorage()"
+        # The probe's name, not its repr: a bound method's repr holds its owner's, which
+        # may hold this storage's (FaultyStorage), and so on without end.
+        name = getattr(self._probe, "__qualname__", type(self._probe).__qualname__)
+        return f"LocalStorage(probe={name})"
 
     def instrumented(self, probe: Probe) -> LocalStorage:
         """Return a LocalStorage whose operations pass ``probe`` (after this one's probe)."""

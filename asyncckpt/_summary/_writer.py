@@ -7,6 +7,7 @@ scalar fast path in ``_scalars``); files in the ``Storage`` it is given.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -17,9 +18,12 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
-from .._core._util import check_int, single_exception
+from .._core._lifecycle import BackgroundTask
+from .._core._sync import Broadcast
+from .._core._util import check_int
 from .._storage import LocalStorage
 from . import _proto
 from ._records import frame
@@ -91,13 +95,11 @@ class _Queue:
         self._items: list[_Item] = []
         self._max = max_items
         self._line: deque[_Waiter] = deque()
-        self._wakeup: anyio.Event | None = None
+        self._wakeup = Broadcast()
         self.closed = False
 
     def _wake_writer(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
-            self._wakeup = None
+        self._wakeup.notify()
 
     def _wake_first(self) -> None:
         # Room for one more item: the first caller in line may move in. (One without an
@@ -164,12 +166,8 @@ class _Queue:
         """Return once there is something to take, on close, or at ``deadline``."""
         if self._items or self.closed:
             return
-        self._wakeup = anyio.Event()
-        try:
-            with anyio.CancelScope(deadline=deadline):
-                await self._wakeup.wait()
-        finally:
-            self._wakeup = None
+        with anyio.CancelScope(deadline=deadline):
+            await self._wakeup.changed()
 
     def close(self) -> None:
         """Refuse every waiting and later item; what is queued stays for the writer."""
@@ -248,42 +246,36 @@ class SummaryWriter:
         self._scalars = ScalarRecords()
         self._queue: _Queue | None = None
         self._stack: AsyncExitStack | None = None
-        self._writer_scope: anyio.CancelScope | None = None
-        self._entered = self._closed = False
+        self._task = BackgroundTask("SummaryWriter")
+        self._closed = False
         self._buffer: _Buffer | None = None
-        self._writer_done: anyio.Event | None = None
         self._flush_requests: set[_FlushRequest] = set()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._entered else "new"
+        state = "closed" if self._closed else "open" if self._queue is not None else "new"
         written = 0 if self._buffer is None else self._buffer.written
         return f"<SummaryWriter {self.path!r} {state} events_written={written}>"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._entered:
-            raise RuntimeError("a SummaryWriter can be entered only once; create a new one")
-        self._entered = True
+        self._task.claim()
         file = await self.storage.create_new_file(self.path)
-        first = frame(
-            _proto.encode_event(
-                wall_time=self._clock(),
-                file_version=_proto.FILE_VERSION,
-                source_writer=_WRITER_NAME,
-            )
-        )
         try:
+            first = frame(
+                _proto.encode_event(
+                    wall_time=self._clock(),
+                    file_version=_proto.FILE_VERSION,
+                    source_writer=_WRITER_NAME,
+                )
+            )
             await file.write(first)
             await file.flush()
             queue = _Queue(self.max_queue)
             self._buffer = _Buffer(file)
-            self._writer_scope = anyio.CancelScope(shield=True)
-            self._writer_done = anyio.Event()
             async with AsyncExitStack() as stack:
                 stack.push_async_callback(file.aclose)
-                task_group = await stack.enter_async_context(anyio.create_task_group())
-                task_group.start_soon(self._serve, queue)
+                await self._task.open(stack, functools.partial(self._serve, queue))
                 self._queue = queue
                 self._stack = stack.pop_all()
         except BaseException:
@@ -298,47 +290,41 @@ class SummaryWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        stack, self._stack = self._stack, None
+        try:
+            await self.aclose()
+        finally:
+            if stack is not None:
+                await self._task.exit(stack)  # the writer has returned: no wait
 
     async def aclose(self) -> None:
-        """Write every accepted event, flush and close the file (idempotent)."""
-        stack, self._stack = self._stack, None
+        """Write every accepted event, flush and close the file (idempotent).
+
+        May be called from any task and inside any cancel scope (``anyio.fail_after``); the
+        ``async with`` block's exit then has nothing left to do but raise a writer's error.
+        """
         queue, self._queue = self._queue, None
-        if stack is None or queue is None:
+        if queue is None:
             return
         self._closed = True
-        assert self._writer_scope is not None
-        assert self._writer_done is not None
         queue.close()  # the writer writes what is queued, flushes and returns
-        with anyio.move_on_after(self._grace, shield=True):
-            await self._writer_done.wait()
-        self._writer_scope.cancel()  # only a writer that outlived the grace period
-        try:
-            # The writer has returned: leaving the task group does not wait. (It must not
-            # be wrapped in a new cancel scope: scopes exit in the order they were entered.)
-            await stack.aclose()
-        except BaseExceptionGroup as group:
-            raise single_exception(group) from None
+        await self._task.stop(self._task.wait_done, self._grace)
+        if self._buffer is not None:
+            await self._buffer.close()
 
     async def close(self) -> None:
         """Same as ``aclose()`` (TensorFlow's name)."""
         await self.aclose()
 
     async def _serve(self, queue: _Queue) -> None:
-        assert self._writer_scope is not None
-        assert self._writer_done is not None
         assert self._buffer is not None
-        # Shielded from the owner's cancellation (it must not drop accepted events);
-        # aclose() cancels this scope itself once its grace period is over.
         try:
-            with self._writer_scope:
-                await self._write_until_closed(self._buffer, queue)
+            await self._write_until_closed(self._buffer, queue)
         finally:
             # A writer that failed (or outlived the grace period) refuses callers waiting
             # for room and leaves flush requests behind: wake them, so that they raise
             # instead of waiting forever.
             queue.close()
-            self._writer_done.set()
             for request in list(self._flush_requests):
                 request.done.set()
 
@@ -566,7 +552,7 @@ class _Buffer:
     __slots__ = ("_file", "_records", "size", "written")
 
     def __init__(self, file: AppendFile) -> None:
-        self._file = file
+        self._file: AppendFile = file
         self._records: list[bytes] = []
         self.size = 0
         self.written = 0  # records handed to the file
@@ -585,3 +571,7 @@ class _Buffer:
         await self._file.write(b"".join(records))
         self.written += len(records)
         await self._file.flush()
+
+    async def close(self) -> None:
+        """Close the file (idempotent; what was written is flushed already)."""
+        await self._file.aclose()
