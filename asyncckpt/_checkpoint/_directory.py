@@ -8,16 +8,20 @@ leaves the state file naming durable files only. What to keep is decided by the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import functools
+import logging
+import math
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._core._errors import CheckpointFormatError, CheckpointNotFoundError, CheckpointWriteError
-from .._storage import DirectorySyncError
+from .._core._util import usable_cores
+from .._storage import DirectorySyncError, WriteAborted
 from ._file import write_snapshot
 from ._state_file import (
     CheckpointState,
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
     from ._snapshot import Snapshot
 
 __all__ = ["CheckpointDirectory", "get_checkpoint_state", "latest_checkpoint"]
+
+logger = logging.getLogger("asyncckpt")
 
 
 def get_checkpoint_state(
@@ -145,6 +151,7 @@ class CheckpointDirectory:
         self._created = clock() if created is None else created
         self._lock = storage.lock(path, lock_name(latest_filename))
         self._spare: str | None = None
+        self._crc_executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         held = "held" if self._lock.held else "not held"
@@ -190,10 +197,13 @@ class CheckpointDirectory:
             raise
 
     def release(self) -> None:
-        """Delete the spare file and release the lock (idempotent)."""
+        """Delete the spare file, stop the checksum thread and release the lock (idempotent)."""
         spare, self._spare = self._spare, None
         if spare is not None:
             self._storage.remove_spare(spare)
+        executor, self._crc_executor = self._crc_executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         self._lock.release()
 
     # -- one save -----------------------------------------------------------------------------
@@ -206,11 +216,19 @@ class CheckpointDirectory:
         step: int | None,
         metadata: dict[str, Any],
         limiter: anyio.CapacityLimiter | None = None,
+        abandon_after: float = math.inf,
     ) -> int:
         """Write ``snapshot`` as checkpoint ``path``, list it, retire what retention drops.
 
-        Must be held. A failed or cancelled save leaves the directory as it was: the
-        previous checkpoint stays the latest and nothing new is listed.
+        Must be held. The whole save (the file, its fsync and rename, the state file,
+        retention) is one worker-thread call: it needs no turn of the event loop once begun,
+        however rarely the loop gets one. A failed or cancelled save leaves the directory as
+        it was: the previous checkpoint stays the latest and nothing new is listed.
+
+        A cancellation asks the thread to stop at its next bounded batch (it removes its
+        temporary file) and waits for it up to ``abandon_after`` seconds; a thread still
+        stuck then (a write stuck in the kernel) is abandoned and logged, and can list
+        nothing any more.
 
         Returns:
             The checkpoint file's size in bytes.
@@ -218,19 +236,66 @@ class CheckpointDirectory:
         Raises:
             CheckpointWriteError: the message says what the directory holds now.
         """
+        abandoned = threading.Event()
+        finished = threading.Event()
+
+        def save() -> int:
+            try:
+                return self._commit_sync(snapshot, path, step, metadata, abandoned.is_set)
+            finally:
+                finished.set()
+
+        try:
+            return await anyio.to_thread.run_sync(save, limiter=limiter, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            abandoned.set()
+            timeout = None if math.isinf(abandon_after) else abandon_after
+            with anyio.CancelScope(shield=True):
+                stopped = await anyio.to_thread.run_sync(
+                    finished.wait, timeout, abandon_on_cancel=True
+                )
+            if not stopped:
+                logger.warning(
+                    "checkpoint %s abandoned: its write was still stuck %.1f s after it was "
+                    "cancelled; it will not be listed, and the previous checkpoint stays the "
+                    "latest",
+                    path,
+                    abandon_after,
+                )
+            raise
+
+    def _commit_sync(
+        self,
+        snapshot: Snapshot,
+        path: str,
+        step: int | None,
+        metadata: dict[str, Any],
+        aborted: Callable[[], bool],
+    ) -> int:
         name = os.path.basename(path)
         now = self._clock()
         old = self.state
-        size = await self._write(snapshot, path, step, metadata, now, old, limiter)
+        size = self._write(snapshot, path, step, metadata, now, old, aborted)
         new_state, retired = plan_next_state(
             old, name, now, self._retention, first_preserved=self._created
         )
-        await self._register(new_state, path, old, limiter)
+        if aborted():
+            self._discard_unlisted(path, old)
+            raise WriteAborted("the writer abandoned this save before listing it")
+        self._register(new_state, path, old)
         if retired:
-            await self._retire(retired, name, limiter)
+            # No longer listed: if they are not retired now, no later save will.
+            self._retire(retired, name)
         return size
 
-    async def _write(
+    def _crc_thread(self) -> concurrent.futures.Executor | None:
+        if self._crc_executor is None and usable_cores() > 1:
+            self._crc_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="asyncckpt-crc"
+            )
+        return self._crc_executor
+
+    def _write(
         self,
         snapshot: Snapshot,
         path: str,
@@ -238,11 +303,11 @@ class CheckpointDirectory:
         metadata: dict[str, Any],
         now: float,
         old: CheckpointState,
-        limiter: anyio.CapacityLimiter | None,
+        aborted: Callable[[], bool],
     ) -> int:
         spare, self._spare = self._spare, None
         try:
-            return await write_snapshot(
+            return write_snapshot(
                 self._storage,
                 snapshot,
                 path,
@@ -250,41 +315,28 @@ class CheckpointDirectory:
                 metadata=metadata,
                 wall_time=now,
                 reuse=spare,
-                limiter=limiter,
+                crc_thread=self._crc_thread(),
+                aborted=aborted,
             )
         except BaseException as exc:
             if spare is not None:  # unless the write took it and removed it already
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(
-                        self._storage.remove_spare, spare, limiter=limiter
-                    )
+                self._storage.remove_spare(spare)
             if not isinstance(exc, DirectorySyncError):
                 raise
             # Complete and in place, but never listed and perhaps not durable: remove it.
-            await self._discard_unlisted(path, old, limiter)
+            self._discard_unlisted(path, old)
             raise CheckpointWriteError(
                 path,
                 f"{_reason(exc)} while syncing the directory after writing this checkpoint; "
                 "it was not registered and the previous checkpoint is still the latest",
             ) from exc.__cause__
 
-    async def _register(
-        self,
-        new_state: CheckpointState,
-        path: str,
-        old: CheckpointState,
-        limiter: anyio.CapacityLimiter | None,
-    ) -> None:
+    def _register(self, new_state: CheckpointState, path: str, old: CheckpointState) -> None:
         # The state file names only durable checkpoints; retirements come after it, so a
         # crash in between leaves unlisted files, never a listed file that is gone.
         state_file = state_path(self.path, self.latest_filename)
         try:
-            await anyio.to_thread.run_sync(
-                self._storage.write_small_file_atomic,
-                state_file,
-                format_state(new_state),
-                limiter=limiter,
-            )
+            self._storage.write_small_file_atomic(state_file, format_state(new_state))
         except DirectorySyncError as exc:
             # The new state file is what readers see now; deleting old checkpoints could
             # break the old one, should a power loss bring it back, so none are deleted.
@@ -296,23 +348,15 @@ class CheckpointDirectory:
                 "loss may bring back the previous state file; no old checkpoint was deleted",
             ) from exc.__cause__
         except BaseException:
-            # A failed or cancelled save leaves the directory as it was.
-            await self._discard_unlisted(path, old, limiter)
+            # A failed save leaves the directory as it was.
+            self._discard_unlisted(path, old)
             raise
         self.state = new_state
 
-    async def _retire(
-        self, retired: list[str], name: str, limiter: anyio.CapacityLimiter | None
-    ) -> None:
+    def _retire(self, retired: list[str], name: str) -> None:
         doomed = [os.path.join(self.path, n) for n in retired]
         try:
-            # The state file no longer lists them: if they are not deleted now, no later
-            # save will, so a cancellation waits for these few unlinks.
-            with anyio.CancelScope(shield=True):
-                self._spare = await anyio.to_thread.run_sync(
-                    functools.partial(self._storage.remove_files, doomed, keep_spare=self._recycle),
-                    limiter=limiter,
-                )
+            self._spare = self._storage.remove_files(doomed, keep_spare=self._recycle)
         except CheckpointWriteError as exc:
             what = "this old checkpoint" if exc.path in doomed else "old checkpoints"
             error = CheckpointWriteError(
@@ -324,14 +368,13 @@ class CheckpointDirectory:
                 error.add_note(note)
             raise error from exc.__cause__
 
-    async def _discard_unlisted(
-        self, path: str, old: CheckpointState, limiter: anyio.CapacityLimiter | None
-    ) -> None:
-        """Remove a checkpoint file this save wrote but did not list (best effort)."""
+    def _discard_unlisted(self, path: str, old: CheckpointState) -> None:
+        """Remove a checkpoint file this save wrote but did not list (best effort: a file
+        left behind is unlisted, never taken for a checkpoint, and ``ls`` shows it)."""
         if os.path.basename(path) in old.names:
             return  # re-saving a listed step: the listed file is the new one now
-        with anyio.CancelScope(shield=True), contextlib.suppress(CheckpointWriteError):
-            await anyio.to_thread.run_sync(self._storage.remove_files, [path], limiter=limiter)
+        with contextlib.suppress(CheckpointWriteError):
+            self._storage.remove_files([path])
 
     def steps(self, basename: str) -> list[int]:
         """Steps of the listed checkpoints named ``<basename>-<step>``, oldest first."""

@@ -8,6 +8,7 @@ the ``Storage``'s. Knows nothing of state files, retention or queues.
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -22,7 +23,7 @@ from . import _format
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from .._core._types import StateTree
     from .._storage import ReadFile, Storage
@@ -45,7 +46,7 @@ def _crcs(snapshot: Snapshot) -> list[int]:
 _ZEROS: Final = bytes(_format.ALIGNMENT)
 
 
-async def write_snapshot(
+def write_snapshot(
     storage: Storage,
     snapshot: Snapshot,
     path: str,
@@ -54,14 +55,20 @@ async def write_snapshot(
     metadata: dict[str, Any],
     wall_time: float,
     reuse: str | None = None,
-    limiter: anyio.CapacityLimiter | None = None,
+    crc_thread: concurrent.futures.Executor | None = None,
+    aborted: Callable[[], bool] | None = None,
 ) -> int:
     """Write one checkpoint file from a snapshot, atomically; return its size in bytes.
 
-    Array bytes go straight from the snapshot's buffers to the file: no copy of the state.
-    With ``reuse``, a retired checkpoint file is overwritten instead of a new one created.
-    Their checksums are computed in a second thread while they are written, and the header
-    that holds them is written last, over the room the layout reserved for it.
+    A blocking call (one worker thread). Array bytes go straight from the snapshot's buffers
+    to the file: no copy of the state. With ``reuse``, a retired checkpoint file is
+    overwritten instead of a new one created. Their checksums are computed by ``crc_thread``
+    while they are written (on this thread first when there is none), and the header that
+    holds them is written last, over the room the layout reserved for it.
+
+    Raises:
+        WriteAborted: ``aborted()`` said True between two batches (see ``Storage``).
+        CheckpointWriteError: the write failed; nothing was put in place.
     """
     fields: dict[str, Any] = {
         "step": step,
@@ -72,7 +79,7 @@ async def write_snapshot(
     }
     if not snapshot.leaves:
         whole, _offsets, file_size = _format.encode_header(**fields, crcs=[])
-        await storage.write_atomic(path, [whole], reuse=reuse, limiter=limiter)
+        storage.write_atomic(path, [whole], reuse=reuse, aborted=aborted)
         return file_size
     layout = _format.plan_layout(**fields)
     pieces: list[Any] = [bytes(layout.data_start)]
@@ -82,23 +89,20 @@ async def write_snapshot(
             pieces.append(_ZEROS[: offset - position])
         pieces.append(byte_view(leaf.array))
         position = offset + leaf.array.nbytes
-    crcs: list[int] = []
-    crcs_done = anyio.Event()
+    crcs: concurrent.futures.Future[list[int]] | list[int] = (
+        crc_thread.submit(_crcs, snapshot) if crc_thread is not None else _crcs(snapshot)
+    )
 
-    async def compute_crcs() -> None:
-        crcs.extend(await anyio.to_thread.run_sync(_crcs, snapshot, limiter=limiter))
-        crcs_done.set()
-
-    async def head() -> bytes:
-        await crcs_done.wait()
-        return _format.encode_head(layout, **fields, crcs=crcs)
+    def head() -> bytes:
+        found = crcs.result() if isinstance(crcs, concurrent.futures.Future) else crcs
+        return _format.encode_head(layout, **fields, crcs=found)
 
     try:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(compute_crcs)
-            await storage.write_atomic(path, pieces, late_head=head, reuse=reuse, limiter=limiter)
-    except BaseExceptionGroup as group:
-        raise_single_exception(group)
+        storage.write_atomic(path, pieces, late_head=head, reuse=reuse, aborted=aborted)
+    finally:
+        if isinstance(crcs, concurrent.futures.Future):
+            # The snapshot's buffers go back to the pool after this: nothing may read them.
+            concurrent.futures.wait([crcs])
     return layout.file_size
 
 

@@ -45,6 +45,9 @@ __all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy", "SaveOu
 Policy = Literal["block", "skip", "replace"]
 _POLICIES: Final = get_args(Policy)
 _IO_THREADS: Final = 4
+_ABANDON_AFTER_SECS: Final = 1.0
+"""How long a write cancelled at the end of the grace period may take to stop at its next
+batch before its thread is abandoned (a write stuck in the kernel)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -297,6 +300,7 @@ class CheckpointManager:
                         step=job.step,
                         metadata=job.metadata,
                         limiter=self._limiter,
+                        abandon_after=_ABANDON_AFTER_SECS,
                     )
                 except CheckpointError as exc:
                     # Kept, not swallowed: raised by the next save(), wait() or close.

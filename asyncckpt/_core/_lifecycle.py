@@ -17,7 +17,8 @@ The lifecycle, in the owner's ``async with``::
   is over. It is spawned with ``start_soon``, never ``start()``: a cancellation of the owner
   during ``start()`` makes anyio cancel the child and wait for it, shielded, which a
   shielded child would never notice (the owner hung forever). ``open()`` thus has no await
-  between spawning the writer and the owner's stack taking it.
+  between spawning the writer and the owner's stack taking it, and the owner must call
+  ``stop()`` on every path once ``open()`` returned.
 * ``stop()`` is bounded cleanup of our own: the drain is shielded with a deadline, and the
   wait for the cancelled writer is shielded (it waits for one worker-thread call at most). It
   may run inside a caller's ``anyio.fail_after``: it exits no scope that it did not enter.
@@ -30,7 +31,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.lowlevel
 
 from ._util import raise_single_exception
 
@@ -94,9 +94,8 @@ class BackgroundTask:
         assert self._scope is not None
         assert self._done is not None
         try:
-            # The group may be cancelled before this task first runs (the owner failed):
-            # then there is nothing to write and no stop() to wait for.
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            # Shielded at once, before any await: the owner may already be cancelled, and
+            # what it accepted until then must still be written (stop() ends this scope).
             with self._scope:
                 await serve()
         finally:

@@ -183,9 +183,33 @@ class CheckpointSaverHook(SessionRunHook):
             await call_maybe_async(listener.begin)
 
     async def after_create_session(self, session: SessionLike, coord: CoordinatorLike) -> None:
-        """Open the manager (first time only), then save the starting step."""
-        await self.open_manager(session, coord)
-        await self.save(session, session.global_step)
+        """Open the manager (first time only), then save the starting step.
+
+        When the session starts from a restored step (> 0) that is already the directory's
+        latest checkpoint, that checkpoint is not written again, but the listeners still get
+        their ``before_save`` and ``after_save`` for it (a deviation from TensorFlow, which
+        rewrites it: see docs/DESIGN_NOTES.md).
+        """
+        manager = await self.open_manager(session, coord)
+        step = session.global_step
+        if step > 0 and manager.latest_step() == step:
+            await self._announce_saved(session, step, manager)
+        else:
+            await self.save(session, step)
+
+    async def _announce_saved(
+        self, session: SessionLike, step: int, manager: CheckpointManager
+    ) -> None:
+        # The restart save of a checkpoint that is the latest already: the listeners hear of
+        # it as of any save, in order, from the delivery task; nothing is written.
+        assert self._coord is not None
+        for listener in self._listeners:
+            await call_maybe_async(listener.before_save, session, step)
+        self._saved_step = step
+        self._coord.pending_started()
+        path = os.path.join(manager.directory, f"{manager.basename}-{step}")
+        self._outcomes.append(SaveOutcome(step=step, path=path, written=True))
+        self._wake()
 
     async def open_manager(self, session: SessionLike, coord: CoordinatorLike) -> CheckpointManager:
         """Open the manager (first time only) and start the timer at the session's step.

@@ -30,13 +30,23 @@ class Coordinator:
     step so the jobs progress even when the step function never awaits, and recovery waits
     for them. When none is, a step costs nothing extra.
 
+    ``request_stop_soon()`` is the signal handler's half of a stop (see ``stop_on_signals``):
+    it only marks the stop as requested, so ``should_stop()`` is True from the next step
+    boundary on, and leaves waking the waiters to a ``request_stop()`` that the handler
+    schedules on the event loop.
+
     ``shared`` holds what the hooks of one session share (their summary writers, one per
     directory); it is emptied when the session closes. The session drives ``attach()`` /
     ``detach()`` around its task group, and ``cancelled_on_stop()`` around its waits.
     """
 
     def __init__(self) -> None:
+        # Two flags, so that a signal handler can set the first without doing the second's
+        # work: ``_stop`` (a stop was requested: all ``should_stop()`` reads, so a step pays
+        # one attribute load for it) and ``_stop_announced`` (``request_stop()`` has set the
+        # stop event and cancelled the waits: what makes it idempotent).
         self._stop = False
+        self._stop_announced = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._stop_event: anyio.Event | None = None
         self._idle_event: anyio.Event | None = None
@@ -61,13 +71,24 @@ class Coordinator:
 
     def request_stop(self) -> None:
         """Ask the session to stop at its next step boundary (idempotent, never blocks)."""
-        if self._stop:
+        if self._stop_announced:
             return
-        self._stop = True
+        self._stop = self._stop_announced = True
         if self._stop_event is not None:
             self._stop_event.set()
         for scope in self._stop_scopes:
             scope.cancel()
+
+    def request_stop_soon(self) -> None:
+        """Mark a stop as requested, and nothing more: safe in a signal handler.
+
+        A Python signal handler runs between two bytecodes of whatever the main thread is
+        doing, a step function or the event loop itself, so it must not touch an event or a
+        cancel scope; it assigns one bool, which ``should_stop()`` reads. The caller must
+        also arrange for ``request_stop()`` to run soon on the event loop's thread (it wakes
+        ``wait_for_stop()`` and cancels the waits of ``cancelled_on_stop()``).
+        """
+        self._stop = True
 
     def should_stop(self) -> bool:
         """Whether a stop was requested."""

@@ -13,6 +13,7 @@ from ._base import DirectorySyncError as DirectorySyncError
 from ._base import Probe as Probe
 from ._base import ReadFile as ReadFile
 from ._base import Storage as Storage
+from ._base import WriteAborted as WriteAborted
 from ._local import LocalStorage as LocalStorage
 from ._local import temp_target as temp_target
 
@@ -27,5 +28,6 @@ __all__ = [
     "Probe",
     "ReadFile",
     "Storage",
+    "WriteAborted",
     "temp_target",
 ]

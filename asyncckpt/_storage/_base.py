@@ -6,9 +6,10 @@ POSIX files); a wrapper (``asyncckpt.testing.FaultyStorage``) forwards to one.
 Two kinds of method:
 
 * plain methods block (a disk, a network) and are called from worker threads only, one
-  thread hop per logical operation (``anyio.to_thread.run_sync(storage.list_names, d)``);
-  the synchronous public API (``latest_checkpoint``, the command line) calls them directly;
-* ``async`` methods stream (a checkpoint's arrays, an event file) and make their own hops.
+  thread hop per logical operation (``anyio.to_thread.run_sync(storage.list_names, d)``; a
+  whole checkpoint write, ``write_atomic``, is one); the synchronous public API
+  (``latest_checkpoint``, the command line) calls them directly;
+* ``async`` methods stream reads and event files and make their own hops.
 
 Every error leaves as the package's own: ``CheckpointWriteError`` (its ``__cause__`` the
 ``OSError``) when writing, ``CheckpointNotFoundError`` for what is not there, and the raw
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     import contextlib
     import mmap
     import os
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Callable, Sequence
 
     import anyio
 
@@ -42,6 +43,7 @@ __all__ = [
     "Probe",
     "ReadFile",
     "Storage",
+    "WriteAborted",
 ]
 
 TEMP_MARKER: Final = ".asyncckpt-tmp-"
@@ -57,6 +59,14 @@ class DirectorySyncError(CheckpointWriteError):
 
     Readers already see the new file, so callers must not discard anything. The checkpoint
     layer turns this into a plain ``CheckpointWriteError`` that says what the directory holds.
+    """
+
+
+class WriteAborted(Exception):
+    """A blocking write stopped because its caller abandoned it (``aborted()`` said True).
+
+    Nothing was put in place; the temporary file is gone. Never reaches users: the
+    checkpoint layer raises the cancellation that caused it.
     """
 
 
@@ -198,23 +208,26 @@ class Storage(abc.ABC):
     # -- checkpoint files ---------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def write_atomic(
+    def write_atomic(
         self,
         final_path: str,
         pieces: Sequence[Buffer],
         *,
-        late_head: Callable[[], Awaitable[bytes]] | None = None,
+        late_head: Callable[[], bytes] | None = None,
         reuse: str | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        aborted: Callable[[], bool] | None = None,
     ) -> None:
-        """Write ``pieces`` to ``final_path`` atomically: a crash or cancellation at any
-        instant leaves the old file or the complete new one, never a partial file there.
+        """Write ``pieces`` to ``final_path`` atomically (blocking: one worker-thread call
+        for the whole write). A crash, an abort or an error at any instant leaves the old
+        file or the complete new one, never a partial file there.
 
         With ``late_head``, the first piece only reserves room that the bytes it returns
         (computed while the rest was written) fill last. With ``reuse``, a spare file from
         ``remove_files(keep_spare=True)`` is overwritten in place when it is still there.
+        ``aborted()`` is asked between bounded batches and before the file is put in place.
 
         Raises:
+            WriteAborted: ``aborted()`` said True; nothing was put in place.
             DirectorySyncError: the file is in place, but its durability is in doubt.
             CheckpointWriteError: an OSError (disk full, permission, I/O error).
         """

@@ -33,10 +33,18 @@ from .._core._errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
 )
-from ._base import LOCK_NAME, MAX_SMALL_FILE, TEMP_MARKER, DirectorySyncError, Probe, Storage
+from ._base import (
+    LOCK_NAME,
+    MAX_SMALL_FILE,
+    TEMP_MARKER,
+    DirectorySyncError,
+    Probe,
+    Storage,
+    WriteAborted,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from .._core._types import Buffer
 
@@ -45,6 +53,11 @@ __all__ = ["LocalAppendFile", "LocalReadFile", "LocalStorage", "PosixDirectoryLo
 _CHUNK_BYTES: Final = 64 * 1024 * 1024
 _IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX"), 1024)
 _WRITE_BUFFER: Final = 1024 * 1024
+
+
+def _check_aborted(aborted: Callable[[], bool] | None) -> None:
+    if aborted is not None and aborted():
+        raise WriteAborted("the writer abandoned this write")
 
 
 def _no_probe(op: str, path: str, /) -> None:
@@ -519,62 +532,55 @@ class LocalStorage(Storage):
                     removed.append(name)
         return removed
 
-    async def write_atomic(
+    def write_atomic(
         self,
         final_path: str,
         pieces: Sequence[Buffer],
         *,
-        late_head: Callable[[], Awaitable[bytes]] | None = None,
+        late_head: Callable[[], bytes] | None = None,
         reuse: str | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        aborted: Callable[[], bool] | None = None,
     ) -> None:
         """Write ``pieces`` to ``final_path`` atomically: a temp file, fsync, rename, dir fsync.
 
+        One blocking call, made from one worker thread: the whole write then needs no turn of
+        the event loop, however rarely the loop gets one (a step function that never awaits).
+
         With ``late_head``, the first piece only reserves room: once every other piece is
-        written, the bytes ``await late_head()`` returns (no longer than that piece) are written
+        written, the bytes ``late_head()`` returns (no longer than that piece) are written
         over its start, so a header can hold checksums computed while the body was written.
 
-        With ``reuse``, a spare file from ``remove_files(keep_spare=True)`` is overwritten in place
-        (and cut to length) instead of a new file being created, when it is still there.
+        With ``reuse``, a spare file from ``remove_files(keep_spare=True)`` is overwritten in
+        place (and cut to length) instead of a new file being created, when it is still there.
 
-        A crash or cancellation at any instant leaves either the old file or the complete new
-        one; the temp file is removed on error or cancellation (or by the next writer's cleanup).
+        ``aborted()`` is asked between bounded batches and before the rename: once it says
+        True, the temp file is removed and ``WriteAborted`` raised. A crash, an abort or an
+        error at any instant leaves either the old file or the complete new one.
 
         Raises:
+            WriteAborted: ``aborted()`` said so; nothing was put in place.
             CheckpointWriteError: an OSError (disk full, permission, I/O error); ``__cause__``.
         """
         try:
-            file, temp_path = await anyio.to_thread.run_sync(
-                self._open_temp_sync, final_path, reuse, limiter=limiter
-            )
+            file, temp_path = self._open_temp_sync(final_path, reuse)
         except OSError as exc:
             raise _write_error(final_path, exc) from exc
         try:
             offset = 0
             for batch in _batches(pieces):
-                # Each batch is bounded; shielding it lets a cancellation land between batches
-                # instead of abandoning a write that a worker thread is still doing. Entering a
-                # shielded scope is no checkpoint, so the cancellation is looked for here.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                with anyio.CancelScope(shield=True):
-                    offset = await anyio.to_thread.run_sync(
-                        self._write_at, file, temp_path, batch, offset, limiter=limiter
-                    )
+                _check_aborted(aborted)
+                offset = self._write_at(file, temp_path, batch, offset)
             if late_head is not None:
-                head = await late_head()
+                head = late_head()
                 if len(head) > len(memoryview(pieces[0])):
                     raise ValueError(
                         "late_head() returned more bytes than the first piece reserves"
                     )
-                await anyio.to_thread.run_sync(
-                    self._write_at, file, temp_path, [memoryview(head)], 0, limiter=limiter
-                )
-            await anyio.to_thread.run_sync(
-                self._commit_sync, file, temp_path, final_path, offset, limiter=limiter
-            )
+                self._write_at(file, temp_path, [memoryview(head)], 0)
+            _check_aborted(aborted)
+            self._commit_sync(file, temp_path, final_path, offset)
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_discard_sync, file, temp_path, limiter=limiter)
+            _discard_sync(file, temp_path)
             if isinstance(exc, OSError):
                 raise _write_error(final_path, exc) from exc
             raise

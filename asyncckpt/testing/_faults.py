@@ -21,7 +21,7 @@ from .._storage import LOCK_NAME, LocalStorage, Probe, Storage
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Callable, Sequence
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
@@ -405,18 +405,18 @@ class FaultyStorage(Storage):
         """See ``Storage.lock``."""
         return self._inner.lock(directory, name)
 
-    async def write_atomic(
+    def write_atomic(
         self,
         final_path: str,
         pieces: Sequence[Buffer],
         *,
-        late_head: Callable[[], Awaitable[bytes]] | None = None,
+        late_head: Callable[[], bytes] | None = None,
         reuse: str | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        aborted: Callable[[], bool] | None = None,
     ) -> None:
         """See ``Storage.write_atomic``."""
-        await self._inner.write_atomic(
-            final_path, pieces, late_head=late_head, reuse=reuse, limiter=limiter
+        self._inner.write_atomic(
+            final_path, pieces, late_head=late_head, reuse=reuse, aborted=aborted
         )
 
     def open_for_read(
