@@ -238,8 +238,16 @@ class CheckpointDirectory:
         """
         abandoned = threading.Event()
         finished = threading.Event()
+        # Whether the thread began: a cancellation can land before it does (anyio checks
+        # before it hands the call to a thread), and then there is nothing to wait for.
+        began = threading.Lock()
+        started: list[bool] = []
 
         def save() -> int:
+            with began:
+                if abandoned.is_set():
+                    raise WriteAborted("the writer abandoned this save before it began")
+                started.append(True)
             try:
                 return self._commit_sync(snapshot, path, step, metadata, abandoned.is_set)
             finally:
@@ -248,12 +256,15 @@ class CheckpointDirectory:
         try:
             return await anyio.to_thread.run_sync(save, limiter=limiter, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
-            abandoned.set()
-            timeout = None if math.isinf(abandon_after) else abandon_after
-            with anyio.CancelScope(shield=True):
-                stopped = await anyio.to_thread.run_sync(
-                    finished.wait, timeout, abandon_on_cancel=True
-                )
+            with began:
+                abandoned.set()
+            stopped = not started
+            if started:
+                timeout = None if math.isinf(abandon_after) else abandon_after
+                with anyio.CancelScope(shield=True):
+                    stopped = await anyio.to_thread.run_sync(
+                        finished.wait, timeout, abandon_on_cancel=True
+                    )
             if not stopped:
                 logger.warning(
                     "checkpoint %s abandoned: its write was still stuck %.1f s after it was "

@@ -22,7 +22,7 @@ import os
 import secrets
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import aiofiles.threadpool
 import anyio
@@ -53,6 +53,33 @@ __all__ = ["LocalAppendFile", "LocalReadFile", "LocalStorage", "PosixDirectoryLo
 _CHUNK_BYTES: Final = 64 * 1024 * 1024
 _IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX"), 1024)
 _WRITE_BUFFER: Final = 1024 * 1024
+
+
+def _open_regular(path: str, *, buffering: int) -> tuple[BinaryIO, int]:
+    """Open a regular file for reading, never through a symlink; return it and its size.
+
+    Raises:
+        FileNotFoundError: there is nothing at ``path``.
+        CheckpointNotFoundError: it is a symlink, a directory or another non-file.
+        OSError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
+        raise
+    try:
+        # Checked before wrapping: open() on a directory's descriptor raises a bare
+        # IsADirectoryError (and would leak the descriptor).
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointNotFoundError(path, "not a regular file")
+        file = open(fd, "rb", buffering=buffering)  # noqa: SIM115 - the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
+    return file, info.st_size
 
 
 def _check_aborted(aborted: Callable[[], bool] | None) -> None:
@@ -421,28 +448,16 @@ class LocalStorage(Storage):
         """
         self._probe("read", path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            file, size = _open_regular(path, buffering=-1)
+        except CheckpointNotFoundError:
+            raise  # a FileNotFoundError too, but there is something there
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
-            raise
-        try:
-            # Checked before wrapping: open() on a directory's descriptor raises a bare
-            # IsADirectoryError (and would leak the descriptor).
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise CheckpointNotFoundError(path, "not a regular file")
-            file = open(fd, "rb")  # noqa: SIM115 - closed just below
-        except BaseException:
-            os.close(fd)
-            raise
         with file:
             # Sized by the file, not the limit: read(n) allocates n bytes up front, and every
             # latest_checkpoint() would otherwise allocate 16 MiB for a file of a few hundred.
-            data = file.read(min(info.st_size, MAX_SMALL_FILE) + 1)
-            if len(data) > info.st_size:  # it grew while being read: read on, still bounded
+            data = file.read(min(size, MAX_SMALL_FILE) + 1)
+            if len(data) > size:  # it grew while being read: read on, still bounded
                 data += file.read(MAX_SMALL_FILE + 1 - len(data))
             return data
 
@@ -597,27 +612,15 @@ class LocalStorage(Storage):
             views = _skip(views, written)  # a short write (signal, quota): go on with the rest
         return offset
 
-    def _open_read_sync(self, path: str) -> tuple[io.BufferedReader, int]:
+    def _open_read_sync(self, path: str) -> tuple[BinaryIO, int]:
         self._probe("open", path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            raw, size = _open_regular(path, buffering=0)
+        except CheckpointNotFoundError:
+            raise  # a FileNotFoundError too, with a better reason
         except FileNotFoundError:
             raise CheckpointNotFoundError(path, "no such checkpoint") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
-            raise
-        try:
-            # Checked before wrapping: open() on a directory's descriptor raises a bare
-            # IsADirectoryError (and would leak the descriptor).
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise CheckpointNotFoundError(path, "not a regular file")
-            file = open(fd, "rb", buffering=0)  # noqa: SIM115 - closed by open_for_read
-        except BaseException:
-            os.close(fd)
-            raise
-        return file, info.st_size  # type: ignore[return-value]
+        return raw, size
 
     @contextlib.asynccontextmanager
     async def open_for_read(
