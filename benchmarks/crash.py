@@ -37,10 +37,9 @@ from typing import Any
 import anyio
 import numpy as np
 
-from asyncckpt._storage import LocalStorage
 from asyncckpt import CheckpointManager, cli, latest_checkpoint
 from asyncckpt._checkpoint import read_header_sync
-from asyncckpt._storage import TEMP_MARKER
+from asyncckpt._storage import TEMP_MARKER, LocalStorage
 
 __all__ = ["CHILD", "CrashSummary", "KillReport", "check_directory", "main", "run_crashes"]
 

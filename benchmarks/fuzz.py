@@ -51,9 +51,9 @@ import msgpack
 import numpy as np
 
 from asyncckpt import CheckpointError, Saver, get_checkpoint_state, latest_checkpoint
-from asyncckpt._core._crc32c import crc32c
 from asyncckpt._checkpoint._format import ALIGNMENT, MAGIC, PRELUDE_SIZE
 from asyncckpt._checkpoint._state_file import CheckpointState, format_state
+from asyncckpt._core._crc32c import crc32c
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

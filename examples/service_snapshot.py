@@ -40,13 +40,21 @@ async def handle_request(state: dict[str, Any], rng: np.random.Generator) -> Non
     await asyncio.sleep(0)  # a real service awaits its clients here
 
 
-async def serve(directory: str, requests: int, every: int) -> dict[str, Any]:
+async def serve(
+    directory: str, requests: int, every: int, **manager_options: Any
+) -> dict[str, Any]:
+    """Serve ``requests`` requests, snapshotting every ``every``; return the final state.
+
+    ``manager_options`` go to the CheckpointManager (a test passes ``storage=``).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     state = fresh_state()
-    async with asyncckpt.CheckpointManager(directory, max_to_keep=3, policy="skip") as manager:
+    async with asyncckpt.CheckpointManager(
+        directory, max_to_keep=3, policy="skip", **manager_options
+    ) as manager:
         if manager.latest_step() is not None:
             state = await manager.restore(into=state)
             print(f"restored {state['requests']} requests from step {manager.latest_step()}")

@@ -2,6 +2,7 @@
 
 Hypothesis runs are reproducible: derandomized, without an example database or a deadline
 (the ``asyncckpt`` profile, loaded here); each test sets only its size and health checks.
+``storage`` is a ``FaultyStorage`` over local files for the test to pass as ``storage=``.
 Also the service example as a module, for the tests that drive it in-process.
 """
 
@@ -14,7 +15,10 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import settings
 
+from asyncckpt.testing import FaultyStorage
+
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from types import ModuleType
 
 _EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -31,6 +35,17 @@ if importlib.util.find_spec("trio") is not None:
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run anyio-marked tests once per backend (not the plugin's default)."""
     return str(request.param)
+
+
+@pytest.fixture
+def storage() -> Iterator[FaultyStorage]:
+    """A ``FaultyStorage`` over local files, its block open for the whole test.
+
+    Faults reach only what is given it (``storage=storage``). The block ends at teardown: every
+    stall is released, and one that was never released fails the test.
+    """
+    with FaultyStorage() as faults:
+        yield faults
 
 
 @pytest.fixture

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import os
 import re
 from typing import TYPE_CHECKING, Any, Final
 
+import anyio
+import anyio.lowlevel
 import numpy as np
 
+from asyncckpt import Saver
+from asyncckpt.cli import main as cli_main
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from asyncckpt.testing import FaultyStorage
+
+# Part of every temporary file's name, ``.<final name>.asyncckpt-tmp-<random>`` (spelled out
+# here, not imported: it is what a directory holds on disk).
+TEMP_MARKER: Final = ".asyncckpt-tmp-"
 
 # The storage calls of a save into a directory holding one older checkpoint, with
 # max_to_keep=1: the checkpoint file (open, write the arrays, write the header that holds
@@ -33,6 +46,54 @@ def written_steps(storage: FaultyStorage) -> list[int]:
         for op, path in storage.calls
         if op == "rename" and (match := CKPT_FILE.search(path))
     ]
+
+
+def stepped_state(step: int, version: int = 0) -> dict[str, Any]:
+    """A small state tree whose every value says which step (and version of it) it is."""
+    return {
+        "w": np.arange(5, dtype=np.float32) + step + version / 10,
+        "step": step,
+        "version": version,
+    }
+
+
+async def assert_restores(path: str, step: int, version: int = 0) -> None:
+    """The checkpoint at ``path`` restores to ``stepped_state(step, version)``."""
+    tree = await Saver().restore(path)
+    expected = stepped_state(step, version)
+    np.testing.assert_array_equal(tree["w"], expected["w"])
+    assert (tree["step"], tree["version"]) == (step, version)
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    """Whether anything, even a dangling symlink, is at ``path``."""
+    return os.path.lexists(path)
+
+
+def temp_files(directory: str | os.PathLike[str]) -> list[str]:
+    """The names of the temporary files in ``directory`` (a write in progress or abandoned)."""
+    return [name for name in os.listdir(directory) if TEMP_MARKER in name]
+
+
+def verify_exit(directory: Path) -> int:
+    """Exit status of ``asyncckpt verify DIR`` (its report discarded)."""
+    return cli_main(["verify", str(directory)], out=io.StringIO())
+
+
+def task_ids() -> set[int]:
+    """The ids of the tasks running now (to check that none is left behind)."""
+    return {task.id for task in anyio.get_running_tasks()}
+
+
+async def all_tasks_blocked() -> None:
+    """``anyio.wait_all_tasks_blocked()``, without its 0.1 s polls on asyncio.
+
+    On asyncio anyio sleeps 0.1 s whenever another task can still run, as a task spawned a
+    moment ago can; a few checkpoints first let such tasks reach what they wait for.
+    """
+    for _ in range(3):
+        await anyio.lowlevel.checkpoint()
+    await anyio.wait_all_tasks_blocked()
 
 
 def make_state() -> dict[str, Any]:

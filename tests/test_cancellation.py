@@ -6,15 +6,14 @@ running, and that the directory is as good as before: the latest checkpoint rest
 ``asyncckpt verify`` passes, and no temporary file is left once the directory is opened again.
 
 Restores are cut at each of their awaits (the open, each positional read, the checksum pass)
-by wrapping ``_storage``'s read layer; writes are held with ``FaultyStorage.stall()``, so
-exactly the chosen storage call is in progress when the cancellation arrives. Nothing sleeps.
+by a storage whose streaming reads count their awaits (``CancelAtPoint``); writes are held
+with ``FaultyStorage.stall()``, so exactly the chosen storage call is in progress when the
+cancellation arrives. Nothing sleeps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
-from support import SAVE_OPS, STATE_FILE_FIRST_CALL
+from support import SAVE_OPS, STATE_FILE_FIRST_CALL, task_ids, temp_files, verify_exit
 
 from asyncckpt import (
     CheckpointManager,
@@ -35,42 +34,26 @@ from asyncckpt import (
     summary,
 )
 from asyncckpt._checkpoint import _file
-from asyncckpt._storage import _local as _storage
 from asyncckpt._summary._proto import encode_event
 from asyncckpt._summary._records import iter_records
-from asyncckpt.cli import main as cli_main
-from asyncckpt.testing import FakeClock, FaultyStorage, StorageStall
+from asyncckpt.testing import FakeClock, FaultyStorage
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable
 
     from anyio.abc import TaskStatus
+
+    from asyncckpt._storage import ReadFile
+    from asyncckpt.testing import StorageStall
 
 pytestmark = pytest.mark.anyio
 
 WALL = 1_795_210_956.5
 
 
-@pytest.fixture
-def storage() -> Iterator[FaultyStorage]:
-    with FaultyStorage() as faults:
-        yield faults
-
-
-def task_ids() -> set[int]:
-    return {task.id for task in anyio.get_running_tasks()}
-
-
-def temp_files(directory: Path) -> list[str]:
-    return [name for name in os.listdir(directory) if "asyncckpt-tmp" in name]
-
-
-def verify_exit(directory: Path) -> int:
-    return cli_main(["verify", str(directory)], out=io.StringIO())
-
-
-def make_state(step: int) -> dict[str, Any]:
-    # Read by two threads: "big" by one, "small" and "tail" by the other.
+def two_reader_state(step: int) -> dict[str, Any]:
+    """A state that a restore on two threads splits: "big" for one, "small" and "tail" for
+    the other."""
     return {
         "big": np.full(70_000, step, np.float32),
         "small": np.arange(10, dtype=np.int64) * step,
@@ -79,8 +62,8 @@ def make_state(step: int) -> dict[str, Any]:
     }
 
 
-def assert_state(tree: Any, step: int) -> None:
-    expected = make_state(step)
+def assert_two_reader_state(tree: Any, step: int) -> None:
+    expected = two_reader_state(step)
     assert tree.keys() == expected.keys()
     for key in ("big", "small", "tail"):
         np.testing.assert_array_equal(tree[key], expected[key])
@@ -98,7 +81,7 @@ async def restore_latest(directory: Path) -> tuple[int | None, Any]:
 async def directory_is_sound(directory: Path, step: int) -> None:
     latest, tree = await restore_latest(directory)
     assert latest == step
-    assert_state(tree, step)
+    assert_two_reader_state(tree, step)
     assert temp_files(directory) == []
     assert verify_exit(directory) == 0
 
@@ -106,10 +89,40 @@ async def directory_is_sound(directory: Path, step: int) -> None:
 # -- restore ------------------------------------------------------------------------------------
 
 
-class CancelAtPoint:
-    """Wrap the streaming reader's awaits; cancel ``scope`` just before the k-th one runs."""
+class CountedReadFile:
+    """An open checkpoint whose awaits (positional reads, blocking work) first call ``point``."""
+
+    def __init__(self, file: ReadFile, point: Callable[[str], None]) -> None:
+        self._file = file
+        self._point = point
+
+    @property
+    def path(self) -> str:
+        return self._file.path
+
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
+        return self._file.read_into_sync(offset, views)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        self._point("read")
+        return await self._file.read(offset, size)
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._point("arrays")
+        return await self._file.run_sync(fn, *args)
+
+
+class CancelAtPoint(FaultyStorage):
+    """Local files whose streaming reads count their awaits in ``points`` (the open, each
+    positional read, each thread's pass over its arrays); ``scope`` is cancelled just before
+    the k-th one runs."""
 
     def __init__(self, k: int | None) -> None:
+        super().__init__()
         self.k = k
         self.points: list[str] = []
         self.scope = anyio.CancelScope()
@@ -119,33 +132,21 @@ class CancelAtPoint:
             self.scope.cancel()
         self.points.append(name)
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        open_for_read = _storage.open_for_read
-        read, run_sync = _storage.ReadFile.read, _storage.ReadFile.run_sync
-
-        @contextlib.asynccontextmanager
-        async def counted_open(
-            path: str, *, limiter: anyio.CapacityLimiter | None = None
-        ) -> AsyncIterator[_storage.ReadFile]:
-            self.point("open")
-            async with open_for_read(path, limiter=limiter) as file:
-                yield file
-
-        async def counted_read(file: _storage.ReadFile, offset: int, size: int) -> bytes:
-            self.point("read")
-            return await read(file, offset, size)
-
-        async def counted_run_sync(file: _storage.ReadFile, fn: Any, *args: Any) -> Any:
-            self.point("arrays")
-            return await run_sync(file, fn, *args)
-
-        monkeypatch.setattr(_storage, "open_for_read", counted_open)
-        monkeypatch.setattr(_storage.ReadFile, "read", counted_read)
-        monkeypatch.setattr(_storage.ReadFile, "run_sync", counted_run_sync)
-        monkeypatch.setattr(_file, "_read_threads", lambda: 2)  # whatever this machine has
+    @contextlib.asynccontextmanager
+    async def open_for_read(
+        self, path: str, *, limiter: anyio.CapacityLimiter | None = None
+    ) -> AsyncIterator[ReadFile]:
+        self.point("open")
+        async with super().open_for_read(path, limiter=limiter) as file:
+            yield CountedReadFile(file, self.point)
 
 
-# The awaits of a streaming restore of make_state(): open, prelude, header, then each thread's
+def read_on_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restores read on two threads, whatever this machine has (the points depend on it)."""
+    monkeypatch.setattr(_file, "_read_threads", lambda: 2)
+
+
+# The awaits of a streaming restore of two_reader_state(): open, prelude, header, then each thread's
 # read (and check) of its arrays.
 _RESTORE_POINTS = ["open", "read", "read", "arrays", "arrays"]
 
@@ -153,7 +154,7 @@ _RESTORE_POINTS = ["open", "read", "read", "arrays", "arrays"]
 async def _saved(directory: Path, steps: tuple[int, ...] = (1,)) -> None:
     async with CheckpointManager(directory) as manager:
         for step in steps:
-            await manager.save(make_state(step), step)
+            await manager.save(two_reader_state(step), step)
 
 
 async def test_a_restore_awaits_at_the_points_listed(
@@ -161,8 +162,8 @@ async def test_a_restore_awaits_at_the_points_listed(
 ) -> None:
     await _saved(tmp_path)
     points = CancelAtPoint(None)
-    points.install(monkeypatch)
-    assert_state(await Saver().restore(tmp_path / "model.ckpt-1"), 1)
+    read_on_two_threads(monkeypatch)
+    assert_two_reader_state(await Saver(storage=points).restore(tmp_path / "model.ckpt-1"), 1)
     assert points.points == _RESTORE_POINTS
 
 
@@ -177,20 +178,20 @@ async def test_cancel_at_each_await_of_a_restore(
     await _saved(tmp_path, (1, 2))
     points = CancelAtPoint(k)
     progress: list[str] = []
-    target = make_state(0) if into else None
+    target = two_reader_state(0) if into else None
     before = task_ids()
 
     async def owner() -> None:
         with points.scope:
             if via == "saver":
-                await Saver().restore(tmp_path / "model.ckpt-2", target)
+                await Saver(storage=points).restore(tmp_path / "model.ckpt-2", target)
             else:
-                async with CheckpointManager(tmp_path) as manager:
+                async with CheckpointManager(tmp_path, storage=points) as manager:
                     await manager.restore(into=target)
             progress.append("restored")  # must not run: the cancellation propagates
         progress.append("exited")
 
-    points.install(monkeypatch)
+    read_on_two_threads(monkeypatch)
     with anyio.fail_after(5):
         await owner()
     monkeypatch.undo()
@@ -217,9 +218,9 @@ async def test_cancel_a_mapped_restore_while_the_file_is_opened(
             stall = storage.stall("open", match="model.ckpt-2")
             task_status.started(stall)
             if via == "saver":
-                await Saver().restore(tmp_path / "model.ckpt-2", mmap=True)
+                await Saver(storage=storage).restore(tmp_path / "model.ckpt-2", mmap=True)
             else:
-                async with CheckpointManager(tmp_path) as manager:
+                async with CheckpointManager(tmp_path, storage=storage) as manager:
                     await manager.restore(mmap=True)
             await anyio.lowlevel.checkpoint()
             progress.append("after")  # must not run
@@ -264,7 +265,7 @@ _SUMMARY_CALLS_BEFORE_CLOSE = 3
 async def test_a_summary_writer_makes_these_storage_calls(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    async with SummaryWriter(tmp_path, clock=FakeClock(WALL)) as w:
+    async with SummaryWriter(tmp_path, clock=FakeClock(WALL), storage=storage) as w:
         await w.add_scalar("loss", 0.0, 0)
         await w.add_scalar("loss", 1.0, 1)
         await w.flush()
@@ -288,7 +289,7 @@ async def test_cancel_a_summary_writers_owner_at_each_storage_call(
 
     async def owner() -> None:
         with scope:
-            w = SummaryWriter(tmp_path, clock=FakeClock(WALL))
+            w = SummaryWriter(tmp_path, clock=FakeClock(WALL), storage=storage)
             paths.append(w.path)
             async with w:
                 for step in (0, 1):
@@ -356,7 +357,7 @@ async def test_cancel_during_the_final_save_of_a_closing_session(
     async def owner(*, task_status: TaskStatus[StorageStall]) -> None:
         with scope:
             async with MonitoredTrainingSession(
-                make_state(0),
+                two_reader_state(0),
                 step_fn,
                 checkpoint_dir=tmp_path,
                 save_checkpoint_steps=1000,  # only the first save and the final one
@@ -364,6 +365,7 @@ async def test_cancel_during_the_final_save_of_a_closing_session(
                 log_step_count_steps=None,
                 scaffold=Scaffold(saver=Saver(max_to_keep=1)),
                 stop_grace_period_secs=grace,
+                storage=storage,
             ) as sess:
                 for _ in range(_FINAL_STEP):
                     await sess.run()

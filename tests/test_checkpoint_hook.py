@@ -34,7 +34,7 @@ from asyncckpt import (
     get_checkpoint_state,
     latest_checkpoint,
 )
-from asyncckpt.testing import FakeClock, FaultyStorage, RecordingHook, RecordingListener
+from asyncckpt.testing import FakeClock, RecordingHook, RecordingListener
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from asyncckpt import CheckpointManager, SaveOutcome
     from asyncckpt._hooks._base import CoordinatorLike, SessionLike
+    from asyncckpt.testing import FaultyStorage
 
 pytestmark = pytest.mark.anyio
 
@@ -440,10 +441,10 @@ async def test_before_save_sees_the_state_that_is_saved(tmp_path: Path) -> None:
 
 
 async def test_a_failed_background_write_is_raised_at_the_next_step_boundary(
-    tmp_path: Path,
+    tmp_path: Path, storage: FaultyStorage
 ) -> None:
     listener = RecordingListener()
-    hook = CheckpointSaverHook(tmp_path, save_steps=2, listeners=[listener])
+    hook = CheckpointSaverHook(tmp_path, save_steps=2, listeners=[listener], storage=storage)
     recorder = RecordingHook()
     settled = anyio.Event()
 
@@ -465,10 +466,9 @@ async def test_a_failed_background_write_is_raised_at_the_next_step_boundary(
             finally:
                 assert sess.global_step == 3  # raised by the run() of step 3
 
-    with FaultyStorage() as faults:
-        faults.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
-        with pytest.raises(CheckpointWriteError) as caught:
-            await train()
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+    with pytest.raises(CheckpointWriteError) as caught:
+        await train()
     assert isinstance(caught.value.__cause__, OSError)
     assert caught.value.__cause__.errno == errno.ENOSPC
     # The error ended the session: no end() for hooks or listeners, no after_save(2).
@@ -483,20 +483,21 @@ async def test_a_failed_background_write_is_raised_at_the_next_step_boundary(
 
 
 async def test_on_write_error_log_keeps_training_and_retries(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, storage: FaultyStorage, caplog: pytest.LogCaptureFixture
 ) -> None:
     listener = RecordingListener()
-    hook = CheckpointSaverHook(tmp_path, save_steps=2, listeners=[listener], on_write_error="log")
+    hook = CheckpointSaverHook(
+        tmp_path, save_steps=2, listeners=[listener], on_write_error="log", storage=storage
+    )
     recorder = RecordingHook()
 
     async def step(state: dict[str, Any]) -> dict[str, float]:
         await anyio.lowlevel.checkpoint()  # lets the writer finish between steps
         return step_fn(state)
 
-    with FaultyStorage() as faults:
-        faults.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
-        async with session(tmp_path, [hook, recorder], step) as sess:
-            await run_steps(sess, 5)
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+    async with session(tmp_path, [hook, recorder], step) as sess:
+        await run_steps(sess, 5)
     # The failed save was logged, training went on, and later saves and end() happened.
     assert [r.levelname for r in caplog.records if "model.ckpt-2" in r.getMessage()] == ["ERROR"]
     assert steps_of(recorder.calls, "end") == [5]
@@ -512,18 +513,17 @@ def test_on_write_error_is_validated(tmp_path: Path) -> None:
         CheckpointSaverHook(tmp_path, save_steps=1, on_write_error="ignore")  # type: ignore[arg-type]
 
 
-async def test_a_failed_final_save_fails_the_exit(tmp_path: Path) -> None:
+async def test_a_failed_final_save_fails_the_exit(tmp_path: Path, storage: FaultyStorage) -> None:
     listener = RecordingListener()
-    hook = CheckpointSaverHook(tmp_path, save_steps=100, listeners=[listener])
+    hook = CheckpointSaverHook(tmp_path, save_steps=100, listeners=[listener], storage=storage)
 
     async def train() -> None:
         async with session(tmp_path, [hook]) as sess:
             await run_steps(sess, 3)
 
-    with FaultyStorage() as faults:
-        faults.fail("write", errno.EIO, match="model.ckpt-3")
-        with pytest.raises(CheckpointWriteError, match=r"model\.ckpt-3"):
-            await train()
+    storage.fail("write", errno.EIO, match="model.ckpt-3")
+    with pytest.raises(CheckpointWriteError, match=r"model\.ckpt-3"):
+        await train()
     assert steps_of(listener.calls, "after_save") == [0]
     assert steps_of(listener.calls, "end") == []
     assert latest_checkpoint(tmp_path) == ckpt(tmp_path, 0)
@@ -609,22 +609,25 @@ async def test_retention_comes_from_the_saver(tmp_path: Path, via: str) -> None:
     assert state.paths() == [ckpt(tmp_path, 4), ckpt(tmp_path, 5)]
 
 
-async def test_skip_policy_never_drops_the_final_save(tmp_path: Path) -> None:
+async def test_skip_policy_never_drops_the_final_save(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
     listener = RecordingListener()
-    hook = CheckpointSaverHook(tmp_path, save_steps=1, listeners=[listener], policy="skip")
-    with FaultyStorage() as faults:
-        stall = faults.stall("fsync", match="model.ckpt-0")
+    hook = CheckpointSaverHook(
+        tmp_path, save_steps=1, listeners=[listener], policy="skip", storage=storage
+    )
+    stall = storage.stall("fsync", match="model.ckpt-0")
 
-        async def release_when_blocked() -> None:
-            await anyio.wait_all_tasks_blocked()
-            stall.release()
+    async def release_when_blocked() -> None:
+        await anyio.wait_all_tasks_blocked()
+        stall.release()
 
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg, session(tmp_path, [hook]) as sess:
-                await stall.wait_reached()  # 0 is being written
-                await run_steps(sess, 2)  # 1 waits in the queue, 2 is skipped
-                assert manager_of(hook).statistics().skipped == 1
-                tg.start_soon(release_when_blocked)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg, session(tmp_path, [hook]) as sess:
+            await stall.wait_reached()  # 0 is being written
+            await run_steps(sess, 2)  # 1 waits in the queue, 2 is skipped
+            assert manager_of(hook).statistics().skipped == 1
+            tg.start_soon(release_when_blocked)
     # A skipped trigger saw before_save only; end() saved step 2 all the same.
     assert steps_of(listener.calls, "before_save") == [0, 1, 2, 2]
     assert steps_of(listener.calls, "after_save") == [0, 1, 2]

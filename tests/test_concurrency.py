@@ -14,36 +14,25 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
 import pytest
-from support import written_steps
+from support import stepped_state, written_steps
 
 from asyncckpt import CheckpointLockedError, CheckpointManager, SaveOutcome, latest_checkpoint
-from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     from asyncckpt._checkpoint._manager import Policy
+    from asyncckpt.testing import FaultyStorage
 
 pytestmark = pytest.mark.anyio
 
 _SAVERS = 20
 _MAX_PENDING = 2
-
-
-@pytest.fixture
-def storage() -> Iterator[FaultyStorage]:
-    with FaultyStorage() as faults:
-        yield faults
-
-
-def make_state(step: int) -> dict[str, Any]:
-    return {"w": np.full(16, step, np.float32), "step": step}
 
 
 @pytest.mark.parametrize("policy", ["block", "skip", "replace"])
@@ -55,14 +44,14 @@ async def test_concurrent_saves_are_each_written_skipped_or_replaced(
     outcomes: list[SaveOutcome] = []
 
     async def save(manager: CheckpointManager, step: int) -> None:
-        returned[step] = await manager.save(make_state(step), step)
+        returned[step] = await manager.save(stepped_state(step), step)
 
     async with CheckpointManager(
-        tmp_path, max_to_keep=None, max_pending=_MAX_PENDING, policy=policy
+        tmp_path, max_to_keep=None, max_pending=_MAX_PENDING, policy=policy, storage=storage
     ) as manager:
         manager.add_done_callback(outcomes.append)
         with anyio.fail_after(5):
-            await manager.save(make_state(0), 0)
+            await manager.save(stepped_state(0), 0)
             await stall.wait_reached()  # the writer is held: the queue fills up
             async with anyio.create_task_group() as tg:
                 for step in range(1, _SAVERS + 1):
@@ -113,7 +102,7 @@ async def test_concurrent_saves_are_each_written_skipped_or_replaced(
         async with CheckpointManager(tmp_path, max_to_keep=None) as reader:
             tree = await reader.restore(step)
         assert tree["step"] == step
-        np.testing.assert_array_equal(tree["w"], make_state(step)["w"])
+        np.testing.assert_array_equal(tree["w"], stepped_state(step)["w"])
 
 
 _HOLD_MANAGER = textwrap.dedent(

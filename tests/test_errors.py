@@ -12,8 +12,8 @@ import pickle
 import re
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pytest
+from support import stepped_state
 
 import asyncckpt
 from asyncckpt import (
@@ -30,10 +30,11 @@ from asyncckpt import (
     Saver,
 )
 from asyncckpt._core import _errors
-from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from asyncckpt.testing import FaultyStorage
 
 # One example of every exception class asyncckpt exports, with the attributes it must keep.
 EXAMPLES: list[tuple[BaseException, dict[str, Any]]] = [
@@ -188,29 +189,27 @@ def test_str_names_the_path_and_detail() -> None:
     assert str(NanLossDuringTrainingError()) == "NaN loss during training."
 
 
-def _state(step: int) -> dict[str, Any]:
-    return {"w": np.full(8, step, dtype=np.float32), "step": step}
-
-
 @pytest.mark.anyio
-async def test_errors_raised_by_real_operations_pickle_with_their_advice(tmp_path: Path) -> None:
+async def test_errors_raised_by_real_operations_pickle_with_their_advice(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
     """Errors as the library raises them keep their message (and its advice) across pickle."""
     directory = tmp_path / "run"
     prefix = str(directory / "model.ckpt")
-    saver = Saver()
-    await saver.save(_state(1), prefix, global_step=1)
+    saver = Saver(storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
     raised: list[CheckpointError] = []
 
-    with FaultyStorage() as faults:
-        faults.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
-        with pytest.raises(CheckpointWriteError) as write_error:
-            await saver.save(_state(2), prefix, global_step=2)
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
+    with pytest.raises(CheckpointWriteError) as write_error:
+        await saver.save(stepped_state(2), prefix, global_step=2)
+    storage.clear()
     raised.append(write_error.value)
     assert "the previous checkpoint is still the latest" in str(write_error.value)
 
     async with CheckpointManager(directory):
         with pytest.raises(CheckpointLockedError) as locked:
-            await saver.save(_state(2), prefix, global_step=2)
+            await saver.save(stepped_state(2), prefix, global_step=2)
     raised.append(locked.value)
     assert f"pid {os.getpid()}" in str(locked.value)
     assert "stop it or use another directory" in str(locked.value)

@@ -87,7 +87,7 @@ async def test_service_last_snapshot_is_never_skipped(
     result: dict[str, Any] = {}
 
     async def serve() -> None:
-        result["state"] = await service_example.serve(str(tmp_path), 30, 10)
+        result["state"] = await service_example.serve(str(tmp_path), 30, 10, storage=faults)
 
     with FaultyStorage() as faults:
         stall = faults.stall("fsync", match="model.ckpt-10")

@@ -28,14 +28,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from asyncckpt._storage import LocalStorage
 from asyncckpt import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointFormatError,
     Saver,
 )
-from asyncckpt._core._crc32c import crc32c
+from asyncckpt._checkpoint import verify_file
 from asyncckpt._checkpoint._format import (
     ALIGNMENT,
     FORMAT_VERSION,
@@ -46,7 +45,8 @@ from asyncckpt._checkpoint._format import (
     check_metadata,
     encode_header,
 )
-from asyncckpt._checkpoint import verify_file
+from asyncckpt._core._crc32c import crc32c
+from asyncckpt._storage import LocalStorage
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -124,9 +124,11 @@ async def train(
     input_steps: int | None = None,
     order: Order = "model-first",
     iterator: ResumableIterator[list[int]] | None = None,
+    storage: FaultyStorage | None = None,
 ) -> RunLog:
     """Run one session over ``directory``: the model saves every ``model_steps`` steps and
-    the input follows it (or saves every ``input_steps`` steps on its own)."""
+    the input follows it (or saves every ``input_steps`` steps on its own); every hook and
+    the session creator use ``storage``."""
     items = make_iterator() if iterator is None else iterator
     preempted = False
     log: Consumed = []
@@ -143,15 +145,19 @@ async def train(
         log.append((step, batch))
         state["step"] = step
 
-    input_hook = CheckpointInputPipelineHook(items, directory, save_steps=input_steps)
+    input_hook = CheckpointInputPipelineHook(
+        items, directory, save_steps=input_steps, storage=storage
+    )
     listeners = [] if input_steps is not None else [input_hook.saver_listener()]
-    model_hook = CheckpointSaverHook(directory, save_steps=model_steps, listeners=listeners)
+    model_hook = CheckpointSaverHook(
+        directory, save_steps=model_steps, listeners=listeners, storage=storage
+    )
     hooks: list[SessionRunHook] = (
         [model_hook, input_hook] if order == "model-first" else [input_hook, model_hook]
     )
     if last_step is not None:
         hooks.append(StopAtStepHook(last_step=last_step))
-    creator = ChiefSessionCreator({"step": 0}, step_fn, checkpoint_dir=directory)
+    creator = ChiefSessionCreator({"step": 0}, step_fn, checkpoint_dir=directory, storage=storage)
     run = RunLog(0)
     run.consumed = log
     with anyio.fail_after(5):
@@ -267,7 +273,7 @@ async def test_a_failed_input_write_keeps_the_model_from_saving_that_step(tmp_pa
     with FaultyStorage() as faults:
         faults.fail("rename", errno.ENOSPC, match="input.ckpt-6")
         with pytest.raises(CheckpointWriteError, match=r"input\.ckpt-6"):
-            await train(tmp_path, last_step=9)
+            await train(tmp_path, last_step=9, storage=faults)
     assert (model_step(tmp_path), input_steps(tmp_path)) == (3, [0, 3])
     first = RunLog(0, [(step, items) for step, items in enumerate(data_order(5), 1)])
     second = await train(tmp_path, last_step=10)
@@ -283,7 +289,7 @@ async def test_a_lost_model_write_resumes_from_the_input_of_the_models_step(
         # The failure surfaces a step or more after the save (the write runs in the
         # background), or as a note on the crash at step 8: either way model 6 is lost.
         with contextlib.suppress(CheckpointWriteError):
-            await train(tmp_path, crash_at=8)
+            await train(tmp_path, crash_at=8, storage=faults)
     assert (model_step(tmp_path), input_steps(tmp_path)) == (3, [0, 3, 6])
     second = await train(tmp_path, last_step=10)
     assert second.start == 3

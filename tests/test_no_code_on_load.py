@@ -28,8 +28,8 @@ import pytest
 
 import asyncckpt
 from asyncckpt import CheckpointFormatError, Saver, get_checkpoint_state, latest_checkpoint
-from asyncckpt._core._crc32c import crc32c
 from asyncckpt._checkpoint._format import ALIGNMENT, MAGIC, PRELUDE_SIZE, decode_header
+from asyncckpt._core._crc32c import crc32c
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

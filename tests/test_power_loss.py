@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from asyncckpt._storage import LocalStorage
 from asyncckpt import CheckpointManager, cli, latest_checkpoint
 from asyncckpt._checkpoint import read_header_sync
-from asyncckpt._storage import LOCK_NAME, TEMP_MARKER
+from asyncckpt._storage import LOCK_NAME, TEMP_MARKER, LocalStorage
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
@@ -59,15 +58,20 @@ def snapshot(directory: str) -> Snapshot:
 
 
 class DurabilityRecorder(FaultyStorage):
-    """Record each storage op with the directory as it was just before the op ran."""
+    """While ``recording``, record each storage op in ``ops``, with the directory as it was
+    just before the op ran in ``snapshots``."""
 
     def __init__(self, directory: str) -> None:
         super().__init__()
         self.directory = directory
+        self.recording = False
+        self.ops: list[tuple[str, str]] = []
         self.snapshots: list[Snapshot] = []
 
     def check(self, op: str, path: str) -> None:
-        self.snapshots.append(snapshot(self.directory))
+        if self.recording:
+            self.snapshots.append(snapshot(self.directory))
+            self.ops.append((op, path))
         super().check(op, path)
 
 
@@ -146,7 +150,7 @@ def crash_states(recording: Recording, k: int) -> list[dict[str, bytes]]:
 BASENAME = "model.ckpt"
 
 
-def make_state(step: int) -> dict[str, Any]:
+def filled_state(step: int) -> dict[str, Any]:
     """A small tree whose every array holds ``step``."""
     return {
         "w": np.full((3, 5), step, np.float32),
@@ -165,15 +169,18 @@ def leaves(tree: object) -> list[np.ndarray[Any, Any]]:
 
 async def record_save(directory: Path, previous: int) -> Recording:
     """Save steps 1..previous durably, then record the save of ``previous + 1``."""
-    async with CheckpointManager(directory, max_to_keep=2) as manager:
+    recorder = DurabilityRecorder(str(directory))
+    async with CheckpointManager(directory, max_to_keep=2, storage=recorder) as manager:
         for step in range(1, previous + 1):
-            await manager.save(make_state(step), step)
+            await manager.save(filled_state(step), step)
         await manager.wait()
-        with DurabilityRecorder(str(directory)) as recorder:
-            await manager.save(make_state(previous + 1), previous + 1)
+        with recorder:
+            recorder.recording = True
+            await manager.save(filled_state(previous + 1), previous + 1)
             await manager.wait()
+            recorder.recording = False
         recorder.snapshots.append(snapshot(str(directory)))
-    return Recording(recorder.calls, recorder.snapshots)
+    return Recording(recorder.ops, recorder.snapshots)
 
 
 EXPECTED_OPS = [

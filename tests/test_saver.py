@@ -13,8 +13,8 @@ import anyio.from_thread
 import anyio.lowlevel
 import numpy as np
 import pytest
+from support import assert_restores, exists, stepped_state, temp_files
 
-from asyncckpt._storage import LocalStorage
 from asyncckpt import (
     CheckpointCorruptedError,
     CheckpointError,
@@ -25,9 +25,9 @@ from asyncckpt import (
     get_checkpoint_state,
     latest_checkpoint,
 )
-from asyncckpt._checkpoint._state_file import format_state, lock_name, parse_state
 from asyncckpt._checkpoint import _file
-from asyncckpt._storage import _local as _storage
+from asyncckpt._checkpoint._state_file import format_state, lock_name, parse_state
+from asyncckpt._storage import LocalStorage, _local
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
@@ -36,23 +36,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-TEMP_MARKER = ".asyncckpt-tmp-"
 HOUR = 3600.0
-
-
-def make_state(step: int, version: int = 0) -> dict[str, Any]:
-    return {
-        "w": np.arange(5, dtype=np.float32) + step + version / 10,
-        "step": step,
-        "version": version,
-    }
-
-
-async def assert_restores(path: str, step: int, version: int = 0) -> None:
-    tree = await Saver().restore(path)
-    expected = make_state(step, version)
-    np.testing.assert_array_equal(tree["w"], expected["w"])
-    assert (tree["step"], tree["version"]) == (step, version)
 
 
 def on_disk(directory: Path) -> list[int]:
@@ -66,15 +50,6 @@ def listed(directory: Path) -> list[int]:
     state = get_checkpoint_state(directory)
     assert state is not None
     return [int(n.rsplit("-", 1)[1]) for n in state.names]
-
-
-def exists(path: Path) -> bool:
-    """Whether anything, even a dangling symlink, is at ``path``."""
-    return os.path.lexists(path)
-
-
-def temp_files(directory: Path) -> list[str]:
-    return [name for name in os.listdir(directory) if TEMP_MARKER in name]
 
 
 class WallClock:
@@ -98,17 +73,17 @@ def ckpt_dir(tmp_path: Path) -> Path:
 async def test_save_returns_the_checkpoint_path(ckpt_dir: Path) -> None:
     saver = Saver()
     prefix = ckpt_dir / "model.ckpt"  # a PathLike is accepted; a str comes back
-    path = await saver.save(make_state(7), prefix, global_step=7)
+    path = await saver.save(stepped_state(7), prefix, global_step=7)
     assert path == f"{prefix}-7"
     assert latest_checkpoint(ckpt_dir) == path
     assert Saver.latest_checkpoint(ckpt_dir) == path
     await assert_restores(path, 7)
-    assert await saver.save(make_state(8), prefix, global_step=np.int64(8)) == f"{prefix}-8"
+    assert await saver.save(stepped_state(8), prefix, global_step=np.int64(8)) == f"{prefix}-8"
 
 
 async def test_save_without_a_step_writes_the_prefix_itself(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "final")
-    path = await Saver().save(make_state(3), prefix)
+    path = await Saver().save(stepped_state(3), prefix)
     assert path == prefix
     assert latest_checkpoint(ckpt_dir) == prefix
     await assert_restores(prefix, 3)
@@ -121,7 +96,7 @@ async def test_max_to_keep_keeps_the_newest(ckpt_dir: Path) -> None:
     saver = Saver(max_to_keep=2)
     prefix = str(ckpt_dir / "model.ckpt")
     for step in range(1, 6):
-        await saver.save(make_state(step), prefix, global_step=step)
+        await saver.save(stepped_state(step), prefix, global_step=step)
         assert on_disk(ckpt_dir) == listed(ckpt_dir) == list(range(max(1, step - 1), step + 1))
     assert saver.last_checkpoints(ckpt_dir) == [f"{prefix}-4", f"{prefix}-5"]
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-5"
@@ -132,7 +107,7 @@ async def test_max_to_keep_keeps_the_newest(ckpt_dir: Path) -> None:
 async def test_max_to_keep_none_or_zero_keeps_all(ckpt_dir: Path, max_to_keep: int | None) -> None:
     saver = Saver(max_to_keep=max_to_keep)
     for step in range(1, 8):
-        await saver.save(make_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
+        await saver.save(stepped_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
     assert on_disk(ckpt_dir) == listed(ckpt_dir) == list(range(1, 8))
 
 
@@ -140,13 +115,13 @@ async def test_saving_a_step_again_moves_it_to_the_end(ckpt_dir: Path) -> None:
     saver = Saver(max_to_keep=2)
     prefix = str(ckpt_dir / "model.ckpt")
     for step in (1, 2, 3):
-        await saver.save(make_state(step), prefix, global_step=step)
-    await saver.save(make_state(2, version=1), prefix, global_step=2)
+        await saver.save(stepped_state(step), prefix, global_step=step)
+    await saver.save(stepped_state(2, version=1), prefix, global_step=2)
     assert listed(ckpt_dir) == [3, 2]  # no duplicate, newest last
     assert on_disk(ckpt_dir) == [2, 3]
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
     await assert_restores(f"{prefix}-2", 2, version=1)
-    await saver.save(make_state(4), prefix, global_step=4)
+    await saver.save(stepped_state(4), prefix, global_step=4)
     assert on_disk(ckpt_dir) == listed(ckpt_dir) == [2, 4]  # 3 is now the oldest
 
 
@@ -168,7 +143,7 @@ async def test_keep_checkpoint_every_n_hours_preserves_one_per_period(ckpt_dir: 
     ]
     for step, (now, expected) in enumerate(timeline, start=1):
         clock.now = now
-        await saver.save(make_state(step), prefix, global_step=step)
+        await saver.save(stepped_state(step), prefix, global_step=step)
         assert on_disk(ckpt_dir) == expected, f"after saving step {step} at t={now}"
         assert listed(ckpt_dir) == [step]  # preserved checkpoints are not listed
     state = get_checkpoint_state(ckpt_dir)
@@ -181,10 +156,10 @@ async def test_keep_checkpoint_every_n_hours_preserves_one_per_period(ckpt_dir: 
     clock.now = 9000.0
     restarted = Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1, clock=clock)
     clock.now = 10800.0
-    await restarted.save(make_state(8), prefix, global_step=8)
+    await restarted.save(stepped_state(8), prefix, global_step=8)
     assert on_disk(ckpt_dir) == [3, 5, 8]  # 7 (t=8000): deleted
     clock.now = 11000.0
-    await restarted.save(make_state(9), prefix, global_step=9)
+    await restarted.save(stepped_state(9), prefix, global_step=9)
     # 8 (t=10800) is one hour after 7200: preserved (it would not be after 9000).
     assert on_disk(ckpt_dir) == [3, 5, 8, 9]
 
@@ -194,7 +169,7 @@ async def test_keep_every_n_hours_without_max_to_keep_deletes_nothing(ckpt_dir: 
     saver = Saver(max_to_keep=None, keep_checkpoint_every_n_hours=1, clock=clock)
     for step in range(1, 5):
         clock.now = step * 10.0
-        await saver.save(make_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
+        await saver.save(stepped_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
     assert on_disk(ckpt_dir) == listed(ckpt_dir) == [1, 2, 3, 4]
 
 
@@ -202,9 +177,9 @@ async def test_smaller_max_to_keep_removes_all_surplus_at_once(ckpt_dir: Path) -
     prefix = str(ckpt_dir / "model.ckpt")
     everything = Saver(max_to_keep=None)
     for step in range(1, 6):
-        await everything.save(make_state(step), prefix, global_step=step)
+        await everything.save(stepped_state(step), prefix, global_step=step)
     # Unlike TensorFlow, which deletes one surplus checkpoint per save, all of them go now.
-    await Saver(max_to_keep=2).save(make_state(6), prefix, global_step=6)
+    await Saver(max_to_keep=2).save(stepped_state(6), prefix, global_step=6)
     assert on_disk(ckpt_dir) == listed(ckpt_dir) == [5, 6]
 
 
@@ -212,24 +187,24 @@ async def test_a_restarted_saver_continues_retention(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     before = Saver(max_to_keep=2)
     for step in (1, 2):
-        await before.save(make_state(step), prefix, global_step=step)
+        await before.save(stepped_state(step), prefix, global_step=step)
 
     after = Saver(max_to_keep=2)  # a new process, reading the state file
     assert after.last_checkpoints(ckpt_dir) == [f"{prefix}-1", f"{prefix}-2"]
-    await after.save(make_state(3), prefix, global_step=3)
+    await after.save(stepped_state(3), prefix, global_step=3)
     assert on_disk(ckpt_dir) == listed(ckpt_dir) == [2, 3]
 
 
 async def test_another_savers_checkpoints_are_not_clobbered(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     ours, theirs = Saver(max_to_keep=3), Saver(max_to_keep=3)
-    await ours.save(make_state(1), prefix, global_step=1)
-    await theirs.save(make_state(2), prefix, global_step=2)  # between two of our saves
-    await ours.save(make_state(3), prefix, global_step=3)
+    await ours.save(stepped_state(1), prefix, global_step=1)
+    await theirs.save(stepped_state(2), prefix, global_step=2)  # between two of our saves
+    await ours.save(stepped_state(3), prefix, global_step=3)
     assert listed(ckpt_dir) == [1, 2, 3]
     assert ours.last_checkpoints(ckpt_dir) == [f"{prefix}-{s}" for s in (1, 2, 3)]
-    await theirs.save(make_state(4), prefix, global_step=4)
-    await ours.save(make_state(5), prefix, global_step=5)
+    await theirs.save(stepped_state(4), prefix, global_step=4)
+    await ours.save(stepped_state(5), prefix, global_step=5)
     assert on_disk(ckpt_dir) == listed(ckpt_dir) == [3, 4, 5]
 
 
@@ -239,7 +214,7 @@ async def test_another_savers_checkpoints_are_not_clobbered(ckpt_dir: Path) -> N
 async def test_latest_checkpoint_without_a_state_file(ckpt_dir: Path) -> None:
     assert latest_checkpoint(ckpt_dir) is None  # the directory does not even exist
     assert get_checkpoint_state(ckpt_dir) is None
-    await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+    await Saver().save(stepped_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
     os.unlink(ckpt_dir / "checkpoint")
     assert latest_checkpoint(ckpt_dir) is None  # files alone are not a listing
 
@@ -249,7 +224,7 @@ async def test_state_file_is_tensorflow_text_format(ckpt_dir: Path) -> None:
     saver = Saver(clock=clock)
     for step, now in ((1, 1000.5), (2, 2000.25)):
         clock.now = now
-        await saver.save(make_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
+        await saver.save(stepped_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
     lines = (ckpt_dir / "checkpoint").read_text().splitlines()
     assert lines[:-1] == [
         'model_checkpoint_path: "model.ckpt-2"',
@@ -272,7 +247,7 @@ async def test_state_file_is_tensorflow_text_format(ckpt_dir: Path) -> None:
 async def test_state_file_written_by_tensorflow_is_read(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     for step in (10, 20):
-        await Saver().save(make_state(step), prefix, global_step=step)
+        await Saver().save(stepped_state(step), prefix, global_step=step)
     # As TensorFlow writes it with relative paths: no checksum, no timestamps.
     (ckpt_dir / "checkpoint").write_text(
         'model_checkpoint_path: "model.ckpt-20"\n'
@@ -285,7 +260,7 @@ async def test_state_file_written_by_tensorflow_is_read(ckpt_dir: Path) -> None:
     assert state.names == ("model.ckpt-10", "model.ckpt-20")
     assert state.last_preserved_timestamp is None
     # Retention continues from TensorFlow's list.
-    await Saver(max_to_keep=2).save(make_state(30), prefix, global_step=30)
+    await Saver(max_to_keep=2).save(stepped_state(30), prefix, global_step=30)
     assert on_disk(ckpt_dir) == listed(ckpt_dir) == [20, 30]
 
 
@@ -352,7 +327,7 @@ async def test_flipped_byte_in_the_state_file_on_disk(ckpt_dir: Path) -> None:
     saver = Saver()
     prefix = str(ckpt_dir / "model.ckpt")
     for step in (1, 2):
-        await saver.save(make_state(step), prefix, global_step=step)
+        await saver.save(stepped_state(step), prefix, global_step=step)
     state_file = ckpt_dir / "checkpoint"
     state_file.write_bytes(state_file.read_bytes().replace(b"ckpt-2", b"ckpt-1", 1))
     damaged = state_file.read_bytes()
@@ -364,7 +339,7 @@ async def test_flipped_byte_in_the_state_file_on_disk(ckpt_dir: Path) -> None:
     assert "checksum mismatch" in str(info.value)
     # A damaged listing is never overwritten by a later save: it is reported.
     with pytest.raises(CheckpointCorruptedError):
-        await Saver().save(make_state(3), prefix, global_step=3)
+        await Saver().save(stepped_state(3), prefix, global_step=3)
     assert state_file.read_bytes() == damaged
     assert on_disk(ckpt_dir) == [1, 2]
 
@@ -372,7 +347,7 @@ async def test_flipped_byte_in_the_state_file_on_disk(ckpt_dir: Path) -> None:
 async def test_state_file_naming_a_missing_checkpoint(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     for step in (1, 2):
-        await Saver().save(make_state(step), prefix, global_step=step)
+        await Saver().save(stepped_state(step), prefix, global_step=step)
     os.unlink(f"{prefix}-2")  # removed by hand
     with pytest.raises(CheckpointNotFoundError) as info:
         latest_checkpoint(ckpt_dir)
@@ -382,7 +357,7 @@ async def test_state_file_naming_a_missing_checkpoint(ckpt_dir: Path) -> None:
 
 
 async def test_state_file_that_is_a_symlink(ckpt_dir: Path, tmp_path: Path) -> None:
-    await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+    await Saver().save(stepped_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
     os.rename(ckpt_dir / "checkpoint", tmp_path / "elsewhere")
     os.symlink(tmp_path / "elsewhere", ckpt_dir / "checkpoint")
     with pytest.raises(CheckpointError, match="symlink") as info:
@@ -406,7 +381,7 @@ def test_huge_state_file(tmp_path: Path) -> None:
 
 async def test_custom_latest_filename(ckpt_dir: Path) -> None:
     saver = Saver(latest_filename="checkpoint_input")
-    path = await saver.save(make_state(1), str(ckpt_dir / "input"), global_step=1)
+    path = await saver.save(stepped_state(1), str(ckpt_dir / "input"), global_step=1)
     assert not (ckpt_dir / "checkpoint").exists()
     assert latest_checkpoint(ckpt_dir) is None
     assert latest_checkpoint(ckpt_dir, "checkpoint_input") == path
@@ -420,7 +395,7 @@ def test_each_state_file_has_its_own_lock() -> None:
 async def test_savers_of_two_state_files_keep_their_own_lists(ckpt_dir: Path) -> None:
     model, data = Saver(max_to_keep=2), Saver(max_to_keep=2, latest_filename="checkpoint_input")
     for step in (1, 2, 3):
-        await model.save(make_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
+        await model.save(stepped_state(step), str(ckpt_dir / "model.ckpt"), global_step=step)
         await data.save({"position": step}, str(ckpt_dir / "input.ckpt"), global_step=step)
     assert [os.path.basename(p) for p in model.last_checkpoints(ckpt_dir)] == [
         "model.ckpt-2",
@@ -481,7 +456,7 @@ async def test_global_step_checks(
     ckpt_dir: Path, step: Any, error: type[Exception], message: str
 ) -> None:
     with pytest.raises(error, match=re.escape(message)):
-        await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=step)
+        await Saver().save(stepped_state(1), str(ckpt_dir / "model.ckpt"), global_step=step)
     assert not exists(ckpt_dir)  # checked before anything touches the disk
 
 
@@ -492,13 +467,15 @@ async def test_global_step_checks(
 )
 async def test_metadata_must_be_plain(ckpt_dir: Path, metadata: Any) -> None:
     with pytest.raises(TypeError, match="metadata must"):
-        await Saver().save(make_state(1), str(ckpt_dir / "m"), global_step=1, metadata=metadata)
+        await Saver().save(stepped_state(1), str(ckpt_dir / "m"), global_step=1, metadata=metadata)
     assert not exists(ckpt_dir)
 
 
 async def test_plain_metadata_is_accepted(ckpt_dir: Path) -> None:
     metadata = {"loss": 0.5, "tags": ["a", "b"], "nested": {"ok": None}, "raw": b"\x00"}
-    path = await Saver().save(make_state(1), str(ckpt_dir / "m"), global_step=1, metadata=metadata)
+    path = await Saver().save(
+        stepped_state(1), str(ckpt_dir / "m"), global_step=1, metadata=metadata
+    )
     await assert_restores(path, 1)
 
 
@@ -507,7 +484,7 @@ async def test_checkpoint_name_cannot_collide_with_the_state_file(
     ckpt_dir: Path, name: str
 ) -> None:
     with pytest.raises(ValueError, match="collides"):
-        await Saver().save(make_state(1), str(ckpt_dir / name))
+        await Saver().save(stepped_state(1), str(ckpt_dir / name))
 
 
 async def test_restore_none_says_to_check_latest_checkpoint(ckpt_dir: Path) -> None:
@@ -515,24 +492,25 @@ async def test_restore_none_says_to_check_latest_checkpoint(ckpt_dir: Path) -> N
         await Saver().restore(latest_checkpoint(ckpt_dir))
 
 
-async def test_second_concurrent_save_into_one_directory(tmp_path: Path) -> None:
-    saver = Saver()
+async def test_second_concurrent_save_into_one_directory(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
+    saver = Saver(storage=storage)
     first, other = tmp_path / "first", tmp_path / "other"
-    with FaultyStorage() as faults:
-        stall = faults.stall("rename", match="model.ckpt-1")
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(saver.save, make_state(1), str(first / "model.ckpt"), 1)
-            try:
-                await stall.wait_reached()
-                with pytest.raises(RuntimeError, match="already running; await it"):
-                    await saver.save(make_state(2), str(first / "model.ckpt"), global_step=2)
-                # Saves into another directory are independent.
-                await saver.save(make_state(3), str(other / "model.ckpt"), global_step=3)
-            finally:
-                stall.release()
+    stall = storage.stall("rename", match="model.ckpt-1")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(saver.save, stepped_state(1), str(first / "model.ckpt"), 1)
+        try:
+            await stall.wait_reached()
+            with pytest.raises(RuntimeError, match="already running; await it"):
+                await saver.save(stepped_state(2), str(first / "model.ckpt"), global_step=2)
+            # Saves into another directory are independent.
+            await saver.save(stepped_state(3), str(other / "model.ckpt"), global_step=3)
+        finally:
+            stall.release()
     assert listed(first) == [1]
     assert listed(other) == [3]
-    await saver.save(make_state(2), str(first / "model.ckpt"), global_step=2)  # now it's fine
+    await saver.save(stepped_state(2), str(first / "model.ckpt"), global_step=2)  # now it's fine
     assert listed(first) == [1, 2]
 
 
@@ -540,18 +518,29 @@ async def test_second_concurrent_save_into_one_directory(tmp_path: Path) -> None
 
 
 class CancelAtCall(FaultyStorage):
-    """Call ``cancel`` on the event loop while the ``index``-th storage call is being made."""
+    """Once armed, call ``cancel`` on the event loop while the ``index``-th storage call from
+    then on is being made; ``armed_calls`` are the calls made since."""
 
-    def __init__(self, index: int, cancel: Callable[[], None]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._index = index
-        self._cancel = cancel
+        self._first = 0
+        self._at: int | None = None
+        self._cancel: Callable[[], None] = lambda: None
         self._loop_thread = threading.get_ident()
         self._token = anyio.lowlevel.current_token()
 
+    def arm(self, index: int, cancel: Callable[[], None]) -> None:
+        self._first = len(self.calls)
+        self._at = self._first + index
+        self._cancel = cancel
+
+    @property
+    def armed_calls(self) -> list[tuple[str, str]]:
+        return self.calls[self._first :]
+
     def check(self, op: str, path: str) -> None:
         super().check(op, path)
-        if len(self.calls) - 1 == self._index:
+        if len(self.calls) - 1 == self._at:
             if threading.get_ident() == self._loop_thread:
                 self._cancel()
             else:
@@ -565,18 +554,20 @@ def _shape(calls: list[tuple[str, str]], directory: Path) -> list[tuple[str, str
     ]
 
 
-async def _saved_once(directory: Path) -> tuple[Saver, str]:
-    saver = Saver(max_to_keep=1)  # the save of step 2 also deletes step 1
+async def _saved_once(directory: Path, storage: FaultyStorage | None = None) -> tuple[Saver, str]:
+    saver = Saver(max_to_keep=1, storage=storage)  # the save of step 2 also deletes step 1
     prefix = str(directory / "model.ckpt")
-    await saver.save(make_state(1), prefix, global_step=1)
+    await saver.save(stepped_state(1), prefix, global_step=1)
     return saver, prefix
 
 
 async def test_cancel_during_each_storage_call_of_a_save(tmp_path: Path) -> None:
-    saver, prefix = await _saved_once(tmp_path / "reference")
-    with FaultyStorage() as reference:
-        await saver.save(make_state(2), prefix, global_step=2)
-    calls = _shape(reference.calls, tmp_path / "reference")
+    reference = FaultyStorage()
+    saver, prefix = await _saved_once(tmp_path / "reference", reference)
+    first_call = len(reference.calls)  # the calls of the save of step 2 only
+    with reference:
+        await saver.save(stepped_state(2), prefix, global_step=2)
+    calls = _shape(reference.calls[first_call:], tmp_path / "reference")
     state_write = next(
         i for i, (op, name) in enumerate(calls) if op == "open" and name.startswith(".checkpoint")
     )
@@ -584,17 +575,19 @@ async def test_cancel_during_each_storage_call_of_a_save(tmp_path: Path) -> None
 
     for index, (op, name) in enumerate(calls):
         directory = tmp_path / f"cancel-{index}"
-        saver, prefix = await _saved_once(directory)
+        observed = CancelAtCall()
+        saver, prefix = await _saved_once(directory, observed)
         state_before = (directory / "checkpoint").read_bytes()
         returned = False
         with anyio.CancelScope() as scope:
-            with CancelAtCall(index, scope.cancel) as observed:
-                await saver.save(make_state(2), prefix, global_step=2)
+            observed.arm(index, scope.cancel)
+            with observed:
+                await saver.save(stepped_state(2), prefix, global_step=2)
                 returned = True
             await anyio.lowlevel.checkpoint()
         where = f"cancelled during call {index}: {op} {name}"
         assert scope.cancelled_caught, where  # never swallowed
-        assert _shape(observed.calls, directory)[: index + 1] == calls[: index + 1], where
+        assert _shape(observed.armed_calls, directory)[: index + 1] == calls[: index + 1], where
         assert temp_files(directory) == [], where
         if index < state_write:
             # Before the state file is written, a cancelled save leaves the directory as it
@@ -611,7 +604,7 @@ async def test_cancel_during_each_storage_call_of_a_save(tmp_path: Path) -> None
             assert latest_checkpoint(directory) == f"{prefix}-2", where
             await assert_restores(f"{prefix}-2", 2)
         # The directory lock was released: another Saver can save here.
-        await Saver().save(make_state(3), prefix, global_step=3)
+        await Saver().save(stepped_state(3), prefix, global_step=3)
 
 
 async def test_cancel_before_a_save_starts(ckpt_dir: Path) -> None:
@@ -619,34 +612,41 @@ async def test_cancel_before_a_save_starts(ckpt_dir: Path) -> None:
     state_before = (ckpt_dir / "checkpoint").read_bytes()
     with anyio.CancelScope() as scope:
         scope.cancel()
-        await saver.save(make_state(2), prefix, global_step=2)
+        await saver.save(stepped_state(2), prefix, global_step=2)
     assert scope.cancelled_caught
     assert (ckpt_dir / "checkpoint").read_bytes() == state_before
     assert on_disk(ckpt_dir) == [1]
     assert temp_files(ckpt_dir) == []
-    await saver.save(make_state(2), prefix, global_step=2)  # the Saver is not left busy
+    await saver.save(stepped_state(2), prefix, global_step=2)  # the Saver is not left busy
     assert listed(ckpt_dir) == [2]
 
 
 async def test_cancel_stops_a_large_write_between_pieces(
     ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    saver, prefix = await _saved_once(ckpt_dir)
+    # One storage for both saves of this Saver: unarmed for the reference, then armed.
+    observed = CancelAtCall()
+    saver, prefix = await _saved_once(ckpt_dir, observed)
     # Writes go out in batches of up to 64 MiB; smaller batches keep the test small.
-    monkeypatch.setattr(_storage, "_CHUNK_BYTES", 2**20)
-    big = {name: np.full(300_000, 1.0) for name in "abcd"}  # 2.4 MB arrays, 1 MiB batches
-    with FaultyStorage() as reference:
+    monkeypatch.setattr(_local, "_CHUNK_BYTES", 2**20)
+    big = {name: np.full(300_000, 1.0) for name in "abcdefghijkl"}  # 2.4 MB arrays, 1 MiB batches
+    first_call = len(observed.calls)  # the calls of the save of step 2 only
+    with observed:
         await saver.save(big, prefix, global_step=2)
-    total_writes = sum(op == "write" for op, _ in reference.calls)
+    reference = observed.calls[first_call:]
+    total_writes = sum(op == "write" for op, _ in reference)
 
-    first_write = next(i for i, (op, _) in enumerate(reference.calls) if op == "write")
-    with anyio.CancelScope() as scope, CancelAtCall(first_write, scope.cancel) as observed:
+    first_write = next(i for i, (op, _) in enumerate(reference) if op == "write")
+    with anyio.CancelScope() as scope, observed:
+        observed.arm(first_write, scope.cancel)
         await saver.save(big, prefix, global_step=3)
     assert scope.cancelled_caught
-    writes = sum(op == "write" for op, _ in observed.calls)
-    # The batch in progress finishes; the other batches and the header are never written.
+    writes = sum(op == "write" for op, _ in observed.armed_calls)
+    # The whole write is one worker-thread call: the loop hands the cancellation to it, and
+    # it stops at the next batch after it sees that (a few more may go out in between); the
+    # remaining batches and the header are never written.
     assert total_writes >= 10
-    assert writes == 1
+    assert 1 <= writes < total_writes
     assert listed(ckpt_dir) == [2]
     assert on_disk(ckpt_dir) == [2]
     assert temp_files(ckpt_dir) == []

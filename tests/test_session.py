@@ -10,7 +10,6 @@ small training script in a subprocess (slow-marked).
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import re
 import select
@@ -26,7 +25,16 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
-from support import SAVE_OPS, STATE_FILE_FIRST_CALL, make_state, step_fn, written_steps
+from support import (
+    SAVE_OPS,
+    STATE_FILE_FIRST_CALL,
+    make_state,
+    step_fn,
+    task_ids,
+    temp_files,
+    verify_exit,
+    written_steps,
+)
 
 from asyncckpt import (
     CheckpointLockedError,
@@ -48,11 +56,10 @@ from asyncckpt import (
     get_checkpoint_state,
     latest_checkpoint,
 )
-from asyncckpt.cli import main as cli_main
 from asyncckpt.testing import FaultyStorage, RecordingHook, StorageStall
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+    from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
     from pathlib import Path
 
     from anyio.abc import TaskStatus
@@ -108,17 +115,9 @@ def checkpoint_files(directory: Path) -> list[str]:
     return sorted(name for name in os.listdir(directory) if name.startswith("model.ckpt-"))
 
 
-def verify_exit(directory: Path) -> int:
-    return cli_main(["verify", str(directory)], out=io.StringIO())
-
-
 def steps_of(calls: Sequence[tuple[str, int | None]], method: str) -> list[int | None]:
     """The steps of every ``method`` call, in order."""
     return [step for name, step in calls if name == method]
-
-
-def task_ids() -> set[int]:
-    return {task.id for task in anyio.get_running_tasks()}
 
 
 def lifecycle(n_steps: int, start: int = 0, *, end: bool = True) -> list[tuple[str, int | None]]:
@@ -129,12 +128,6 @@ def lifecycle(n_steps: int, start: int = 0, *, end: bool = True) -> list[tuple[s
     if end:
         calls.append(("end", start + n_steps))
     return calls
-
-
-@pytest.fixture
-def storage() -> Iterator[FaultyStorage]:
-    with FaultyStorage() as faults:
-        yield faults
 
 
 # -- MonitoredTrainingSession arguments (TF_SEMANTICS 28-32) --------------------------------------
@@ -270,13 +263,14 @@ async def test_resume_restores_state_in_place_and_saves_at_once(tmp_path: Path) 
         assert state["w"] is weights  # the same array, filled
         np.testing.assert_array_equal(weights, np.full(4, 3.0))
         assert state["step"] == 3
-        # TF 44: the checkpoint hook saves at the restored step as soon as it starts.
+        # TF 44 saves at the restored step as soon as it starts; it is the latest already,
+        # so it is announced to listeners, not rewritten (docs/DESIGN_NOTES.md).
         manager = manager_of(sess)
         await manager.wait()
-        assert (manager.statistics().written, manager.latest_step()) == (1, 3)
+        assert (manager.statistics().written, manager.latest_step()) == (0, 3)
         await run_steps(sess, 3)
     assert recorder.calls == lifecycle(3, start=3)
-    # Retention continues from the state file: 3 (again), 5, then 6; only two are kept.
+    # Retention continues from the state file: 5, then 6; only two are kept.
     assert checkpoint_files(tmp_path) == ["model.ckpt-5", "model.ckpt-6"]
     assert (await restored(latest_checkpoint(tmp_path)))["step"] == 6
 
@@ -555,7 +549,7 @@ async def test_a_hook_error_surfaces_as_itself_and_leaves_no_task(
 
     async def train() -> None:
         async with training_session(
-            tmp_path, hooks=[failing, recorder], save_checkpoint_steps=1
+            tmp_path, hooks=[failing, recorder], save_checkpoint_steps=1, storage=storage
         ) as sess:
             await run_steps(sess, 2)
 
@@ -592,7 +586,7 @@ async def test_no_task_is_left_and_nothing_writes_after_exit(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
     before = task_ids()
-    async with training_session(tmp_path, save_checkpoint_steps=1) as sess:
+    async with training_session(tmp_path, save_checkpoint_steps=1, storage=storage) as sess:
         assert task_ids() > before  # the checkpoint writer and listener delivery run
         await run_steps(sess, 5)
     assert task_ids() == before
@@ -631,6 +625,7 @@ async def test_preemption_restores_the_latest_checkpoint_and_retries_the_run(
             save_checkpoint_steps=2,
             chief_only_hooks=[chief],
             hooks=[user],
+            storage=storage,
         ) as sess:
             with anyio.fail_after(5):
                 results.extend([await sess.run("global_step") for _ in range(5)])
@@ -657,8 +652,9 @@ async def test_preemption_restores_the_latest_checkpoint_and_retries_the_run(
     assert results == [1, 2, 3, 3, 4]  # the failed run returned its retry's result
     assert state["w"] is weights  # restored in place
     np.testing.assert_array_equal(weights, np.full(4, 4.0))
-    # The checkpoint hook saved again at the restored step (TF 44), then 4 at the end.
-    assert written_steps(storage) == [0, 2, 2, 4]
+    # The restored step 2 is the latest checkpoint already: the hook announces it to its
+    # listeners after recovery (TF 44) without writing it again, then saves 4 at the end.
+    assert written_steps(storage) == [0, 2, 4]
 
 
 async def test_custom_recoverable_errors(tmp_path: Path) -> None:
@@ -831,7 +827,7 @@ async def test_cancellation_writes_taken_snapshots_no_final_save_then_propagates
     async def owner() -> None:
         with scope:
             async with training_session(
-                tmp_path, hooks=[recorder], save_checkpoint_steps=1
+                tmp_path, hooks=[recorder], save_checkpoint_steps=1, storage=storage
             ) as sess:
                 while True:
                     await sess.run()
@@ -877,6 +873,7 @@ async def test_cancellation_at_each_storage_call_of_a_save_leaves_a_restorable_d
                 save_checkpoint_steps=1,
                 scaffold=Scaffold(saver=Saver(max_to_keep=1)),
                 stop_grace_period_secs=grace,
+                storage=storage,
             ) as sess:
                 await manager_of(sess).wait()  # checkpoint 0 is written
                 task_status.started(storage.stall(skip=k))  # the k-th call of the next save
@@ -892,7 +889,7 @@ async def test_cancellation_at_each_storage_call_of_a_save_leaves_a_restorable_d
             await anyio.wait_all_tasks_blocked()  # the exit waits on the held worker thread
             stall.release()
     assert scope.cancelled_caught
-    assert [name for name in os.listdir(tmp_path) if "asyncckpt-tmp" in name] == []
+    assert temp_files(tmp_path) == []
     # Without a grace period the save is abandoned where it was: until the state file is
     # replaced, 0 stays the latest. With one, the taken snapshot is written to the end.
     expected = 1 if grace or k >= STATE_FILE_FIRST_CALL else 0

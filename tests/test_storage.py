@@ -13,15 +13,15 @@ import fcntl
 import os
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import numpy as np
 import pytest
+from support import TEMP_MARKER, assert_restores, exists, stepped_state, temp_files
 
-from asyncckpt._storage import LocalStorage
 from asyncckpt import (
     CheckpointLockedError,
     CheckpointManager,
@@ -32,7 +32,7 @@ from asyncckpt import (
     latest_checkpoint,
 )
 from asyncckpt._checkpoint import prune
-from asyncckpt._storage import temp_target
+from asyncckpt._storage import LocalStorage, temp_target
 from asyncckpt.testing import FaultyStorage, StorageOp
 
 if TYPE_CHECKING:
@@ -40,30 +40,9 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-TEMP_MARKER = ".asyncckpt-tmp-"
 LOCK_NAME = ".asyncckpt.lock"
 ERRNOS = [errno.ENOSPC, errno.EIO, errno.EACCES, errno.EROFS]
 SAVE_OPS: list[StorageOp] = ["open", "write", "fsync", "rename", "fsync_dir"]
-
-
-def make_state(step: int) -> dict[str, Any]:
-    return {"w": np.arange(6, dtype=np.float64) * step, "step": step, "tag": f"step {step}"}
-
-
-async def assert_restores(path: str, step: int) -> None:
-    tree = await Saver().restore(path)
-    expected = make_state(step)
-    np.testing.assert_array_equal(tree["w"], expected["w"])
-    assert (tree["step"], tree["tag"]) == (expected["step"], expected["tag"])
-
-
-def exists(path: Path) -> bool:
-    """Whether anything, even a dangling symlink, is at ``path``."""
-    return os.path.lexists(path)
-
-
-def temp_files(directory: Path) -> list[str]:
-    return [name for name in os.listdir(directory) if TEMP_MARKER in name]
 
 
 def checkpoint_files(directory: Path) -> set[str]:
@@ -99,18 +78,19 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("target", ["model.ckpt-2", "checkpoint"], ids=["ckpt", "state"])
 @pytest.mark.parametrize("op", SAVE_OPS)
 async def test_failed_save_keeps_the_previous_checkpoint(
-    ckpt_dir: Path, op: StorageOp, target: str, code: int
+    ckpt_dir: Path, storage: FaultyStorage, op: StorageOp, target: str, code: int
 ) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
-    saver = Saver(max_to_keep=1)  # a successful save of step 2 would delete step 1
-    await saver.save(make_state(1), prefix, global_step=1)
+    # A successful save of step 2 would delete step 1.
+    saver = Saver(max_to_keep=1, storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
     state_before = (ckpt_dir / "checkpoint").read_bytes()
     names_before = sorted(os.listdir(ckpt_dir))
 
-    with FaultyStorage() as faults:
-        faults.fail(op, code, match=target)
-        with pytest.raises(CheckpointWriteError) as info:
-            await saver.save(make_state(2), prefix, global_step=2)
+    storage.fail(op, code, match=target)
+    with pytest.raises(CheckpointWriteError) as info:
+        await saver.save(stepped_state(2), prefix, global_step=2)
+    storage.clear()
 
     exc = info.value
     assert type(exc) is CheckpointWriteError
@@ -140,8 +120,9 @@ async def test_failed_save_keeps_the_previous_checkpoint(
         # Nothing new is left behind: no temp file, no unlisted model.ckpt-2.
         assert sorted(os.listdir(ckpt_dir)) == names_before
 
-    # Once the disk recovers, the same Saver saves normally (its bookkeeping is intact).
-    assert await saver.save(make_state(2), prefix, global_step=2) == f"{prefix}-2"
+    # Once the disk recovers (the rule is gone), the same Saver saves normally (its bookkeeping
+    # is intact).
+    assert await saver.save(stepped_state(2), prefix, global_step=2) == f"{prefix}-2"
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
     assert saver.last_checkpoints(ckpt_dir) == [f"{prefix}-2"]
     await assert_restores(f"{prefix}-2", 2)
@@ -149,20 +130,20 @@ async def test_failed_save_keeps_the_previous_checkpoint(
     assert temp_files(ckpt_dir) == []
 
 
-async def test_write_failure_in_a_large_checkpoint(ckpt_dir: Path) -> None:
+async def test_write_failure_in_a_large_checkpoint(ckpt_dir: Path, storage: FaultyStorage) -> None:
     """Large arrays go through the async file layer in several writes; a later one fails."""
     prefix = str(ckpt_dir / "model.ckpt")
-    saver = Saver()
-    await saver.save(make_state(1), prefix, global_step=1)
+    saver = Saver(storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
     state_before = (ckpt_dir / "checkpoint").read_bytes()
     big = {"a": np.ones(300_000), "b": np.zeros(300_000)}  # 2.4 MB each, over the buffer
 
-    with FaultyStorage() as faults:
-        faults.fail("write", errno.ENOSPC, match="model.ckpt-2", skip=1)
-        with pytest.raises(CheckpointWriteError) as info:
-            await saver.save(big, prefix, global_step=2)
+    first_call = len(storage.calls)  # the calls of the failing save only
+    storage.fail("write", errno.ENOSPC, match="model.ckpt-2", skip=1)
+    with pytest.raises(CheckpointWriteError) as info:
+        await saver.save(big, prefix, global_step=2)
 
-    writes = [path for op, path in faults.calls if op == "write"]
+    writes = [path for op, path in storage.calls[first_call:] if op == "write"]
     assert len(writes) >= 2
     assert isinstance(info.value.__cause__, OSError)
     assert info.value.__cause__.errno == errno.ENOSPC
@@ -174,16 +155,16 @@ async def test_write_failure_in_a_large_checkpoint(ckpt_dir: Path) -> None:
 
 @pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
 async def test_retention_unlink_failure_reports_the_saved_checkpoint(
-    ckpt_dir: Path, code: int
+    ckpt_dir: Path, storage: FaultyStorage, code: int
 ) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
-    saver = Saver(max_to_keep=1)
-    await saver.save(make_state(1), prefix, global_step=1)
+    saver = Saver(max_to_keep=1, storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
 
-    with FaultyStorage() as faults:
-        faults.fail("unlink", code, match="model.ckpt-1")
-        with pytest.raises(CheckpointWriteError) as info:
-            await saver.save(make_state(2), prefix, global_step=2)
+    storage.fail("unlink", code, match="model.ckpt-1")
+    with pytest.raises(CheckpointWriteError) as info:
+        await saver.save(stepped_state(2), prefix, global_step=2)
+    storage.clear()
 
     # The error names the file that could not be deleted and says the save itself worked.
     exc = info.value
@@ -209,31 +190,32 @@ async def test_retention_unlink_failure_reports_the_saved_checkpoint(
 async def test_one_undeletable_checkpoint_does_not_keep_the_others(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     for step in (1, 2, 3):
-        await Saver(max_to_keep=None).save(make_state(step), prefix, global_step=step)
+        await Saver(max_to_keep=None).save(stepped_state(step), prefix, global_step=step)
 
     with FaultyStorage() as faults:
         faults.fail("unlink", errno.EACCES, match="model.ckpt-1")
         with pytest.raises(CheckpointWriteError) as info:
-            await Saver(max_to_keep=1).save(make_state(4), prefix, global_step=4)
+            await Saver(max_to_keep=1, storage=faults).save(stepped_state(4), prefix, global_step=4)
 
     assert info.value.path == f"{prefix}-1"
     assert checkpoint_files(ckpt_dir) == {"model.ckpt-1", "model.ckpt-4"}
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-4"
 
 
-async def test_directory_sync_failure_after_deletions(ckpt_dir: Path) -> None:
+async def test_directory_sync_failure_after_deletions(
+    ckpt_dir: Path, storage: FaultyStorage
+) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
-    saver = Saver(max_to_keep=1)
-    await saver.save(make_state(1), prefix, global_step=1)
+    saver = Saver(max_to_keep=1, storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
 
-    with FaultyStorage() as faults:
-        # The third directory sync of the save: after the checkpoint, the state file, and
-        # then the deletions.
-        faults.fail("fsync_dir", errno.EIO, skip=2)
-        with pytest.raises(CheckpointWriteError) as info:
-            await saver.save(make_state(2), prefix, global_step=2)
+    # The third directory sync of the save: after the checkpoint, the state file, and then
+    # the deletions.
+    storage.fail("fsync_dir", errno.EIO, skip=2)
+    with pytest.raises(CheckpointWriteError) as info:
+        await saver.save(stepped_state(2), prefix, global_step=2)
 
-    assert faults.calls[-1] == ("fsync_dir", str(ckpt_dir))
+    assert storage.calls[-1] == ("fsync_dir", str(ckpt_dir))
     assert info.value.path == str(ckpt_dir)
     assert "the new checkpoint model.ckpt-2 was saved and is the latest" in str(info.value)
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
@@ -253,30 +235,31 @@ async def test_directory_sync_failure_after_deletions(ckpt_dir: Path) -> None:
     ],
     ids=["ckpt-open", "ckpt-rename", "state-open", "retention"],
 )
-async def test_two_savers_cannot_interleave(ckpt_dir: Path, op: StorageOp, match: str) -> None:
+async def test_two_savers_cannot_interleave(
+    ckpt_dir: Path, storage: FaultyStorage, op: StorageOp, match: str
+) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
-    first, second = Saver(max_to_keep=1), Saver(max_to_keep=1)
-    await first.save(make_state(1), prefix, global_step=1)
+    first, second = Saver(max_to_keep=1, storage=storage), Saver(max_to_keep=1)
+    await first.save(stepped_state(1), prefix, global_step=1)
 
-    with FaultyStorage() as faults:
-        stall = faults.stall(op, match=match)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(first.save, make_state(2), prefix, 2)
-            try:
-                await stall.wait_reached()
-                # The first save is in the middle of this operation, holding the directory.
-                with pytest.raises(CheckpointLockedError, match=f"pid {os.getpid()}"):
-                    await second.save(make_state(3), prefix, global_step=3)
-                assert not lock_is_free(ckpt_dir)
-            finally:
-                stall.release()
+    stall = storage.stall(op, match=match)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.save, stepped_state(2), prefix, 2)
+        try:
+            await stall.wait_reached()
+            # The first save is in the middle of this operation, holding the directory.
+            with pytest.raises(CheckpointLockedError, match=f"pid {os.getpid()}"):
+                await second.save(stepped_state(3), prefix, global_step=3)
+            assert not lock_is_free(ckpt_dir)
+        finally:
+            stall.release()
 
     # The first save finished as if it had been alone.
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
     assert checkpoint_files(ckpt_dir) == {"model.ckpt-2"}
     await assert_restores(f"{prefix}-2", 2)
     # Now the second one saves, and applies retention to what the first one wrote.
-    await second.save(make_state(3), prefix, global_step=3)
+    await second.save(stepped_state(3), prefix, global_step=3)
     assert checkpoint_files(ckpt_dir) == {"model.ckpt-3"}
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-3"
 
@@ -285,10 +268,10 @@ async def test_checkpoint_manager_holds_the_directory(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     saver = Saver()
     async with CheckpointManager(ckpt_dir) as manager:
-        await manager.save(make_state(1), 1)
+        await manager.save(stepped_state(1), 1)
         await manager.wait()
         with pytest.raises(CheckpointWriteError) as info:  # Locked is a WriteError
-            await saver.save(make_state(2), prefix, global_step=2)
+            await saver.save(stepped_state(2), prefix, global_step=2)
         assert isinstance(info.value, CheckpointLockedError)
         assert info.value.path == str(ckpt_dir)
         assert f"pid {os.getpid()}" in str(info.value)
@@ -297,19 +280,19 @@ async def test_checkpoint_manager_holds_the_directory(ckpt_dir: Path) -> None:
         assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
     # Released on exit: the Saver saves, and continues the manager's list.
     assert lock_is_free(ckpt_dir)
-    await saver.save(make_state(2), prefix, global_step=2)
+    await saver.save(stepped_state(2), prefix, global_step=2)
     assert saver.last_checkpoints(ckpt_dir) == [f"{prefix}-1", f"{prefix}-2"]
 
 
-async def test_lock_is_released_after_every_save(ckpt_dir: Path) -> None:
+async def test_lock_is_released_after_every_save(ckpt_dir: Path, storage: FaultyStorage) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
-    saver = Saver()
-    await saver.save(make_state(1), prefix, global_step=1)
+    saver = Saver(storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
     assert lock_is_free(ckpt_dir)
-    with FaultyStorage() as faults:
-        faults.fail("rename", errno.EIO)
-        with pytest.raises(CheckpointWriteError):
-            await saver.save(make_state(2), prefix, global_step=2)
+    storage.fail("rename", errno.EIO)
+    with pytest.raises(CheckpointWriteError):
+        await saver.save(stepped_state(2), prefix, global_step=2)
+    storage.clear()
     assert lock_is_free(ckpt_dir)
     with pytest.raises(TypeError):
         await saver.save({"bad": object()}, prefix, global_step=3)
@@ -331,7 +314,7 @@ sys.stdin.read()
 async def test_lock_held_by_another_process(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     saver = Saver()
-    await saver.save(make_state(1), prefix, global_step=1)
+    await saver.save(stepped_state(1), prefix, global_step=1)
     process = await anyio.open_process(
         [sys.executable, "-c", _HOLD_LOCK, str(ckpt_dir / LOCK_NAME)],
         stdin=subprocess.PIPE,
@@ -346,13 +329,13 @@ async def test_lock_held_by_another_process(ckpt_dir: Path) -> None:
         assert output == b"locked\n"
 
         with pytest.raises(CheckpointLockedError, match=f"pid {process.pid}"):
-            await saver.save(make_state(2), prefix, global_step=2)
+            await saver.save(stepped_state(2), prefix, global_step=2)
         assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
 
         process.kill()  # the kernel drops a dead process's flock
         with anyio.fail_after(10):
             await process.wait()
-    await saver.save(make_state(2), prefix, global_step=2)
+    await saver.save(stepped_state(2), prefix, global_step=2)
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
 
 
@@ -369,10 +352,10 @@ def _plant(directory: Path, names: list[str]) -> None:
 
 async def test_next_save_removes_leftover_temp_files(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
-    await Saver().save(make_state(1), prefix, global_step=1)
+    await Saver().save(stepped_state(1), prefix, global_step=1)
     _plant(ckpt_dir, LEFTOVERS + NOT_OURS)
 
-    await Saver().save(make_state(2), prefix, global_step=2)  # a restarted writer
+    await Saver().save(stepped_state(2), prefix, global_step=2)  # a restarted writer
 
     assert temp_files(ckpt_dir) == ["model.ckpt-3.asyncckpt-tmp-abc"]  # no leading dot
     for name in NOT_OURS:
@@ -392,7 +375,7 @@ async def test_checkpoint_manager_removes_leftover_temp_files_on_open(ckpt_dir: 
 async def test_leftover_that_cannot_be_removed_does_not_fail_the_save(ckpt_dir: Path) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
     (ckpt_dir / ".model.ckpt-9.asyncckpt-tmp-dir").mkdir(parents=True)
-    await Saver().save(make_state(1), prefix, global_step=1)
+    await Saver().save(stepped_state(1), prefix, global_step=1)
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
 
 
@@ -405,20 +388,26 @@ async def test_symlink_planted_at_the_temp_name_is_not_followed(
     victim = tmp_path / "victim.txt"
     if not dangling:
         victim.write_bytes(b"precious")
-    saver = Saver()
-    await saver.save(make_state(1), prefix, global_step=1)
-    state_before = (ckpt_dir / "checkpoint").read_bytes()
 
     class PlantSymlink(FaultyStorage):
         """An attacker wins the race: a symlink appears at the temp name just before open."""
 
+        armed = False
+
         def check(self, op: str, path: str) -> None:
             super().check(op, path)
-            if op == "open" and TEMP_MARKER in path and target in path:
+            if self.armed and op == "open" and TEMP_MARKER in path and target in path:
                 os.symlink(victim, path)
 
-    with PlantSymlink(), pytest.raises(CheckpointWriteError) as info:
-        await saver.save(make_state(2), prefix, global_step=2)
+    storage = PlantSymlink()
+    saver = Saver(storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
+    state_before = (ckpt_dir / "checkpoint").read_bytes()
+
+    storage.armed = True
+    with storage, pytest.raises(CheckpointWriteError) as info:
+        await saver.save(stepped_state(2), prefix, global_step=2)
+    storage.armed = False
 
     assert isinstance(info.value.__cause__, OSError)
     assert info.value.__cause__.errno == errno.EEXIST
@@ -429,7 +418,7 @@ async def test_symlink_planted_at_the_temp_name_is_not_followed(
     assert (ckpt_dir / "checkpoint").read_bytes() == state_before
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
     # The next save removes the planted link (never what it points to) and succeeds.
-    await saver.save(make_state(2), prefix, global_step=2)
+    await saver.save(stepped_state(2), prefix, global_step=2)
     assert temp_files(ckpt_dir) == []
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
     assert victim.exists() != dangling
@@ -444,7 +433,7 @@ async def test_symlink_planted_at_the_lock_is_not_followed(ckpt_dir: Path, tmp_p
     os.symlink(victim, ckpt_dir / LOCK_NAME)
 
     with pytest.raises(CheckpointWriteError) as info:
-        await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+        await Saver().save(stepped_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
     assert not isinstance(info.value, CheckpointLockedError)
     assert info.value.path == str(ckpt_dir / LOCK_NAME)
     assert isinstance(info.value.__cause__, OSError)
@@ -460,7 +449,7 @@ async def test_symlink_planted_at_the_lock_is_not_followed(ckpt_dir: Path, tmp_p
 @pytest.mark.parametrize("use_mmap", [False, True], ids=["read", "mmap"])
 async def test_restore_refuses_a_symlink(ckpt_dir: Path, use_mmap: bool) -> None:
     prefix = str(ckpt_dir / "model.ckpt")
-    await Saver().save(make_state(1), prefix, global_step=1)
+    await Saver().save(stepped_state(1), prefix, global_step=1)
     os.symlink(ckpt_dir / "model.ckpt-1", ckpt_dir / "model.ckpt-5")
 
     with pytest.raises(CheckpointNotFoundError, match="symlink") as info:
@@ -483,9 +472,11 @@ async def test_restore_of_a_missing_path_or_a_directory(ckpt_dir: Path, use_mmap
 # -- writers that share a directory, each with its own state file ------------------------------
 
 
-def input_manager(directory: Path) -> CheckpointManager:
+def input_manager(directory: Path, storage: FaultyStorage | None = None) -> CheckpointManager:
     """A manager beside the model's, as the input pipeline hook's: its own names."""
-    return CheckpointManager(directory, basename="input.ckpt", latest_filename="checkpoint_input")
+    return CheckpointManager(
+        directory, basename="input.ckpt", latest_filename="checkpoint_input", storage=storage
+    )
 
 
 def test_temp_target_recovers_the_name_being_written() -> None:
@@ -498,7 +489,7 @@ def test_temp_target_recovers_the_name_being_written() -> None:
 async def test_two_managers_with_their_own_state_files_share_a_directory(ckpt_dir: Path) -> None:
     async with CheckpointManager(ckpt_dir) as model, input_manager(ckpt_dir) as data:
         for step in (1, 2, 3):
-            await model.save(make_state(step), step)
+            await model.save(stepped_state(step), step)
             await data.save({"position": step * 10}, step)
         await model.wait()
         await data.wait()
@@ -522,7 +513,7 @@ async def test_opening_a_manager_leaves_the_other_writers_temp_file_alone(ckpt_d
     with FaultyStorage() as faults:
         # The input's write of step 1 is held with its temporary file on disk...
         stall = faults.stall("fsync", match="input.ckpt-1")
-        async with input_manager(ckpt_dir) as data:
+        async with input_manager(ckpt_dir, faults) as data:
             await data.save({"position": 10}, 1)
             await stall.wait_reached()
             (in_flight,) = temp_files(ckpt_dir)
@@ -531,7 +522,7 @@ async def test_opening_a_manager_leaves_the_other_writers_temp_file_alone(ckpt_d
             _plant(ckpt_dir, [".model.ckpt-7.asyncckpt-tmp-old", ".checkpoint.asyncckpt-tmp-old"])
             async with CheckpointManager(ckpt_dir) as model:
                 assert temp_files(ckpt_dir) == [in_flight]
-                await model.save(make_state(1), 1)
+                await model.save(stepped_state(1), 1)
             stall.release()
             await data.wait()
     assert temp_files(ckpt_dir) == []
@@ -565,7 +556,7 @@ async def test_the_same_state_file_still_conflicts(ckpt_dir: Path) -> None:
         with pytest.raises(CheckpointLockedError):
             await Saver(latest_filename="checkpoint_input").save({"a": 1}, str(ckpt_dir / "x"), 1)
         # The model's state file has a lock of its own: a bare Saver saves beside the manager.
-        await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+        await Saver().save(stepped_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
     assert latest_checkpoint(ckpt_dir) == str(ckpt_dir / "model.ckpt-1")
 
 
@@ -580,7 +571,7 @@ async def test_a_bare_saver_removes_leftovers_of_its_prefix_and_state_file_only(
     ]
     theirs = [".input.ckpt-3.asyncckpt-tmp-d", ".checkpoint_input.asyncckpt-tmp-e"]
     _plant(ckpt_dir, ours + theirs)
-    await Saver().save(make_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
+    await Saver().save(stepped_state(1), str(ckpt_dir / "model.ckpt"), global_step=1)
     assert sorted(temp_files(ckpt_dir)) == sorted(theirs)
 
 
@@ -591,7 +582,7 @@ def test_prune_removes_only_the_leftovers_of_what_its_state_file_lists(ckpt_dir:
             input_manager(ckpt_dir) as data,
         ):
             for step in (1, 2, 3):
-                await model.save(make_state(step), step)
+                await model.save(stepped_state(step), step)
                 await data.save({"position": step}, step)
 
     anyio.run(build)

@@ -409,6 +409,35 @@ SCALAR_VALUES = (
 )
 
 
+_NAN_WITH_PAYLOAD = struct.unpack("<d", struct.pack("<Q", 0xFFF8_0000_DEAD_BEEF))[0]
+
+# The edges the property below draws from, each once: kept out of the slow mark.
+EDGE_POINTS: list[tuple[Any, int, float]] = [
+    (1.5, 0, 0.0),
+    (_NAN_WITH_PAYLOAD, 1, -0.0),
+    (float("-inf"), 127, 1_795_210_956.5),
+    (5e-324, 128, 1e300),  # subnormal
+    (3.4028235e38 * 2, 2**14 - 1, -1.5),  # beyond float32
+    (2**1100, 2**14, 2.0),
+    (-(2**1100), 2**21 - 1, 3.0),
+    (True, 2**21, 4.0),
+    (np.float32(0.1), MAX_STEP, 5.0),
+    (np.float64(-2.5), 2**22, 6.0),
+]
+
+
+@pytest.mark.parametrize(
+    "tag", ["l", "x" * 127, "x" * 128, "é" * 64, "t" * 300], ids=["1", "127", "128", "2byte", "300"]
+)
+def test_the_scalar_fast_path_writes_the_generic_bytes_at_the_edges(tag: str) -> None:
+    records = ScalarRecords()
+    for value, step, wall_time in EDGE_POINTS:  # the first one caches the tag; the rest use it
+        assert records.record(tag, value, step, wall_time) == generic_scalar_record(
+            tag, value, step, wall_time
+        )
+
+
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     tag=st.text(min_size=1, max_size=300),  # lengths past 127: two-byte length fields

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 import pytest
+from support import all_tasks_blocked
 
 from asyncckpt import (
     MonitoredTrainingSession,
@@ -40,10 +41,12 @@ from asyncckpt import (
 )
 from asyncckpt._summary._proto import encode_event, encode_png, histogram_buckets, session_log
 from asyncckpt._summary._records import iter_records
-from asyncckpt.testing import FakeClock, FaultyStorage
+from asyncckpt.testing import FakeClock
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
+
+    from asyncckpt.testing import FaultyStorage
 
 pytestmark = pytest.mark.anyio
 
@@ -78,12 +81,6 @@ def event_files(directory: Path) -> list[Path]:
 
 def writer(directory: Path, **kwargs: Any) -> SummaryWriter:
     return SummaryWriter(directory, clock=FakeClock(WALL), **kwargs)
-
-
-@pytest.fixture
-def storage() -> Iterator[FaultyStorage]:
-    with FaultyStorage() as faults:
-        yield faults
 
 
 # -- the file -------------------------------------------------------------------------------------
@@ -334,7 +331,7 @@ async def test_a_failing_first_write_fails_the_enter_and_closes_the_file(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
     storage.fail("write", errno.ENOSPC, match="tfevents", times=None)
-    w = writer(tmp_path)
+    w = writer(tmp_path, storage=storage)
     with pytest.raises(OSError, match="No space left"):
         await w.__aenter__()
     assert records(w.path) == []  # nothing, rather than a torn record
@@ -345,7 +342,7 @@ async def test_a_failing_first_write_fails_the_enter_and_closes_the_file(
 async def test_a_failing_write_later_ends_the_block_with_that_error(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    w = writer(tmp_path)
+    w = writer(tmp_path, storage=storage)
 
     async def block() -> None:
         async with w:
@@ -370,7 +367,7 @@ async def test_a_flush_waiting_elsewhere_raises_when_the_writer_fails(
 
     async def own(*, task_status: anyio.abc.TaskStatus[SummaryWriter]) -> None:
         try:
-            async with writer(tmp_path) as w:
+            async with writer(tmp_path, storage=storage) as w:
                 task_status.started(w)
                 await anyio.sleep_forever()
         except OSError as error:
@@ -400,7 +397,7 @@ async def test_a_full_queue_blocks_until_the_disk_catches_up(
         await w.add_scalar("loss", float(step), step)
         accepted.append(step)
 
-    async with writer(tmp_path, max_queue=2) as w:
+    async with writer(tmp_path, max_queue=2, storage=storage) as w:
         stall = storage.stall("write", match="tfevents")
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
@@ -423,7 +420,7 @@ async def test_callers_waiting_for_room_are_written_in_the_order_they_called(
 ) -> None:
     # Each add claims its step when it is called: were a later one written first, TensorBoard
     # would take the earlier step for a restart and drop points.
-    async with writer(tmp_path, max_queue=1) as w:
+    async with writer(tmp_path, max_queue=1, storage=storage) as w:
         stall = storage.stall("write", match="tfevents")
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
@@ -433,7 +430,7 @@ async def test_callers_waiting_for_room_are_written_in_the_order_they_called(
                 await w.add_scalar("loss", 1.0, 1)  # fills the queue (max_queue=1)
                 for step in range(2, 7):
                     tg.start_soon(w.add_scalar, "loss", float(step), step)
-                    await anyio.wait_all_tasks_blocked()  # waiting for room, in this order
+                    await all_tasks_blocked()  # waiting for room, in this order
                 stall.release()
             await w.flush()
     assert records(w.path)[1:] == [scalar_event("loss", float(s), s) for s in range(7)]
@@ -444,7 +441,7 @@ async def test_a_full_queue_costs_no_disk_write_until_a_flush(
 ) -> None:
     # The writer keeps what it takes in memory: callers of a full queue wait for it to move
     # events there, not for the disk, and events reach the OS (and TensorBoard) on a flush.
-    async with writer(tmp_path, max_queue=1, flush_secs=3600) as w:
+    async with writer(tmp_path, max_queue=1, flush_secs=3600, storage=storage) as w:
         writes = storage.calls.count(("write", w.path))
         with anyio.fail_after(5):
             for step in range(50):
@@ -461,7 +458,7 @@ async def test_much_data_goes_to_the_file_without_waiting_for_a_flush(
 ) -> None:
     # What the writer holds in memory is bounded (256 KiB), whatever flush_secs is.
     text = "x" * 100_000
-    async with writer(tmp_path, flush_secs=3600) as w:
+    async with writer(tmp_path, flush_secs=3600, storage=storage) as w:
         stall = storage.stall("write", match="tfevents")
         with anyio.fail_after(5):
             for step in range(3):
@@ -519,7 +516,7 @@ async def test_a_cancel_while_a_write_is_held_waits_for_it_and_loses_nothing(
 
     async def own(*, task_status: anyio.abc.TaskStatus[SummaryWriter]) -> None:
         with owner:
-            async with writer(tmp_path, max_queue=2) as w:
+            async with writer(tmp_path, max_queue=2, storage=storage) as w:
                 task_status.started(w)
                 await anyio.sleep_forever()
 
@@ -562,7 +559,7 @@ async def test_a_cancelled_add_is_not_written_and_gives_its_step_back(
             raise AssertionError("accepted while the queue is full")  # pragma: no cover
 
     cancels: list[anyio.CancelScope] = []
-    async with writer(tmp_path, max_queue=1) as w:
+    async with writer(tmp_path, max_queue=1, storage=storage) as w:
         stall = storage.stall("write", match="tfevents")
         with anyio.fail_after(5):
             try:
@@ -605,7 +602,7 @@ async def test_concurrent_adds_for_one_step_are_refused_while_the_first_waits(
         except ValueError as error:
             refused.append(str(error))
 
-    async with writer(tmp_path, max_queue=1) as w:
+    async with writer(tmp_path, max_queue=1, storage=storage) as w:
         stall = storage.stall("write", match="tfevents")
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
@@ -637,7 +634,7 @@ async def test_the_flush_timer_hands_events_to_the_os_every_flush_secs(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
     # Only flushes reach the OS (the file is buffered), so the held "write" is the flush.
-    async with writer(tmp_path, flush_secs=30) as w:
+    async with writer(tmp_path, flush_secs=30, storage=storage) as w:
         opened = anyio.current_time()
         stall = storage.stall("write", match="tfevents")
         await w.add_scalar("loss", 1.0, 1)

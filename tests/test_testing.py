@@ -34,9 +34,10 @@ async def test_a_saver_is_held_in_the_stalled_call_until_released(tmp_path: Path
     saved: list[str] = []
 
     async def save() -> None:
-        saved.append(await Saver().save({"w": np.zeros(3)}, tmp_path / "model.ckpt", 1))
+        saved.append(await saver.save({"w": np.zeros(3)}, tmp_path / "model.ckpt", 1))
 
     with anyio.fail_after(5), FaultyStorage() as faults:
+        saver = Saver(storage=faults)
         stall = faults.stall("fsync", match="model.ckpt-1")
         async with anyio.create_task_group() as tg:
             tg.start_soon(save)

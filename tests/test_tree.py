@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.extra import numpy as hnp
 
-from asyncckpt import CheckpointError, Saver, _tree
+from asyncckpt import CheckpointError, Saver
+from asyncckpt._checkpoint import _snapshot
 from asyncckpt._checkpoint._snapshot import SnapshotPool
 from asyncckpt._tree import MAX_DEPTH
 
@@ -769,7 +770,7 @@ def test_a_snapshot_copied_on_several_threads_equals_the_tree(
 ) -> None:
     # Large states are cut into one share per core (arrays cut along their rows); with the
     # threshold lowered, small arrays of every layout take that path.
-    monkeypatch.setattr(_tree, "_PARALLEL_COPY_BYTES", threshold)
+    monkeypatch.setattr(_snapshot, "_PARALLEL_COPY_BYTES", threshold)
     rng = np.random.default_rng(7)
     tree = {
         "big": rng.random(50_000),
@@ -780,7 +781,7 @@ def test_a_snapshot_copied_on_several_threads_equals_the_tree(
         "records": np.zeros(100, dtype=[("a", "<i4"), ("b", "<f8")]),
         "tail": rng.integers(0, 9, 7),
     }
-    snapshot = _tree.SnapshotPool().take(tree)
+    snapshot = SnapshotPool().take(tree)
     for leaf in snapshot.leaves:
         np.testing.assert_array_equal(leaf.array, tree[str(leaf.path[0])])
         assert leaf.array.flags.c_contiguous

@@ -8,7 +8,6 @@ running. Nothing here sleeps for real.
 from __future__ import annotations
 
 import errno
-import io
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +15,15 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
-from support import CKPT_FILE, SAVE_OPS, STATE_FILE_FIRST_CALL, written_steps
+from support import (
+    CKPT_FILE,
+    SAVE_OPS,
+    STATE_FILE_FIRST_CALL,
+    task_ids,
+    temp_files,
+    verify_exit,
+    written_steps,
+)
 
 from asyncckpt import (
     CheckpointLockedError,
@@ -27,25 +34,21 @@ from asyncckpt import (
     Saver,
     latest_checkpoint,
 )
-from asyncckpt.cli import main as cli_main
-from asyncckpt.testing import FaultyStorage, StorageStall
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from anyio.abc import TaskStatus
 
+    from asyncckpt.testing import FaultyStorage, StorageStall
+
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def storage() -> Iterator[FaultyStorage]:
-    with FaultyStorage() as faults:
-        yield faults
-
-
-def make_state(step: int) -> dict[str, Any]:
+def mixed_state(step: int) -> dict[str, Any]:
+    """A state of every kind of leaf: arrays of two dtypes, an int, a str, a nested dict with a
+    NumPy scalar and a list."""
     return {
         "weights": np.full((4, 8), step, np.float32),
         "counts": np.arange(6, dtype=np.int64) * step,
@@ -55,8 +58,8 @@ def make_state(step: int) -> dict[str, Any]:
     }
 
 
-def assert_state(tree: Any, step: int) -> None:
-    expected = make_state(step)
+def assert_mixed_state(tree: Any, step: int) -> None:
+    expected = mixed_state(step)
     assert tree.keys() == expected.keys()
     np.testing.assert_array_equal(tree["weights"], expected["weights"])
     assert tree["weights"].dtype == np.float32
@@ -78,15 +81,6 @@ def file_size(path: Path) -> int:
     return os.path.getsize(path)
 
 
-def temp_files(directory: Path) -> list[str]:
-    return [name for name in os.listdir(directory) if "asyncckpt-tmp" in name]
-
-
-def verify_exit(directory: Path) -> int:
-    """Exit status of ``asyncckpt verify DIR``."""
-    return cli_main(["verify", str(directory)], out=io.StringIO())
-
-
 async def restore_latest(directory: Path) -> tuple[int | None, Any]:
     """Open a fresh manager on ``directory``: its latest step and restored tree."""
     async with CheckpointManager(directory) as manager:
@@ -101,7 +95,7 @@ async def restore_latest(directory: Path) -> tuple[int | None, Any]:
 async def test_save_snapshots_then_mutation_does_not_change_what_is_written(
     tmp_path: Path,
 ) -> None:
-    state = make_state(1)
+    state = mixed_state(1)
     async with CheckpointManager(tmp_path) as manager:
         assert await manager.save(state, 1) is True
         # The writer has not run yet: save() returned after the copy, so this must not leak in.
@@ -111,7 +105,7 @@ async def test_save_snapshots_then_mutation_does_not_change_what_is_written(
         state["nested"]["tags"].append("late")
         await manager.wait()
         assert manager.latest_step() == 1
-        assert_state(await manager.restore(), 1)
+        assert_mixed_state(await manager.restore(), 1)
     assert os.listdir(tmp_path).count("model.ckpt-1") == 1
 
 
@@ -120,12 +114,12 @@ async def test_latest_all_steps_and_restore_by_step(tmp_path: Path) -> None:
         assert manager.latest_step() is None
         assert manager.all_steps() == []
         for step in (10, 20, 30, 40):
-            await manager.save(make_state(step), step)
+            await manager.save(mixed_state(step), step)
             await manager.wait()
             assert manager.latest_step() == step
         assert manager.all_steps() == [20, 30, 40]
-        assert_state(await manager.restore(), 40)
-        assert_state(await manager.restore(step=20), 20)
+        assert_mixed_state(await manager.restore(), 40)
+        assert_mixed_state(await manager.restore(step=20), 20)
         with pytest.raises(CheckpointNotFoundError):
             await manager.restore(step=10)  # fell out of max_to_keep
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("model")) == [
@@ -137,13 +131,13 @@ async def test_latest_all_steps_and_restore_by_step(tmp_path: Path) -> None:
 
 async def test_restore_into_fills_arrays_in_place(tmp_path: Path) -> None:
     async with CheckpointManager(tmp_path) as manager:
-        await manager.save(make_state(3), 3)
-        live = make_state(0)
+        await manager.save(mixed_state(3), 3)
+        live = mixed_state(0)
         weights, counts = live["weights"], live["counts"]
         restored = await manager.restore(into=live)
     assert restored["weights"] is weights
     assert restored["counts"] is counts
-    assert_state(restored, 3)
+    assert_mixed_state(restored, 3)
     np.testing.assert_array_equal(weights, np.full((4, 8), 3, np.float32))
 
 
@@ -157,13 +151,13 @@ async def test_restore_with_nothing_saved_raises_not_found(tmp_path: Path) -> No
 async def test_second_manager_continues_latest_step_and_retention(tmp_path: Path) -> None:
     async with CheckpointManager(tmp_path, max_to_keep=3) as first:
         for step in (1, 2, 3):
-            await first.save(make_state(step), step)
+            await first.save(mixed_state(step), step)
     async with CheckpointManager(tmp_path, max_to_keep=3) as second:
         assert second.latest_step() == 3
         assert second.all_steps() == [1, 2, 3]
-        assert_state(await second.restore(), 3)
+        assert_mixed_state(await second.restore(), 3)
         for step in (4, 5):
-            await second.save(make_state(step), step)
+            await second.save(mixed_state(step), step)
         await second.wait()
         assert second.all_steps() == [3, 4, 5]
     on_disk = sorted(int(n.split("-")[1]) for n in os.listdir(tmp_path) if CKPT_FILE.match(n))
@@ -182,7 +176,7 @@ async def test_statistics_after_saves(tmp_path: Path) -> None:
         )
         assert empty.latest_step is None
         for step in (1, 2, 3):
-            await manager.save(make_state(step), step)
+            await manager.save(mixed_state(step), step)
             await manager.wait()
             assert manager.statistics().latest_step == step
         stats = manager.statistics()
@@ -196,7 +190,7 @@ async def test_statistics_after_saves(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("wait_between", [True, False], ids=["sequential", "pipelined"])
 async def test_repeated_saves_reuse_snapshot_buffers(tmp_path: Path, wait_between: bool) -> None:
-    state = make_state(1)
+    state = mixed_state(1)
     async with CheckpointManager(tmp_path, max_to_keep=2, max_pending=2) as manager:
         await manager.save(state, 0)
         await manager.wait()
@@ -228,13 +222,15 @@ async def test_block_policy_waits_until_the_writer_moves_on(
     done: list[list[int]] = []
 
     async def third(manager: CheckpointManager) -> None:
-        assert await manager.save(make_state(3), 3) is True
+        assert await manager.save(mixed_state(3), 3) is True
         done.append(written_steps(storage))
 
-    async with CheckpointManager(tmp_path, max_pending=1, policy="block") as manager:
-        assert await manager.save(make_state(1), 1) is True
+    async with CheckpointManager(
+        tmp_path, max_pending=1, policy="block", storage=storage
+    ) as manager:
+        assert await manager.save(mixed_state(1), 1) is True
         await stall.wait_reached()  # checkpoint 1 is being written, held in fsync
-        assert await manager.save(make_state(2), 2) is True  # room for one waiting snapshot
+        assert await manager.save(mixed_state(2), 2) is True  # room for one waiting snapshot
         assert manager.statistics().pending == 2
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
@@ -252,11 +248,13 @@ async def test_block_policy_waits_until_the_writer_moves_on(
 
 async def test_skip_policy_drops_and_counts(tmp_path: Path, storage: FaultyStorage) -> None:
     stall = storage.stall("fsync", match="model.ckpt-1")
-    async with CheckpointManager(tmp_path, max_pending=1, policy="skip") as manager:
-        assert await manager.save(make_state(1), 1) is True
+    async with CheckpointManager(
+        tmp_path, max_pending=1, policy="skip", storage=storage
+    ) as manager:
+        assert await manager.save(mixed_state(1), 1) is True
         await stall.wait_reached()
-        assert await manager.save(make_state(2), 2) is True
-        assert await manager.save(make_state(3), 3) is False
+        assert await manager.save(mixed_state(2), 2) is True
+        assert await manager.save(mixed_state(3), 3) is False
         stats = manager.statistics()
         assert (stats.pending, stats.skipped, stats.written) == (2, 1, 0)
         stall.release()
@@ -264,7 +262,7 @@ async def test_skip_policy_drops_and_counts(tmp_path: Path, storage: FaultyStora
         assert manager.latest_step() == 2
         assert manager.all_steps() == [1, 2]
         assert manager.statistics().skipped == 1
-        assert_state(await manager.restore(), 2)
+        assert_mixed_state(await manager.restore(), 2)
     assert written_steps(storage) == [1, 2]
 
 
@@ -272,11 +270,13 @@ async def test_replace_policy_swaps_the_waiting_snapshot(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
     stall = storage.stall("fsync", match="model.ckpt-1")
-    async with CheckpointManager(tmp_path, max_pending=1, policy="replace") as manager:
-        assert await manager.save(make_state(1), 1) is True
+    async with CheckpointManager(
+        tmp_path, max_pending=1, policy="replace", storage=storage
+    ) as manager:
+        assert await manager.save(mixed_state(1), 1) is True
         await stall.wait_reached()
-        assert await manager.save(make_state(2), 2) is True
-        assert await manager.save(make_state(3), 3) is True
+        assert await manager.save(mixed_state(2), 2) is True
+        assert await manager.save(mixed_state(3), 3) is True
         stats = manager.statistics()
         assert (stats.pending, stats.replaced, stats.skipped) == (2, 1, 0)
         stall.release()
@@ -284,7 +284,7 @@ async def test_replace_policy_swaps_the_waiting_snapshot(
         assert manager.all_steps() == [1, 3]
         assert manager.statistics().replaced == 1
         assert manager.statistics().written == 2
-        assert_state(await manager.restore(), 3)
+        assert_mixed_state(await manager.restore(), 3)
     assert written_steps(storage) == [1, 3]
 
 
@@ -300,21 +300,22 @@ def assert_enospc(error: BaseException) -> None:
 
 async def test_write_error_raised_once_by_next_save(tmp_path: Path, storage: FaultyStorage) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
-    async with CheckpointManager(tmp_path) as manager:
-        await manager.save(make_state(1), 1)
+    async with CheckpointManager(tmp_path, storage=storage) as manager:
+        await manager.save(mixed_state(1), 1)
         await manager.wait()
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(2), 2)
         await until(lambda: manager.statistics().failed == 1)
         with pytest.raises(CheckpointWriteError) as caught:
-            await manager.save(make_state(3), 3)
+            await manager.save(mixed_state(3), 3)
         assert_enospc(caught.value)
         stats = manager.statistics()
         assert stats.last_error is caught.value
         assert (stats.failed, stats.written, stats.pending) == (1, 1, 0)
         assert manager.latest_step() == 1
-        assert_state(await manager.restore(), 1)  # already reported: restore does not re-raise
+        # Already reported: restore does not re-raise.
+        assert_mixed_state(await manager.restore(), 1)
         # The failed save did not take a snapshot; the next one works (the fault was one-shot).
-        assert await manager.save(make_state(4), 4) is True
+        assert await manager.save(mixed_state(4), 4) is True
         await manager.wait()
         assert manager.latest_step() == 4
         assert manager.all_steps() == [1, 4]
@@ -327,28 +328,28 @@ async def test_write_error_raised_once_by_wait_or_restore(
     tmp_path: Path, storage: FaultyStorage, boundary: str
 ) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
-    async with CheckpointManager(tmp_path) as manager:
-        await manager.save(make_state(1), 1)
-        await manager.save(make_state(2), 2)
+    async with CheckpointManager(tmp_path, storage=storage) as manager:
+        await manager.save(mixed_state(1), 1)
+        await manager.save(mixed_state(2), 2)
         with pytest.raises(CheckpointWriteError) as caught:
             await (manager.wait() if boundary == "wait" else manager.restore())
         assert_enospc(caught.value)
         await manager.wait()  # reported once only
         assert manager.latest_step() == 1
         assert manager.statistics().failed == 1
-        assert_state(await manager.restore(), 1)
-        await manager.save(make_state(3), 3)
+        assert_mixed_state(await manager.restore(), 1)
+        await manager.save(mixed_state(3), 3)
     assert (await restore_latest(tmp_path))[0] == 3
 
 
 async def test_write_error_raised_once_by_exit(tmp_path: Path, storage: FaultyStorage) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
-    manager = CheckpointManager(tmp_path)
+    manager = CheckpointManager(tmp_path, storage=storage)
 
     async def body() -> None:
         async with manager:
-            await manager.save(make_state(1), 1)
-            await manager.save(make_state(2), 2)
+            await manager.save(mixed_state(1), 1)
+            await manager.save(mixed_state(2), 2)
 
     with pytest.raises(CheckpointWriteError) as caught:
         await body()
@@ -358,7 +359,7 @@ async def test_write_error_raised_once_by_exit(tmp_path: Path, storage: FaultySt
     assert manager.statistics().last_error is caught.value
     step, tree = await restore_latest(tmp_path)
     assert step == 1
-    assert_state(tree, 1)
+    assert_mixed_state(tree, 1)
     assert temp_files(tmp_path) == []
     assert verify_exit(tmp_path) == 0
 
@@ -370,8 +371,8 @@ async def test_body_exception_wins_and_notes_the_write_error(
     boom = ValueError("boom")
 
     async def body() -> None:
-        async with CheckpointManager(tmp_path) as manager:
-            await manager.save(make_state(1), 1)
+        async with CheckpointManager(tmp_path, storage=storage) as manager:
+            await manager.save(mixed_state(1), 1)
             raise boom
 
     with pytest.raises(ValueError, match="boom") as caught:
@@ -383,16 +384,16 @@ async def test_body_exception_wins_and_notes_the_write_error(
 async def test_state_file_write_error_keeps_previous_latest(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    async with CheckpointManager(tmp_path) as manager:
-        await manager.save(make_state(1), 1)
+    async with CheckpointManager(tmp_path, storage=storage) as manager:
+        await manager.save(mixed_state(1), 1)
         await manager.wait()
         storage.fail("rename", errno.EACCES, match=f"{os.sep}checkpoint")
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(2), 2)
         with pytest.raises(CheckpointWriteError):
             await manager.wait()
         assert manager.latest_step() == 1
         assert manager.all_steps() == [1]
-        assert_state(await manager.restore(), 1)
+        assert_mixed_state(await manager.restore(), 1)
     step, _tree = await restore_latest(tmp_path)
     assert step == 1
 
@@ -402,17 +403,17 @@ async def test_failed_deletion_after_the_commit_keeps_the_new_checkpoint_latest(
 ) -> None:
     # A manager retires the surplus checkpoint by renaming it to a spare temporary name.
     storage.fail("rename", errno.EACCES, match=".model.ckpt-1.asyncckpt-tmp-")
-    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
-        await manager.save(make_state(1), 1)
+    async with CheckpointManager(tmp_path, max_to_keep=1, storage=storage) as manager:
+        await manager.save(mixed_state(1), 1)
         await manager.wait()
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(2), 2)
         with pytest.raises(CheckpointWriteError, match=r"model\.ckpt-1") as caught:
             await manager.wait()
         assert type(caught.value) is CheckpointWriteError
         # The state file already lists checkpoint 2: the manager must agree with it.
         assert manager.latest_step() == manager.statistics().latest_step == 2
         assert manager.all_steps() == [2]
-        assert_state(await manager.restore(), 2)
+        assert_mixed_state(await manager.restore(), 2)
     assert (await restore_latest(tmp_path))[0] == 2
 
 
@@ -424,7 +425,7 @@ async def test_enter_twice_raises(tmp_path: Path) -> None:
     async with manager:
         with pytest.raises(RuntimeError, match="entered only once"):
             await manager.__aenter__()
-        await manager.save(make_state(1), 1)  # still usable
+        await manager.save(mixed_state(1), 1)  # still usable
     with pytest.raises(RuntimeError, match="entered only once"):
         async with manager:
             pass
@@ -437,22 +438,22 @@ async def test_a_locked_directory_fails_the_enter_and_nothing_else(tmp_path: Pat
         with pytest.raises(CheckpointLockedError, match="another writer holds"):
             await second.__aenter__()
         with pytest.raises(RuntimeError, match="async with"):
-            await second.save(make_state(1), 1)
+            await second.save(mixed_state(1), 1)
         await second.aclose()  # nothing to stop
-        await first.save(make_state(1), 1)
+        await first.save(mixed_state(1), 1)
     assert first.all_steps() == [1]
 
 
 async def test_save_and_wait_outside_the_block_raise(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path)
     with pytest.raises(RuntimeError, match="async with"):
-        await manager.save(make_state(1), 1)
+        await manager.save(mixed_state(1), 1)
     with pytest.raises(RuntimeError, match="async with"):
         await manager.wait()
     async with manager:
-        await manager.save(make_state(1), 1)
+        await manager.save(mixed_state(1), 1)
     with pytest.raises(RuntimeError, match="closed"):
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(2), 2)
     with pytest.raises(RuntimeError, match="closed"):
         await manager.wait()
     assert manager.all_steps() == [1]
@@ -461,21 +462,21 @@ async def test_save_and_wait_outside_the_block_raise(tmp_path: Path) -> None:
 async def test_aclose_is_idempotent_and_writes_everything(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, max_pending=2)
     async with manager:
-        await manager.save(make_state(1), 1)
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(1), 1)
+        await manager.save(mixed_state(2), 2)
         await manager.aclose()
         assert manager.latest_step() == 2
         await manager.aclose()
         with pytest.raises(RuntimeError, match="closed"):
-            await manager.save(make_state(3), 3)
+            await manager.save(mixed_state(3), 3)
     await manager.aclose()
     assert manager.all_steps() == [1, 2]
 
 
 async def test_aclose_from_another_task_and_under_a_deadline(tmp_path: Path) -> None:
     async with CheckpointManager(tmp_path, max_pending=2) as manager:
-        await manager.save(make_state(1), 1)
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(1), 1)
+        await manager.save(mixed_state(2), 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(manager.aclose)  # e.g. a shutdown handler's task
         assert manager.all_steps() == [1, 2]
@@ -487,9 +488,9 @@ async def test_aclose_from_another_task_and_under_a_deadline(tmp_path: Path) -> 
 
 async def test_aclose_raises_a_write_error_once(tmp_path: Path, storage: FaultyStorage) -> None:
     storage.fail("fsync", errno.ENOSPC, match="model.ckpt-2")
-    async with CheckpointManager(tmp_path) as manager:
-        await manager.save(make_state(1), 1)
-        await manager.save(make_state(2), 2)
+    async with CheckpointManager(tmp_path, storage=storage) as manager:
+        await manager.save(mixed_state(1), 1)
+        await manager.save(mixed_state(2), 2)
         with anyio.fail_after(5), pytest.raises(CheckpointWriteError) as caught:
             await manager.aclose()
         assert_enospc(caught.value)
@@ -500,13 +501,13 @@ async def test_aclose_raises_a_write_error_once(tmp_path: Path, storage: FaultyS
 async def test_exit_leaves_no_task_and_releases_the_directory(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    before = {task.id for task in anyio.get_running_tasks()}
-    async with CheckpointManager(tmp_path, max_pending=2) as manager:
-        assert {task.id for task in anyio.get_running_tasks()} > before  # the writer runs
-        await manager.save(make_state(1), 1)
-        await manager.save(make_state(2), 2)
+    before = task_ids()
+    async with CheckpointManager(tmp_path, max_pending=2, storage=storage) as manager:
+        assert task_ids() > before  # the writer runs
+        await manager.save(mixed_state(1), 1)
+        await manager.save(mixed_state(2), 2)
         assert manager.statistics().pending == 2  # nothing written yet: exit must drain
-    assert {task.id for task in anyio.get_running_tasks()} == before
+    assert task_ids() == before
     listing, calls = sorted(os.listdir(tmp_path)), len(storage.calls)
     await anyio.wait_all_tasks_blocked()
     assert sorted(os.listdir(tmp_path)) == listing
@@ -515,7 +516,7 @@ async def test_exit_leaves_no_task_and_releases_the_directory(
     # The directory lock was released: another manager can open it at once.
     step, tree = await restore_latest(tmp_path)
     assert step == 2
-    assert_state(tree, 2)
+    assert_mixed_state(tree, 2)
 
 
 async def test_body_exception_still_writes_taken_snapshots(tmp_path: Path) -> None:
@@ -524,8 +525,8 @@ async def test_body_exception_still_writes_taken_snapshots(tmp_path: Path) -> No
 
     async def body() -> None:
         async with manager:
-            await manager.save(make_state(1), 1)
-            await manager.save(make_state(2), 2)
+            await manager.save(mixed_state(1), 1)
+            await manager.save(mixed_state(2), 2)
             raise boom
 
     with pytest.raises(KeyError) as caught:
@@ -542,10 +543,12 @@ async def test_zero_grace_abandons_a_stalled_write(tmp_path: Path, storage: Faul
     exited: list[str] = []
 
     async def body() -> None:
-        async with CheckpointManager(tmp_path, stop_grace_period_secs=0) as manager:
-            await manager.save(make_state(1), 1)
+        async with CheckpointManager(
+            tmp_path, stop_grace_period_secs=0, storage=storage
+        ) as manager:
+            await manager.save(mixed_state(1), 1)
             await manager.wait()
-            await manager.save(make_state(2), 2)
+            await manager.save(mixed_state(2), 2)
             await go.wait()
             raise LookupError("body failed")
 
@@ -567,7 +570,7 @@ async def test_zero_grace_abandons_a_stalled_write(tmp_path: Path, storage: Faul
     assert temp_files(tmp_path) == []
     step, tree = await restore_latest(tmp_path)
     assert step == 1
-    assert_state(tree, 1)
+    assert_mixed_state(tree, 1)
     assert verify_exit(tmp_path) == 0
 
 
@@ -584,9 +587,9 @@ async def test_owner_cancellation_writes_taken_snapshots_then_propagates(
 
     async def owner() -> None:
         with scope:
-            async with CheckpointManager(tmp_path, max_pending=2) as manager:
-                await manager.save(make_state(1), 1)
-                await manager.save(make_state(2), 2)
+            async with CheckpointManager(tmp_path, max_pending=2, storage=storage) as manager:
+                await manager.save(mixed_state(1), 1)
+                await manager.save(mixed_state(2), 2)
                 progress.append("saved")
                 if not in_exit:
                     await anyio.sleep_forever()
@@ -613,13 +616,15 @@ async def test_cancelled_blocked_save_leaves_nothing_queued(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
     stall = storage.stall("fsync", match="model.ckpt-1")
-    async with CheckpointManager(tmp_path, max_pending=1, policy="block") as manager:
-        await manager.save(make_state(1), 1)
+    async with CheckpointManager(
+        tmp_path, max_pending=1, policy="block", storage=storage
+    ) as manager:
+        await manager.save(mixed_state(1), 1)
         await stall.wait_reached()
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(2), 2)
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(manager.save, make_state(3), 3)
+                tg.start_soon(manager.save, mixed_state(3), 3)
                 await anyio.wait_all_tasks_blocked()
                 tg.cancel_scope.cancel()
         assert manager.statistics().pending == 2
@@ -634,11 +639,11 @@ async def test_cancelled_blocked_save_leaves_nothing_queued(
 async def test_save_commits_file_then_state_file_then_deletes(
     tmp_path: Path, storage: FaultyStorage
 ) -> None:
-    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
-        await manager.save(make_state(1), 1)
+    async with CheckpointManager(tmp_path, max_to_keep=1, storage=storage) as manager:
+        await manager.save(mixed_state(1), 1)
         await manager.wait()
         first = len(storage.calls)
-        await manager.save(make_state(2), 2)
+        await manager.save(mixed_state(2), 2)
         await manager.wait()
     calls = storage.calls[first:]
     assert [op for op, _path in calls] == SAVE_OPS
@@ -659,12 +664,12 @@ async def test_cancel_at_each_storage_call_leaves_a_restorable_directory(
     async def owner(*, task_status: TaskStatus[StorageStall]) -> None:
         with scope:
             async with CheckpointManager(
-                tmp_path, max_to_keep=1, stop_grace_period_secs=0
+                tmp_path, max_to_keep=1, stop_grace_period_secs=0, storage=storage
             ) as manager:
-                await manager.save(make_state(1), 1)
+                await manager.save(mixed_state(1), 1)
                 await manager.wait()
                 task_status.started(storage.stall(skip=k))  # the k-th call of the next save
-                await manager.save(make_state(2), 2)
+                await manager.save(mixed_state(2), 2)
                 await anyio.sleep_forever()
 
     with anyio.fail_after(5):
@@ -681,7 +686,7 @@ async def test_cancel_at_each_storage_call_leaves_a_restorable_directory(
     # Until the state file is replaced, checkpoint 1 stays the latest; after, it is 2.
     expected = 1 if k < STATE_FILE_FIRST_CALL else 2
     assert step == expected
-    assert_state(tree, expected)
+    assert_mixed_state(tree, expected)
     assert verify_exit(tmp_path) == 0
 
 
@@ -712,19 +717,19 @@ async def test_constructor_validates_arguments(
 
 async def test_unsupported_leaf_names_its_path_and_manager_keeps_working(tmp_path: Path) -> None:
     async with CheckpointManager(tmp_path) as manager:
-        bad = make_state(1)
+        bad = mixed_state(1)
         bad["nested"]["handle"] = object()
         with pytest.raises(TypeError, match=r"cannot save object at nested/handle"):
             await manager.save(bad, 1)
         with pytest.raises(TypeError, match="step must be an int"):
-            await manager.save(make_state(1), "1")  # type: ignore[arg-type]
+            await manager.save(mixed_state(1), "1")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"must be in \[0, 2\*\*63\), not -1"):
-            await manager.save(make_state(1), -1)
+            await manager.save(mixed_state(1), -1)
         assert manager.statistics().pending == 0
-        assert await manager.save(make_state(2), 2) is True
+        assert await manager.save(mixed_state(2), 2) is True
         await manager.wait()
         assert manager.all_steps() == [2]
-        assert_state(await manager.restore(), 2)
+        assert_mixed_state(await manager.restore(), 2)
 
 
 def test_manager_is_created_outside_an_event_loop(tmp_path: Path) -> None:
@@ -732,7 +737,7 @@ def test_manager_is_created_outside_an_event_loop(tmp_path: Path) -> None:
 
     async def use() -> list[int]:
         async with manager:
-            await manager.save(make_state(1), 1)
+            await manager.save(mixed_state(1), 1)
         return manager.all_steps()
 
     assert anyio.run(use) == [1]
@@ -742,14 +747,14 @@ async def test_latest_filename_names_the_managers_own_state_file(tmp_path: Path)
     manager = CheckpointManager(tmp_path, basename="input.ckpt", latest_filename="checkpoint_input")
     assert manager.latest_filename == "checkpoint_input"
     async with manager:
-        await manager.save(make_state(1), 1)
+        await manager.save(mixed_state(1), 1)
     assert latest_checkpoint(tmp_path) is None
     assert latest_checkpoint(tmp_path, "checkpoint_input") == str(tmp_path / "input.ckpt-1")
     async with CheckpointManager(
         tmp_path, basename="input.ckpt", latest_filename="checkpoint_input"
     ) as reopened:
         assert (reopened.latest_step(), reopened.all_steps()) == (1, [1])
-        assert_state(await reopened.restore(), 1)
+        assert_mixed_state(await reopened.restore(), 1)
     async with CheckpointManager(tmp_path) as model:  # the default state file lists nothing
         assert model.latest_step() is None
 
@@ -779,7 +784,7 @@ async def test_a_manager_overwrites_the_checkpoint_file_it_retired(tmp_path: Pat
         assert os.stat(tmp_path / "model.ckpt-3").st_ino == first_inode
         assert manager.all_steps() == [3]
     assert temp_files(tmp_path) == []  # the spare retired by step 3's save went at close
-    assert cli_main(["verify", str(tmp_path)], out=io.StringIO()) == 0
+    assert verify_exit(tmp_path) == 0
     step, tree = await restore_latest(tmp_path)
     assert step == 3
     np.testing.assert_array_equal(tree["w"], np.full(10, 3.0))
