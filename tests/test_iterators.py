@@ -175,6 +175,7 @@ async def test_states_survive_a_checkpoint_round_trip(kind: str, tmp_path: Path)
     assert head + list(resumed) == list(factory())
 
 
+@pytest.mark.slow  # a hundred Hypothesis examples: ~0.3 s
 @given(
     length=st.integers(0, 12),
     num_epochs=st.integers(1, 3),

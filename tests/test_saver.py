@@ -561,6 +561,7 @@ async def _saved_once(directory: Path, storage: FaultyStorage | None = None) -> 
     return saver, prefix
 
 
+@pytest.mark.slow  # a directory, two saves, a restore and a verify for each of ~14 calls
 async def test_cancel_during_each_storage_call_of_a_save(tmp_path: Path) -> None:
     reference = FaultyStorage()
     saver, prefix = await _saved_once(tmp_path / "reference", reference)

@@ -28,6 +28,7 @@ import pytest
 from support import (
     SAVE_OPS,
     STATE_FILE_FIRST_CALL,
+    all_tasks_blocked,
     make_state,
     step_fn,
     task_ids,
@@ -840,11 +841,11 @@ async def test_cancellation_writes_taken_snapshots_no_final_save_then_propagates
         async with anyio.create_task_group() as tg:
             tg.start_soon(owner)
             await stall.wait_reached()
-            await anyio.wait_all_tasks_blocked()
+            await all_tasks_blocked()
             # 1 is being written, 2 waits in the queue, step 3's save waits for room.
             assert progress == [1, 2]
             scope.cancel()
-            await anyio.wait_all_tasks_blocked()
+            await all_tasks_blocked()
             assert progress == [1, 2]  # cancelled, but the taken snapshots are still written
             stall.release()
     assert progress == [1, 2, "exited"]

@@ -407,7 +407,7 @@ async def test_a_full_queue_blocks_until_the_disk_catches_up(
                 await add(w, 1)
                 await add(w, 2)  # the queue (max_queue=2) is now full
                 tg.start_soon(add, w, 3)
-                await anyio.wait_all_tasks_blocked()
+                await all_tasks_blocked()
                 assert accepted == [0, 1, 2]  # add_scalar(3) waits for room
                 stall.release()
             assert accepted == [0, 1, 2, 3]
@@ -446,7 +446,7 @@ async def test_a_full_queue_costs_no_disk_write_until_a_flush(
         with anyio.fail_after(5):
             for step in range(50):
                 await w.add_scalar("loss", float(step), step)
-            await anyio.wait_all_tasks_blocked()
+            await all_tasks_blocked()
             assert storage.calls.count(("write", w.path)) == writes
             assert records(w.path) == [header()]
             await w.flush()
@@ -538,9 +538,9 @@ async def test_a_cancel_while_a_write_is_held_waits_for_it_and_loses_nothing(
             await add(w, 1)
             await add(w, 2)  # the queue (max_queue=2) is full
             tg.start_soon(add, w, 3)
-            await anyio.wait_all_tasks_blocked()
+            await all_tasks_blocked()
             owner.cancel()
-            await anyio.wait_all_tasks_blocked()
+            await all_tasks_blocked()
             assert repr(w).endswith("closed events_written=1>")  # waiting for the disk
             assert refused == ["the SummaryWriter closed before this call was accepted"]
             stall.release()
@@ -570,12 +570,12 @@ async def test_a_cancelled_add_is_not_written_and_gives_its_step_back(
                     await w.add_scalar("loss", 1.0, 1)  # fills the queue (max_queue=1)
                     tg.start_soon(add_until_cancelled, w, "loss", 2)
                     tg.start_soon(add_until_cancelled, w, "new", 0)
-                    await anyio.wait_all_tasks_blocked()  # steps claimed, waiting for room
+                    await all_tasks_blocked()  # steps claimed, waiting for room
                     tg.start_soon(w.add_scalar, "loss", 3.0, 3)  # claims 3 after 2
-                    await anyio.wait_all_tasks_blocked()
+                    await all_tasks_blocked()
                     for scope in cancels:
                         scope.cancel()
-                    await anyio.wait_all_tasks_blocked()
+                    await all_tasks_blocked()
                     stall.release()
             finally:
                 stall.release()
@@ -611,7 +611,7 @@ async def test_concurrent_adds_for_one_step_are_refused_while_the_first_waits(
                 await stall.wait_reached()  # the writer is held in a disk write
                 await w.add_scalar("loss", 1.0, 1)  # fills the queue (max_queue=1)
                 tg.start_soon(add, w, 2.0, 2)  # waits for room
-                await anyio.wait_all_tasks_blocked()
+                await all_tasks_blocked()
                 await add(w, 2.1, 2)
                 await add(w, 1.5, 1)
                 assert len(refused) == 2

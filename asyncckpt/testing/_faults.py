@@ -75,7 +75,9 @@ class StorageStall:
 
         with FaultyStorage() as faults:
             stall = faults.stall("fsync", match="model.ckpt-1")
-            async with CheckpointManager(directory, max_pending=1, policy="skip") as manager:
+            async with CheckpointManager(
+                directory, max_pending=1, policy="skip", storage=faults
+            ) as manager:
                 await manager.save(state, 1)
                 await stall.wait_reached()  # checkpoint 1 is being written, held in fsync
                 assert await manager.save(state, 2) is True  # waits in the queue
