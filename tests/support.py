@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import select
+import subprocess
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -142,3 +144,24 @@ def parse_protobuf(buf: bytes) -> Fields:
         fields.setdefault(key >> 3, []).append(value)
     assert pos == len(buf), "a field runs past the end of the message"
     return fields
+
+
+def signal_when_ready(argv: list[str], ready: str, signum: int, timeout: float = 30) -> str:
+    """Run ``argv``, send ``signum`` once it printed the line ``ready``, and return the rest
+    of its output, asserting that it exited 0 with nothing on stderr (every wait bounded)."""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            readable, _, _ = select.select([process.stdout], [], [], timeout)
+            assert readable, f"{argv[1]} printed nothing within {timeout} s"
+            assert process.stdout.readline() == ready + "\n"
+            process.send_signal(signum)
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            if process.poll() is None:  # pragma: no cover - only when the test fails
+                process.kill()
+    assert process.returncode == 0, stderr
+    assert stderr == ""
+    return stdout

@@ -12,9 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import select
 import signal
-import subprocess
 import sys
 import textwrap
 from contextlib import aclosing
@@ -30,6 +28,7 @@ from support import (
     STATE_FILE_FIRST_CALL,
     all_tasks_blocked,
     make_state,
+    signal_when_ready,
     step_fn,
     task_ids,
     temp_files,
@@ -944,13 +943,6 @@ _SIGTERM_SCRIPT = textwrap.dedent(
 _BACKENDS = ["asyncio"] + (["trio"] if importlib.util.find_spec("trio") else [])
 
 
-def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, "the script printed nothing in time"
-    return process.stdout.readline()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize(
@@ -964,21 +956,9 @@ def test_a_signal_saves_the_last_step_and_exits_0(
     script = tmp_path / "train.py"
     script.write_text(_SIGTERM_SCRIPT)
     directory = tmp_path / "ckpt"
-    with subprocess.Popen(
-        [sys.executable, str(script), str(directory), backend],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        try:
-            assert _read_line(process, 30) == "ready\n"
-            process.send_signal(signum)
-            stdout, stderr = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:  # pragma: no cover - only when the test fails
-                process.kill()
-    assert process.returncode == 0, stderr
-    assert stderr == ""
+    stdout = signal_when_ready(
+        [sys.executable, str(script), str(directory), backend], "ready", signum
+    )
     match = re.fullmatch(r"exit (\d+)\n", stdout)
     assert match, stdout
     last_step = int(match.group(1))

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import select
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ import anyio.lowlevel
 import numpy as np
 import pytest
 import signal_trainer
+from support import signal_when_ready
 
 import asyncckpt
 from asyncckpt import MonitoredTrainingSession, StopAtStepHook, stop_on_signals
@@ -278,32 +277,15 @@ def test_without_a_running_event_loop_is_a_clear_error() -> None:
 # -- a real process, signalled from here ----------------------------------------------------
 
 
-def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, "the trainer printed nothing in time"
-    return process.stdout.readline()
-
-
 def _train_until_signalled(
     directory: Path, backend: str, step_kind: str, mode: str, signum: signal.Signals
 ) -> int:
     """Run the trainer, signal it once READY; return the step it stopped at."""
-    with subprocess.Popen(
+    stdout = signal_when_ready(
         [sys.executable, str(_TRAINER), str(directory), backend, step_kind, mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        try:
-            assert _read_line(process, 30) == "READY\n"
-            process.send_signal(signum)
-            stdout, stderr = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:  # pragma: no cover - only when the test fails
-                process.kill()
-    assert process.returncode == 0, stderr
-    assert stderr == ""
+        "READY",
+        signum,
+    )
     lines = stdout.splitlines()
     assert len(lines) == 1, stdout
     assert lines[0].startswith("FINAL "), stdout
