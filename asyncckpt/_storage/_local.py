@@ -366,7 +366,10 @@ class LocalStorage(Storage):
         self._probe("open", path)
         # O_EXCL|O_NOFOLLOW: never write through a planted symlink or into someone else's file.
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o644)
+        return self._checked_writer(os.open(path, flags, 0o644), path)
+
+    def _checked_writer(self, fd: int, path: str) -> io.BufferedWriter:
+        """Wrap ``fd`` (closed on failure) as a buffered file whose writes pass the probe."""
         try:
             raw = _CheckedFileIO(fd, "wb", closefd=True)
         except BaseException:
@@ -389,13 +392,10 @@ class LocalStorage(Storage):
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise IsADirectoryError(errno.EISDIR, "a spare file must be a regular file")
-                    raw = _CheckedFileIO(fd, "wb", closefd=True)
                 except BaseException:
                     os.close(fd)
                     raise
-                raw.check_path = reuse
-                raw.probe = self._probe
-                return io.BufferedWriter(raw, buffer_size=_WRITE_BUFFER), reuse
+                return self._checked_writer(fd, reuse), reuse
         temp_path = _temp_name(final_path)
         return self._create_exclusive(temp_path), temp_path
 
