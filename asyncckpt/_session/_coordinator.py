@@ -26,8 +26,8 @@ class Coordinator:
     closes, and an exception it raises ends the session with that exception.
 
     ``pending_started()`` / ``pending_finished()`` count background jobs in flight (a
-    checkpoint being written): while any is, the session yields to the event loop once per
-    step so the jobs progress even when the step function never awaits, and recovery waits
+    checkpoint being written): while any is, the session gives the event loop a few turns
+    after each step so the jobs progress even when the step function never awaits, and recovery waits
     for them. When none is, a step costs nothing extra.
 
     ``request_stop_soon()`` is the signal handler's half of a stop (see ``stop_on_signals``):
