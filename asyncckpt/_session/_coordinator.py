@@ -27,8 +27,8 @@ class Coordinator:
 
     ``pending_started()`` / ``pending_finished()`` count background jobs in flight (a
     checkpoint being written): while any is, the session gives the event loop a few turns
-    after each step so the jobs progress even when the step function never awaits, and recovery waits
-    for them. When none is, a step costs nothing extra.
+    after each step so the jobs progress even when the step function never awaits, and
+    recovery waits for them. When none is, a step costs nothing extra.
 
     ``request_stop_soon()`` is the signal handler's half of a stop (see ``stop_on_signals``):
     it only marks the stop as requested, so ``should_stop()`` is True from the next step
