@@ -8,6 +8,11 @@ waits for the upload or the evaluation: both run in the background while it keep
 which is why the listener evaluates the checkpoint it was called for, never
 ``session.state`` (by then the loop has moved on by a few steps).
 
+An upload slower than the save interval is fine: the checkpoint being uploaded is never
+deleted by retention until ``after_save`` returns, and the hook's policy decides what
+happens to saves meanwhile (``"block"``, the default, holds the loop; ``"skip"`` drops
+them). Try ``--upload-seconds 0.5 --keep 1 --policy skip``.
+
     python examples/listener_upload.py --dir ckpt/upload --remote ckpt/remote
 """
 
@@ -29,10 +34,13 @@ FEATURES = 16
 class UploadAndEarlyStop(asyncckpt.CheckpointSaverListener):
     """Copy each durable checkpoint to ``remote``; stop when validation stops improving."""
 
-    def __init__(self, checkpoint_dir: str, remote: str, patience: int) -> None:
+    def __init__(
+        self, checkpoint_dir: str, remote: str, patience: int, upload_seconds: float
+    ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.remote = remote
         self.patience = patience
+        self.upload_seconds = upload_seconds  # a slow network, for trying it out
         self.saver = asyncckpt.Saver()
         self.best = float("inf")
         self.stale = 0
@@ -43,6 +51,7 @@ class UploadAndEarlyStop(asyncckpt.CheckpointSaverListener):
     async def after_save(self, session: Any, global_step_value: int) -> bool:
         source = os.path.join(self.checkpoint_dir, f"model.ckpt-{global_step_value}")
         uploaded = await anyio.to_thread.run_sync(shutil.copy2, source, self.remote)
+        await anyio.sleep(self.upload_seconds)
         self.uploaded.append(global_step_value)
         state = await self.saver.restore(uploaded)  # the uploaded copy, checksums verified
         targets = self.val_inputs @ state["true_weights"]
@@ -73,14 +82,21 @@ def step_fn(state: dict[str, Any]) -> dict[str, float]:
     return {"loss": float(np.mean(error**2))}
 
 
-async def train(directory: str, remote: str, patience: int, max_steps: int) -> int:
-    os.makedirs(remote, exist_ok=True)
+async def train(args: argparse.Namespace) -> int:
+    directory = args.dir
+    os.makedirs(args.remote, exist_ok=True)
     state = {"weights": np.zeros(FEATURES), "true_weights": np.linspace(-1, 1, FEATURES), "step": 0}
-    listener = UploadAndEarlyStop(directory, remote, patience)
-    saver_hook = asyncckpt.CheckpointSaverHook(directory, save_steps=25, listeners=[listener])
+    listener = UploadAndEarlyStop(directory, args.remote, args.patience, args.upload_seconds)
+    saver_hook = asyncckpt.CheckpointSaverHook(
+        directory,
+        save_steps=25,
+        saver=asyncckpt.Saver(max_to_keep=args.keep),
+        listeners=[listener],
+        policy=args.policy,
+    )
     async with asyncckpt.MonitoredSession(
         asyncckpt.ChiefSessionCreator(state, step_fn, checkpoint_dir=directory),
-        hooks=[saver_hook, asyncckpt.StopAtStepHook(num_steps=max_steps)],
+        hooks=[saver_hook, asyncckpt.StopAtStepHook(num_steps=args.max_steps)],
     ) as sess:
         while not sess.should_stop():
             await sess.run()
@@ -93,8 +109,11 @@ def main() -> None:
     parser.add_argument("--remote", default="ckpt/remote")
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=5000)
+    parser.add_argument("--upload-seconds", type=float, default=0.0)
+    parser.add_argument("--keep", type=int, default=5, help="checkpoints kept locally")
+    parser.add_argument("--policy", choices=["block", "skip", "replace"], default="block")
     args = parser.parse_args()
-    step = anyio.run(train, args.dir, args.remote, args.patience, args.max_steps)
+    step = anyio.run(train, args)
     print(f"stopped at step {step}")
 
 

@@ -17,6 +17,7 @@ from asyncckpt import Saver
 from asyncckpt.cli import main as cli_main
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from asyncckpt.testing import FaultyStorage
@@ -72,6 +73,11 @@ def exists(path: str | os.PathLike[str]) -> bool:
     return os.path.lexists(path)
 
 
+def checkpoint_files(directory: str | os.PathLike[str]) -> list[str]:
+    """The names of the checkpoint files (``model.ckpt-<step>``) in ``directory``, sorted."""
+    return sorted(name for name in os.listdir(directory) if name.startswith("model.ckpt-"))
+
+
 def temp_files(directory: str | os.PathLike[str]) -> list[str]:
     """The names of the temporary files in ``directory`` (a write in progress or abandoned)."""
     return [name for name in os.listdir(directory) if TEMP_MARKER in name]
@@ -96,6 +102,13 @@ async def all_tasks_blocked() -> None:
     for _ in range(3):
         await anyio.lowlevel.checkpoint()
     await anyio.wait_all_tasks_blocked()
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop until ``predicate()`` holds (worker threads progress meanwhile)."""
+    with anyio.fail_after(5):
+        while not predicate():
+            await anyio.lowlevel.checkpoint()
 
 
 def make_state() -> dict[str, Any]:

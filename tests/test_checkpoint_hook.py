@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
-from support import make_state, step_fn
+from support import all_tasks_blocked, checkpoint_files, make_state, step_fn, until
 
 from asyncckpt import (
     CheckpointSaverHook,
@@ -349,10 +349,10 @@ class BlockingListener(RecordingListener):
         return super().after_save(session, global_step_value)
 
 
-async def test_a_slow_after_save_never_blocks_the_loop(tmp_path: Path) -> None:
+async def test_a_slow_after_save_never_blocks_the_loop_under_skip(tmp_path: Path) -> None:
     log: Log = []
     listener = BlockingListener(log=log)
-    hook = CheckpointSaverHook(tmp_path, save_steps=1, listeners=[listener])
+    hook = CheckpointSaverHook(tmp_path, save_steps=1, listeners=[listener], policy="skip")
     recorder = RecordingHook("hook", log=log)
     checked_before_release: list[bool] = []
 
@@ -362,21 +362,78 @@ async def test_a_slow_after_save_never_blocks_the_loop(tmp_path: Path) -> None:
         listener.release.set()
 
     async with anyio.create_task_group() as tg, session(tmp_path, [hook, recorder]) as sess:
-        await run_steps(sess, 20)  # 20 saves taken while after_save(0) is still blocked
+        await run_steps(sess, 20)  # 20 triggers while after_save(0) is still blocked
         assert steps_of(listener.calls, "after_save") == []
-        assert steps_of(listener.calls, "before_save") == list(range(21))
-        await manager_of(hook).wait()
-        assert latest_checkpoint(tmp_path) == ckpt(tmp_path, 20)
+        assert steps_of(listener.calls, "before_save")[:21] == list(range(21))
+        # The backlog is bounded: one save being delivered, one written and waiting, at
+        # most max_pending snapshots queued; the other triggers were dropped and counted.
+        stats = manager_of(hook).statistics()
+        assert stats.skipped >= 20 - 2
         tg.start_soon(release_later)
     assert checked_before_release == [True]
-    # Released: every after_save in order, then the listener's end, then the hooks' end.
-    assert_saves(listener.calls, list(range(21)), end=20)
-    tail = log[-23:]
-    assert tail == [
-        *(("blocking", "after_save", step) for step in range(21)),
-        ("blocking", "end", 20),
-        ("hook", "end", 20),
-    ]
+    # Released: the after_save of every save taken, in order, then the listener's end,
+    # then the hooks' end; the last step was saved by end() if its trigger was dropped.
+    delivered = steps_of(listener.calls, "after_save")
+    assert delivered[0] == 0
+    assert delivered[-1] == 20
+    assert delivered == sorted({step for step in delivered if step is not None})
+    assert len(delivered) <= 4  # 0, two more taken while it was blocked, and the last
+    assert log[-2:] == [("blocking", "end", 20), ("hook", "end", 20)]
+    assert latest_checkpoint(tmp_path) == ckpt(tmp_path, 20)
+
+
+async def test_a_slow_after_save_holds_the_loop_under_block(tmp_path: Path) -> None:
+    # The queue of after_save calls is bounded, and under "block" a full one holds the
+    # loop: after_save(0) blocked, 1 written and waiting, 2 queued; step 3's save waits.
+    listener = BlockingListener()
+    hook = CheckpointSaverHook(tmp_path, save_steps=1, listeners=[listener])
+    async with session(tmp_path, [hook]) as sess:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_steps, sess, 6)
+            await until(lambda: sess.global_step == 3 and manager_of(hook).all_steps() == [0, 1])
+            await all_tasks_blocked()
+            assert sess.global_step == 3  # held, not just slow
+            assert steps_of(listener.calls, "before_save") == [0, 1, 2, 3]
+            assert manager_of(hook).all_steps() == [0, 1]
+            listener.release.set()
+        assert sess.global_step == 6
+    assert_saves(listener.calls, list(range(7)), end=6)
+
+
+async def test_retention_waits_for_after_save(tmp_path: Path) -> None:
+    # max_to_keep=1 with a listener slower than the saves: each after_save finds its own
+    # checkpoint whole, however many saves came after it; retention catches up at the end.
+    found: list[tuple[int, int]] = []
+    release = anyio.Event()
+
+    class SlowReader(CheckpointSaverListener):
+        async def after_save(self, session: SessionLike, global_step_value: int) -> None:
+            await release.wait()
+            tree = await restored(ckpt(tmp_path, global_step_value))
+            found.append((global_step_value, int(tree["step"])))
+
+    hook = CheckpointSaverHook(
+        tmp_path, save_steps=1, saver=Saver(max_to_keep=1), listeners=[SlowReader()],
+        policy="replace",
+    )  # fmt: skip
+    async with session(tmp_path, [hook]) as sess:
+        await run_steps(sess, 10)
+        # The first written save is being delivered and the next one waits: both stay
+        # listed and on disk, beyond max_to_keep; the newest snapshot waits in the
+        # queue, replaced by newer ones.
+        await until(lambda: len(manager_of(hook).all_steps()) == 2)
+        kept = manager_of(hook).all_steps()
+        assert manager_of(hook).statistics().replaced > 0
+        assert set(checkpoint_files(tmp_path)) == {f"model.ckpt-{step}" for step in kept}
+        release.set()
+    assert [step for step, _ in found] == sorted({step for step, _ in found})
+    assert all(step == saved for step, saved in found)
+    assert found[-1][0] == 10
+    on_disk = checkpoint_files(tmp_path)
+    assert on_disk == ["model.ckpt-10"]
+    state = get_checkpoint_state(tmp_path)
+    assert state is not None
+    assert state.paths() == [ckpt(tmp_path, 10)]
 
 
 async def test_after_save_sees_its_checkpoint_durable_and_listed(tmp_path: Path) -> None:
@@ -602,7 +659,7 @@ async def test_retention_comes_from_the_saver(tmp_path: Path, via: str) -> None:
     hook = CheckpointSaverHook(tmp_path, save_steps=1, **kwargs)
     async with session(tmp_path, [hook]) as sess:
         await run_steps(sess, 5)
-    on_disk = sorted(name for name in os.listdir(tmp_path) if name.startswith("model.ckpt-"))
+    on_disk = checkpoint_files(tmp_path)
     assert on_disk == ["model.ckpt-4", "model.ckpt-5"]
     state = get_checkpoint_state(tmp_path)
     assert state is not None

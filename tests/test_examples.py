@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
+from support import checkpoint_files
 
 from asyncckpt import Saver, get_checkpoint_state, latest_checkpoint
 from asyncckpt.cli import main as cli_main
@@ -149,6 +150,41 @@ def test_train_numpy_second_run_resumes_where_the_first_stopped(tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("policy", ["block", "skip"])
+def test_listener_upload_slower_than_the_save_interval(tmp_path: Path, policy: str) -> None:
+    # Saves every 25 steps of microseconds, uploads of 0.2 s, one checkpoint kept locally:
+    # retention must wait for each upload, and the policy decides about the saves meanwhile.
+    result = run_with(
+        "listener_upload.py", tmp_path, "--dir", "up", "--remote", "remote",
+        "--max-steps", "1000000", "--upload-seconds", "0.2", "--keep", "1", "--policy", policy,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    stopped = re.fullmatch(r"stopped at step (\d+)", lines[-1])
+    assert stopped, result.stdout
+    last_step = int(stopped.group(1))
+    uploaded = [int(m.group(1)) for line in lines if (m := re.match(r"step (\d+): uploaded", line))]
+    assert uploaded[0] == 0
+    assert uploaded[-1] == last_step
+    if policy == "block":
+        # Every save was taken and uploaded: the loop waited for the listener.
+        assert uploaded[:-1] == list(range(0, 25 * (len(uploaded) - 1), 25))
+    else:
+        # The loop ran on and dropped the saves it had no room for.
+        assert uploaded == sorted(uploaded)
+        assert all(step % 25 == 0 for step in uploaded[:-1])
+    remote, local = tmp_path / "remote", tmp_path / "up"
+    assert sorted(os.listdir(remote)) == sorted(f"model.ckpt-{step}" for step in set(uploaded))
+    assert cli_main(["verify", str(remote)], out=io.StringIO()) == 0
+    # Retention caught up at the close: one checkpoint kept, the last, listed and on disk.
+    assert checkpoint_files(local) == [f"model.ckpt-{last_step}"]
+    state = get_checkpoint_state(local)
+    assert state is not None
+    assert state.paths() == [str(local / f"model.ckpt-{last_step}")]
+
+
+@pytest.mark.slow
 def test_listener_upload_copies_every_checkpoint_and_stops_early(tmp_path: Path) -> None:
     max_steps = 20_000
     result = run_with(
@@ -178,7 +214,7 @@ def test_listener_upload_copies_every_checkpoint_and_stops_early(tmp_path: Path)
     remote, local = tmp_path / "remote", tmp_path / "up"
     assert sorted(os.listdir(remote)) == sorted(f"model.ckpt-{step}" for step in uploaded)
     # The copies are the checkpoints: identical to those still kept locally, and whole.
-    kept = [name for name in os.listdir(local) if name.startswith("model.ckpt-")]
+    kept = checkpoint_files(local)
     assert kept
     for name in kept:
         assert filecmp.cmp(local / name, remote / name, shallow=False)

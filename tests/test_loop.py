@@ -7,15 +7,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import numpy as np
 import pytest
-from support import written_steps
+from support import checkpoint_files, temp_files, until, verify_exit, written_steps
 
 from asyncckpt import (
     CheckpointSaverHook,
     CheckpointSaverListener,
     MonitoredTrainingSession,
     StopAtStepHook,
+    latest_checkpoint,
 )
 from asyncckpt.testing import FaultyStorage, RecordingListener
 
@@ -154,3 +156,39 @@ async def test_a_restart_does_not_rewrite_the_checkpoint_it_restored(tmp_path: P
                 ("end", 6),
             ]
             assert sess.state["w"][0] == 6.0
+
+
+async def test_a_write_stuck_past_the_grace_period_does_not_hold_the_exit(
+    tmp_path: Path, storage: FaultyStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    log: list[tuple[str, int]] = []
+    stall = storage.stall("fsync", match="model.ckpt-2")  # a disk that stops answering
+
+    async def train() -> None:
+        async with MonitoredTrainingSession(
+            _state(),
+            _plain_step(log),
+            checkpoint_dir=tmp_path,
+            save_checkpoint_steps=2,
+            save_summaries_steps=None,
+            log_step_count_steps=None,
+            stop_grace_period_secs=0.5,
+            storage=storage,
+        ) as sess:
+            await sess.run()
+            await sess.run()  # step 2's save is handed over and sticks in fsync
+            await stall.wait_reached()
+            raise LookupError("the step failed")
+
+    with anyio.fail_after(10), pytest.raises(LookupError, match="the step failed"):
+        await train()
+    # The session has exited while the write is still stuck (its temporary file is still
+    # there): its thread was abandoned, with a warning, and nothing of it is listed.
+    assert temp_files(tmp_path)
+    assert any("abandoned" in record.getMessage() for record in caplog.records)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-0")
+    stall.release()  # the kernel answers at last: the abandoned thread cleans up
+    await until(lambda: not temp_files(tmp_path))
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-0")
+    assert checkpoint_files(tmp_path) == ["model.ckpt-0"]
+    assert verify_exit(tmp_path) == 0

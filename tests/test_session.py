@@ -27,6 +27,7 @@ from support import (
     SAVE_OPS,
     STATE_FILE_FIRST_CALL,
     all_tasks_blocked,
+    checkpoint_files,
     make_state,
     signal_when_ready,
     step_fn,
@@ -109,10 +110,6 @@ async def restored(path: str | os.PathLike[str] | None) -> dict[str, Any]:
 
 def ckpt(directory: Path, step: int) -> str:
     return str(directory / f"model.ckpt-{step}")
-
-
-def checkpoint_files(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.startswith("model.ckpt-"))
 
 
 def steps_of(calls: Sequence[tuple[str, int | None]], method: str) -> list[int | None]:

@@ -19,8 +19,11 @@ from support import (
     CKPT_FILE,
     SAVE_OPS,
     STATE_FILE_FIRST_CALL,
+    all_tasks_blocked,
+    checkpoint_files,
     task_ids,
     temp_files,
+    until,
     verify_exit,
     written_steps,
 )
@@ -36,11 +39,11 @@ from asyncckpt import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
     from anyio.abc import TaskStatus
 
+    from asyncckpt import SaveOutcome
     from asyncckpt.testing import FaultyStorage, StorageStall
 
 pytestmark = pytest.mark.anyio
@@ -68,13 +71,6 @@ def assert_mixed_state(tree: Any, step: int) -> None:
     assert tree["name"] == f"state-{step}"
     assert tree["nested"]["bias"] == step / 2
     assert tree["nested"]["tags"] == ["a", step]
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Yield to the loop until ``predicate()`` holds (the writer's worker threads progress)."""
-    with anyio.fail_after(5):
-        while not predicate():
-            await anyio.lowlevel.checkpoint()
 
 
 def file_size(path: Path) -> int:
@@ -796,3 +792,95 @@ async def test_a_bare_saver_deletes_what_retention_drops(tmp_path: Path) -> None
     await saver.save({"w": np.zeros(10)}, str(tmp_path / "model.ckpt"), global_step=1)
     await saver.save({"w": np.ones(10)}, str(tmp_path / "model.ckpt"), global_step=2)
     assert sorted(os.listdir(tmp_path)) == [".asyncckpt.lock", "checkpoint", "model.ckpt-2"]
+
+
+# -- pins and acknowledged outcomes ------------------------------------------------------------
+
+
+async def test_a_pinned_checkpoint_outlives_retention_until_unpinned(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
+        await manager.save({"w": np.zeros(4)}, 1)
+        await manager.wait()
+        manager.pin(1)
+        manager.pin(1)  # pins are counted
+        await manager.save({"w": np.ones(4)}, 2)
+        await manager.wait()
+        assert manager.all_steps() == [1, 2]  # deferred, still listed, still on disk
+        assert checkpoint_files(tmp_path) == ["model.ckpt-1", "model.ckpt-2"]
+        manager.unpin(1)
+        await manager.save({"w": np.ones(4)}, 3)
+        await manager.wait()
+        assert manager.all_steps() == [1, 3]
+        manager.unpin(1)
+        await manager.save({"w": np.ones(4)}, 4)
+        await manager.wait()
+        assert manager.all_steps() == [4]  # the first save after the last unpin retires it
+        assert checkpoint_files(tmp_path) == ["model.ckpt-4"]
+        manager.pin(4)
+        await manager.save({"w": np.ones(4)}, 5)
+        await manager.wait()
+        manager.unpin(4)
+    # The close retires what was unpinned since the last save.
+    assert checkpoint_files(tmp_path) == ["model.ckpt-5"]
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-5")
+    assert verify_exit(tmp_path) == 0
+
+
+async def test_pins_still_held_at_close_stay_listed_for_the_next_writer(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
+        await manager.save({"w": np.zeros(4)}, 1)
+        await manager.wait()
+        manager.pin(1)
+        await manager.save({"w": np.ones(4)}, 2)
+    assert checkpoint_files(tmp_path) == ["model.ckpt-1", "model.ckpt-2"]
+    async with CheckpointManager(tmp_path, max_to_keep=1) as manager:
+        assert manager.all_steps() == [1, 2]
+        await manager.save({"w": np.ones(4)}, 3)
+    assert checkpoint_files(tmp_path) == ["model.ckpt-3"]
+
+
+async def test_unacknowledged_outcomes_hold_the_writer_and_the_policy_applies(
+    tmp_path: Path,
+) -> None:
+    outcomes: list[SaveOutcome] = []
+    async with CheckpointManager(tmp_path, max_to_keep=1, policy="skip") as manager:
+        manager.add_done_callback(outcomes.append, acknowledge=True)
+        for step in range(1, 4):
+            assert await manager.save({"w": np.full(4, step)}, step)
+            await until(lambda: len(outcomes) == min(step, 2))  # noqa: B023
+        # 1 and 2 await acknowledgement: 3 waits in the queue, 4 finds no room.
+        await all_tasks_blocked()
+        assert [o.step for o in outcomes] == [1, 2]
+        assert manager.statistics().pending == 1
+        assert not await manager.save({"w": np.full(4, 4)}, 4)
+        assert manager.statistics().skipped == 1
+        # Retention waits for them: both listed and on disk despite max_to_keep=1.
+        assert manager.all_steps() == [1, 2]
+        manager.acknowledge(outcomes[0])
+        await until(lambda: len(outcomes) == 3)
+        assert manager.all_steps() == [2, 3]
+        manager.acknowledge(outcomes[0])  # twice is a no-op
+        assert manager.all_steps() == [2, 3]
+    # The close writes every taken snapshot whatever is acknowledged; the pins of 2 and 3
+    # were never released, so they stay listed for the next writer.
+    assert [o.step for o in outcomes] == [1, 2, 3]
+    assert all(o.written for o in outcomes)
+    assert checkpoint_files(tmp_path) == ["model.ckpt-2", "model.ckpt-3"]
+
+
+async def test_announce_reports_a_kept_checkpoint_again(tmp_path: Path) -> None:
+    outcomes: list[SaveOutcome] = []
+    async with CheckpointManager(tmp_path) as manager:
+        manager.add_done_callback(outcomes.append, acknowledge=True)
+        with pytest.raises(ValueError, match="only one done callback"):
+            manager.add_done_callback(outcomes.append, acknowledge=True)
+        with pytest.raises(CheckpointNotFoundError, match=r"step 7 is not among the kept"):
+            manager.announce(7)
+        await manager.save({"w": np.zeros(4)}, 7)
+        await manager.wait()
+        manager.announce(7)
+        assert [(o.step, o.written, o.path) for o in outcomes] == [
+            (7, True, str(tmp_path / "model.ckpt-7"))
+        ] * 2
+        for outcome in outcomes:
+            manager.acknowledge(outcome)

@@ -8,6 +8,7 @@ leaves the state file naming durable files only. What to keep is decided by the 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -152,6 +153,9 @@ class CheckpointDirectory:
         self._lock = storage.lock(path, lock_name(latest_filename))
         self._spare: str | None = None
         self._crc_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Taken on the loop, read by the commit thread: the lock guards only the counter.
+        self._pins: collections.Counter[str] = collections.Counter()
+        self._pins_lock = threading.Lock()
 
     def __repr__(self) -> str:
         held = "held" if self._lock.held else "not held"
@@ -205,6 +209,55 @@ class CheckpointDirectory:
         if executor is not None:
             executor.shutdown(wait=True)
         self._lock.release()
+
+    # -- pins (any thread) --------------------------------------------------------------------
+
+    def pin(self, name: str) -> None:
+        """Keep checkpoint ``name`` listed and on disk until as many ``unpin`` calls.
+
+        Retention planned after this call defers it: it stays listed, beyond ``max_to_keep``,
+        and a later commit (or ``retire_unpinned``) retires it once unpinned.
+        """
+        with self._pins_lock:
+            self._pins[name] += 1
+
+    def unpin(self, name: str) -> None:
+        """Release one ``pin(name)``."""
+        with self._pins_lock:
+            self._pins[name] -= 1
+            if self._pins[name] <= 0:
+                del self._pins[name]
+
+    def _pinned(self) -> frozenset[str]:
+        with self._pins_lock:
+            return frozenset(self._pins)
+
+    def _plan_unpinned(self) -> tuple[CheckpointState, list[str]]:
+        return plan_next_state(
+            self.state,
+            None,
+            self._clock(),
+            self._retention,
+            first_preserved=self._created,
+            pinned=self._pinned(),
+        )
+
+    def has_unpinned_surplus(self) -> bool:
+        """Whether retention deferred checkpoints whose pins were released since (pure)."""
+        return bool(self._plan_unpinned()[1])
+
+    def retire_unpinned(self) -> None:
+        """Retire the listed checkpoints that retention deferred for pins released since
+        (blocking; must be held).
+
+        Raises:
+            CheckpointWriteError: the state file or a deletion failed (as in ``commit``).
+        """
+        old = self.state
+        new_state, retired = self._plan_unpinned()
+        if retired:
+            self._register(new_state, None, old)
+            self._retire(retired, str(new_state.latest))
 
     # -- one save -----------------------------------------------------------------------------
 
@@ -288,7 +341,7 @@ class CheckpointDirectory:
         old = self.state
         size = self._write(snapshot, path, step, metadata, now, old, aborted)
         new_state, retired = plan_next_state(
-            old, name, now, self._retention, first_preserved=self._created
+            old, name, now, self._retention, first_preserved=self._created, pinned=self._pinned()
         )
         if aborted():
             self._discard_unlisted(path, old)
@@ -342,7 +395,7 @@ class CheckpointDirectory:
                 "it was not registered and the previous checkpoint is still the latest",
             ) from exc.__cause__
 
-    def _register(self, new_state: CheckpointState, path: str, old: CheckpointState) -> None:
+    def _register(self, new_state: CheckpointState, path: str | None, old: CheckpointState) -> None:
         # The state file names only durable checkpoints; retirements come after it, so a
         # crash in between leaves unlisted files, never a listed file that is gone.
         state_file = state_path(self.path, self.latest_filename)
@@ -355,19 +408,23 @@ class CheckpointDirectory:
             raise CheckpointWriteError(
                 state_file,
                 f"{_reason(exc)} while syncing the directory after updating the state file: "
-                f"{os.path.basename(path)} is listed as the latest checkpoint, but a power "
+                f"{new_state.latest} is listed as the latest checkpoint, but a power "
                 "loss may bring back the previous state file; no old checkpoint was deleted",
             ) from exc.__cause__
         except BaseException:
             # A failed save leaves the directory as it was.
-            self._discard_unlisted(path, old)
+            if path is not None:
+                self._discard_unlisted(path, old)
             raise
         self.state = new_state
 
     def _retire(self, retired: list[str], name: str) -> None:
         doomed = [os.path.join(self.path, n) for n in retired]
         try:
-            self._spare = self._storage.remove_files(doomed, keep_spare=self._recycle)
+            spare = self._storage.remove_files(
+                doomed, keep_spare=self._recycle and self._spare is None
+            )
+            self._spare = spare or self._spare
         except CheckpointWriteError as exc:
             what = "this old checkpoint" if exc.path in doomed else "old checkpoints"
             error = CheckpointWriteError(

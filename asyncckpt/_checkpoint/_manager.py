@@ -45,6 +45,10 @@ __all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy", "SaveOu
 Policy = Literal["block", "skip", "replace"]
 _POLICIES: Final = get_args(Policy)
 _IO_THREADS: Final = 4
+_UNACKNOWLEDGED_LIMIT: Final = 2
+"""Written checkpoints that may await acknowledgement (one being handled, one next) before
+the writer takes no new snapshot: a slow consumer then fills the queue and the policy
+applies to new saves."""
 _ABANDON_AFTER_SECS: Final = 1.0
 """How long a write cancelled at the end of the grace period may take to stop at its next
 batch before its thread is abandoned (a write stuck in the kernel)."""
@@ -186,6 +190,8 @@ class CheckpointManager:
         self._written = self._skipped = self._replaced = self._failed = self._bytes = 0
         self._last_error: CheckpointError | None = None
         self._done_callbacks: list[Callable[[SaveOutcome], object]] = []
+        self._acknowledged_callback = False
+        self._unacknowledged: list[SaveOutcome] = []
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._queue is not None else "new"
@@ -253,11 +259,13 @@ class CheckpointManager:
         if queue is None or self._closed:
             return
         self._closed = True
+        queue.changes.notify()  # a writer waiting for acknowledgements writes on now
         try:
             try:
                 if exc is None:
                     queue.close()
                     await self._wait_idle()  # every accepted snapshot (the caller may cancel)
+                    await self._retire_unpinned()
             finally:
                 # An exception, a cancellation of the owner, or a cancelled drain: keep
                 # writing the snapshots already taken for up to the grace period. Only a
@@ -290,7 +298,7 @@ class CheckpointManager:
         queue = self._queue
         assert queue is not None
         try:
-            while (job := await queue.get()) is not None:
+            while (job := await self._next_job(queue)) is not None:
                 self._writing = job
                 outcome = SaveOutcome(step=job.step, path=job.path, written=False)
                 try:
@@ -325,6 +333,22 @@ class CheckpointManager:
                     self._settle(outcome)
         finally:
             queue.changes.notify()  # waiters see the writer gone
+
+    async def _next_job(self, queue: EvictingQueue[_SaveJob]) -> _SaveJob | None:
+        while len(self._unacknowledged) >= _UNACKNOWLEDGED_LIMIT and not self._closed:
+            await queue.changes.changed()
+        await self._retire_unpinned()
+        return await queue.get()
+
+    async def _retire_unpinned(self) -> None:
+        if not self._directory.has_unpinned_surplus():
+            return
+        try:
+            await anyio.to_thread.run_sync(self._directory.retire_unpinned, limiter=self._limiter)
+        except CheckpointError as exc:
+            self._failed += 1
+            self._last_error = exc
+            self._unreported.append(exc)
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -458,16 +482,77 @@ class CheckpointManager:
         )
         return tree
 
-    def add_done_callback(self, fn: Callable[[SaveOutcome], object]) -> None:
+    def add_done_callback(
+        self, fn: Callable[[SaveOutcome], object], *, acknowledge: bool = False
+    ) -> None:
         """Call ``fn(outcome)`` on the event loop each time an accepted save is settled.
 
         Outcomes arrive in the order the saves were written or dropped. ``fn`` must be quick
         and must not block (hand the work to a task); an exception from it ends the
         manager with that exception.
+
+        With ``acknowledge=True`` (one callback at most), each written checkpoint reported
+        to ``fn`` stays pinned (see ``pin``) until ``acknowledge(outcome)``, and while two
+        await it the writer takes no new snapshot: a slow consumer (an upload) fills the
+        queue, and the policy applies to new saves. At close every taken snapshot is written.
+
+        Raises:
+            ValueError: another callback already asked for acknowledgements.
         """
+        if acknowledge:
+            if self._acknowledged_callback:
+                raise ValueError("only one done callback may ask for acknowledgements")
+            self._acknowledged_callback = True
         self._done_callbacks.append(fn)
 
+    def acknowledge(self, outcome: SaveOutcome) -> None:
+        """Release a written checkpoint reported to the acknowledging callback: its pin,
+        and its place among the outcomes the writer waits for (a no-op for any other)."""
+        for index, waiting in enumerate(self._unacknowledged):
+            if waiting is outcome:
+                del self._unacknowledged[index]
+                self.unpin(outcome.step)
+                if self._queue is not None:
+                    self._queue.changes.notify()
+                return
+
+    def announce(self, step: int) -> None:
+        """Report the kept checkpoint ``step`` to the done callbacks again, as if it had
+        just been written (pinned until acknowledged, like one).
+
+        For a restart that finds its starting step saved already: whoever acts on written
+        checkpoints (the hook's listeners) hears of it without a rewrite of the file.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not a kept checkpoint.
+        """
+        if step not in self.all_steps():
+            raise CheckpointNotFoundError(
+                os.path.join(self.directory, f"{self.basename}-{step}"),
+                f"step {step} is not among the kept checkpoints {self.all_steps()}",
+            )
+        path = os.path.join(self.directory, f"{self.basename}-{step}")
+        self._settle(SaveOutcome(step=step, path=path, written=True))
+
+    def pin(self, step: int) -> None:
+        """Keep checkpoint ``step`` on disk and listed until as many ``unpin(step)`` calls.
+
+        Retention decided after the call defers it (the directory keeps more than
+        ``max_to_keep`` meanwhile); the first save, or the close, after its last unpin
+        retires it. For whoever reads a checkpoint by path while the manager writes on
+        (an upload, an evaluator).
+        """
+        self._directory.pin(f"{self.basename}-{step}")
+
+    def unpin(self, step: int) -> None:
+        """Release one ``pin(step)``."""
+        self._directory.unpin(f"{self.basename}-{step}")
+
     def _settle(self, outcome: SaveOutcome) -> None:
+        if outcome.written and self._acknowledged_callback:
+            # Pinned before the writer's next commit can plan its retention.
+            self.pin(outcome.step)
+            self._unacknowledged.append(outcome)
         for fn in self._done_callbacks:
             fn(outcome)
 

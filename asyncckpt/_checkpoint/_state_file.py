@@ -21,7 +21,7 @@ from .._core._util import check_int
 from .._storage import LOCK_NAME, MAX_SMALL_FILE
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Collection, Iterable, Sequence
 
 __all__ = [
     "STATE_FILENAME",
@@ -212,24 +212,33 @@ def plan_retention(
     max_to_keep: int | None,
     keep_every_secs: float | None,
     last_preserved: float,
+    pinned: Collection[str] = (),
 ) -> tuple[list[str], list[float], list[str], float]:
     """Decide which checkpoints to keep (pure).
 
     All surplus checkpoints beyond ``max_to_keep`` leave the list at once (TensorFlow removes
     one per save); a surplus checkpoint at least ``keep_every_secs`` newer than the last
     preserved one stays on disk, unlisted, as TensorFlow's ``keep_checkpoint_every_n_hours``.
+    A surplus checkpoint in ``pinned`` stays listed (and on disk) for now: a later plan,
+    once it is no longer pinned, retires it; listed, it is never left behind by a crash.
 
     Returns:
         ``(kept names, kept timestamps, names to delete, new last_preserved)``.
     """
-    kept, stamps = list(names), list(timestamps)
+    if not max_to_keep or len(names) <= max_to_keep:
+        return list(names), list(timestamps), [], last_preserved
+    surplus = len(names) - max_to_keep
+    kept, stamps = [], []
     delete: list[str] = []
-    if not max_to_keep:
-        return kept, stamps, delete, last_preserved
-    while len(kept) > max_to_keep:
-        name, stamp = kept.pop(0), stamps.pop(0)
-        if keep_every_secs is not None and stamp - keep_every_secs >= last_preserved:
+    for index, (name, stamp) in enumerate(zip(names, timestamps, strict=True)):
+        if index >= surplus:
+            kept.append(name)
+            stamps.append(stamp)
+        elif keep_every_secs is not None and stamp - keep_every_secs >= last_preserved:
             last_preserved = stamp
+        elif name in pinned:
+            kept.append(name)
+            stamps.append(stamp)
         else:
             delete.append(name)
     return kept, stamps, delete, last_preserved
@@ -325,24 +334,29 @@ class Retention:
 
 def plan_next_state(
     old: CheckpointState,
-    name: str,
+    name: str | None,
     now: float,
     retention: Retention,
     *,
     first_preserved: float,
+    pinned: Collection[str] = (),
 ) -> tuple[CheckpointState, list[str]]:
     """Decide the state after checkpoint ``name`` was written at ``now`` (pure).
 
     ``name`` becomes the latest (a re-saved name moves to the end); surplus checkpoints
-    leave the list as ``plan_retention`` says. ``first_preserved`` stands for the last
-    preserved time when the state file has none (the writer's creation time, as TensorFlow's).
+    leave the list as ``plan_retention`` says, except ``pinned`` ones, which stay listed
+    until a later plan. ``name=None`` plans retention alone (for pins released since).
+    ``first_preserved`` stands for the last preserved time when the state file has none
+    (the writer's creation time, as TensorFlow's).
 
     Returns:
         ``(new state, names to delete)``.
     """
-    names = [n for n in old.names if n != name] + [name]
+    names = [n for n in old.names if n != name]
     stamps = [t for n, t in zip(old.names, old.timestamps, strict=True) if n != name]
-    stamps.append(now)
+    if name is not None:
+        names.append(name)
+        stamps.append(now)
     last_preserved = (
         first_preserved if old.last_preserved_timestamp is None else old.last_preserved_timestamp
     )
@@ -352,6 +366,7 @@ def plan_next_state(
         max_to_keep=retention.max_to_keep,
         keep_every_secs=retention.keep_every_secs,
         last_preserved=last_preserved,
+        pinned=pinned,
     )
     new_state = CheckpointState(
         directory=old.directory,

@@ -67,6 +67,11 @@ class CheckpointSaverHook(SessionRunHook):
     ``after_save``; the final save in ``end()`` waits for room instead, so it is never
     dropped. A hook may serve several sessions in turn: ``begin()`` starts it afresh.
 
+    Slow listeners: while one checkpoint is being delivered to them and another waits, the
+    writer takes no new snapshot, so the policy applies to new saves (at most
+    ``max_pending + 2`` saves in flight); and retention keeps every checkpoint whose
+    ``after_save`` is pending or running, listed, until the next save after it returned.
+
     A failed write is raised from the next step's ``after_run`` (so ``end()`` is not called
     and the session ends with the error); the previous checkpoint stays the latest. With
     ``on_write_error="log"`` it is logged instead (once, on the ``asyncckpt`` logger) and
@@ -193,23 +198,15 @@ class CheckpointSaverHook(SessionRunHook):
         manager = await self.open_manager(session, coord)
         step = session.global_step
         if step > 0 and manager.latest_step() == step:
-            await self._announce_saved(session, step, manager)
+            # The restart save of a checkpoint that is the latest already: the listeners
+            # hear of it as of any save, in order, from the delivery task; nothing is written.
+            for listener in self._listeners:
+                await call_maybe_async(listener.before_save, session, step)
+            self._saved_step = step
+            coord.pending_started()
+            manager.announce(step)
         else:
             await self.save(session, step)
-
-    async def _announce_saved(
-        self, session: SessionLike, step: int, manager: CheckpointManager
-    ) -> None:
-        # The restart save of a checkpoint that is the latest already: the listeners hear of
-        # it as of any save, in order, from the delivery task; nothing is written.
-        assert self._coord is not None
-        for listener in self._listeners:
-            await call_maybe_async(listener.before_save, session, step)
-        self._saved_step = step
-        self._coord.pending_started()
-        path = os.path.join(manager.directory, f"{manager.basename}-{step}")
-        self._outcomes.append(SaveOutcome(step=step, path=path, written=True))
-        self._wake()
 
     async def open_manager(self, session: SessionLike, coord: CoordinatorLike) -> CheckpointManager:
         """Open the manager (first time only) and start the timer at the session's step.
@@ -227,7 +224,7 @@ class CheckpointSaverHook(SessionRunHook):
             )
             self._closing = anyio.Event()
             manager = CheckpointManager(**self._manager_args)
-            manager.add_done_callback(self._settled)
+            manager.add_done_callback(self._settled, acknowledge=True)
             self._manager = await open_in_session(coord, manager, until=self._closing)
             coord.start_soon(self._deliver_outcomes)
         assert self._manager is not None
@@ -341,6 +338,8 @@ class CheckpointSaverHook(SessionRunHook):
                 # group cancels it and raises the error instead.
                 await self._after_save(outcome.step)
             self._delivering = False
+            assert self._manager is not None
+            self._manager.acknowledge(outcome)
             self._coord.pending_finished()
             self._wake()
 

@@ -400,7 +400,12 @@ class LocalStorage(Storage):
         return self._create_exclusive(temp_path), temp_path
 
     def _commit_sync(
-        self, file: io.BufferedWriter, temp_path: str, final_path: str, size: int | None = None
+        self,
+        file: io.BufferedWriter,
+        temp_path: str,
+        final_path: str,
+        size: int | None = None,
+        aborted: Callable[[], bool] | None = None,
     ) -> None:
         file.flush()
         if size is not None:
@@ -408,6 +413,8 @@ class LocalStorage(Storage):
         self._probe("fsync", temp_path)
         os.fsync(file.fileno())
         file.close()
+        # An fsync can take long enough for the writer to give up on this file meanwhile.
+        _check_aborted(aborted)
         self._probe("rename", final_path)
         os.replace(temp_path, final_path)
         try:
@@ -593,7 +600,7 @@ class LocalStorage(Storage):
                     )
                 self._write_at(file, temp_path, [memoryview(head)], 0)
             _check_aborted(aborted)
-            self._commit_sync(file, temp_path, final_path, offset)
+            self._commit_sync(file, temp_path, final_path, offset, aborted)
         except BaseException as exc:
             _discard_sync(file, temp_path)
             if isinstance(exc, OSError):
