@@ -13,9 +13,15 @@ SIGKILL after a random delay, then checks the directory as the next start finds 
   reported durable (a loss);
 - opening the next ``CheckpointManager`` removes every temporary file.
 
-Then the child is started again on the same directory and resumes. Usage::
+Then the child is started again on the same directory and resumes.
+
+``run_trainer_kills`` does the same to a plain-step trainer (a ``MonitoredTrainingSession``
+whose ``def`` step never yields, saving every few steps) and counts the steps each kill
+loses: the last step the trainer finished minus the step the next start resumes from. The
+goal is at most one save interval plus the write. Usage::
 
     python -m benchmarks.crash --kills 200   # prints a JSON summary; exit 1 on any failure
+    python -m benchmarks.crash --trainer --kills 20
 """
 
 from __future__ import annotations
@@ -41,7 +47,17 @@ from asyncckpt import CheckpointManager, cli, latest_checkpoint
 from asyncckpt._checkpoint import read_header_sync
 from asyncckpt._storage import TEMP_MARKER, LocalStorage
 
-__all__ = ["CHILD", "CrashSummary", "KillReport", "check_directory", "main", "run_crashes"]
+__all__ = [
+    "CHILD",
+    "TRAINER",
+    "CrashSummary",
+    "KillReport",
+    "TrainerKills",
+    "check_directory",
+    "main",
+    "run_crashes",
+    "run_trainer_kills",
+]
 
 MAX_TO_KEEP = 3
 
@@ -97,6 +113,42 @@ CHILD = textwrap.dedent(
                 for leaf in leaves(state):
                     leaf.fill(step)
                 await manager.save(state, step)
+
+
+    anyio.run(main, backend=backend)
+    """
+) % {"keep": MAX_TO_KEEP}
+
+
+TRAINER = textwrap.dedent(
+    """
+    import os, sys, time
+    import anyio
+    import numpy as np
+    import asyncckpt
+
+    directory, backend, save_steps, step_secs = sys.argv[1:5]
+
+
+    def step_fn(state):  # a plain def that never yields: the case the loop must serve
+        state["weights"] += 1.0
+        time.sleep(float(step_secs))
+
+
+    async def main():
+        async with asyncckpt.MonitoredTrainingSession(
+            {"weights": np.zeros((256, 1024), np.float32)},  # 1 MiB, every value the step
+            step_fn,
+            checkpoint_dir=directory,
+            save_checkpoint_steps=int(save_steps),
+            save_summaries_steps=None,
+            log_step_count_steps=None,
+            scaffold=asyncckpt.Scaffold(saver=asyncckpt.Saver(max_to_keep=%(keep)d)),
+        ) as sess:
+            os.write(1, f"start {sess.global_step}\\n".encode())
+            while True:
+                await sess.run()
+                os.write(1, f"step {sess.global_step}\\n".encode())
 
 
     anyio.run(main, backend=backend)
@@ -203,25 +255,22 @@ async def check_directory(directory: str) -> tuple[int | None, int, list[str]]:
     return header_step, temps, problems
 
 
-def _read_lines(data: bytes) -> tuple[int | None, int | None]:
-    start = durable = None
+def _read_lines(data: bytes) -> dict[str, int]:
+    """The last number the child reported after each word (``start``, ``durable``, ``step``)."""
+    last: dict[str, int] = {}
     for line in data.decode(errors="replace").splitlines():
         word, _, rest = line.partition(" ")
-        if not rest.strip().isdigit():
-            continue  # a line torn by the kill
-        if word == "start":
-            start = int(rest)
-        elif word == "durable":
-            durable = int(rest)
-    return start, durable
+        if rest.strip().isdigit():  # not a line torn by the kill
+            last[word] = int(rest)
+    return last
 
 
 def _kill_once(
-    script: str, directory: str, backend: str, delay: float, during_startup: bool
-) -> tuple[int | None, int | None, str]:
-    """Start the child, SIGKILL it after ``delay``; return (start, durable, stderr)."""
+    command: list[str], delay: float, during_startup: bool
+) -> tuple[dict[str, int], str]:
+    """Start the child, SIGKILL it after ``delay``; return (its last reports, stderr)."""
     process = subprocess.Popen(
-        [sys.executable, script, directory, backend],
+        [sys.executable, *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -239,7 +288,7 @@ def _kill_once(
         if process.poll() is None:  # pragma: no cover - only on an error above
             process.kill()
             process.wait()
-    start, durable = _read_lines(head + process.stdout.read())
+    reports = _read_lines(head + process.stdout.read())
     stderr = process.stderr.read().decode(errors="replace")
     process.stdout.close()
     process.stderr.close()
@@ -247,7 +296,7 @@ def _kill_once(
         stderr = f"exit status {process.returncode}: {stderr}"
     else:
         stderr = ""
-    return start, durable, stderr
+    return reports, stderr
 
 
 def run_crashes(
@@ -287,7 +336,8 @@ def run_crashes(
             backend = backends[index % len(backends)]
             during_startup = rng.random() < startup_fraction
             delay = rng.uniform(0, startup_window if during_startup else window)
-            start, durable, stderr = _kill_once(script, ckpt, backend, delay, during_startup)
+            reports, stderr = _kill_once([script, ckpt, backend], delay, during_startup)
+            start, durable = reports.get("start"), reports.get("durable")
             latest, temps, problems = anyio.run(check_directory, ckpt, backend=backend)
             if stderr:
                 summary.child_failures += 1
@@ -311,6 +361,60 @@ def run_crashes(
             previous = latest if latest is not None else previous
     summary.seconds = round(time.monotonic() - began, 2)
     return summary
+
+
+@dataclass(slots=True)
+class TrainerKills:
+    """Steps lost when a plain-step trainer is SIGKILLed, against its save interval."""
+
+    kills: int
+    save_steps: int
+    step_secs: float
+    steps_lost: list[int] = field(default_factory=list)
+    """Per kill: the last step finished minus the step the next start resumed from."""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def max_lost(self) -> int:
+        return max(self.steps_lost, default=0)
+
+    @property
+    def median_lost(self) -> float:
+        return float(np.median(self.steps_lost)) if self.steps_lost else 0.0
+
+
+def run_trainer_kills(
+    kills: int,
+    *,
+    save_steps: int = 10,
+    step_secs: float = 0.02,
+    seed: int = 0,
+    backends: tuple[str, ...] = ("asyncio",),
+    directory: str | None = None,
+) -> TrainerKills:
+    """SIGKILL the plain-step trainer ``kills`` times, each at a random instant within five
+    save intervals of its start; check the directory each kill left and count the steps lost.
+    """
+    rng = random.Random(seed)
+    result = TrainerKills(kills=kills, save_steps=save_steps, step_secs=step_secs)
+    window = 5 * save_steps * step_secs
+    with tempfile.TemporaryDirectory(prefix="asyncckpt-trainer-") as scratch:
+        script = os.path.join(scratch, "trainer.py")
+        with open(script, "w") as file:
+            file.write(TRAINER)
+        ckpt = os.path.join(directory or scratch, "ckpt")
+        for index in range(kills):
+            backend = backends[index % len(backends)]
+            command = [script, ckpt, backend, str(save_steps), str(step_secs)]
+            reports, stderr = _kill_once(command, rng.uniform(0, window), during_startup=False)
+            latest, _temps, problems = anyio.run(check_directory, ckpt, backend=backend)
+            if stderr:
+                problems.append(f"the trainer failed: {stderr.strip()}")
+            finished = reports.get("step", reports.get("start"))
+            if finished is not None:
+                result.steps_lost.append(max(0, finished - (latest or 0)))
+            result.problems.extend(f"kill {index + 1}: {problem}" for problem in problems)
+    return result
 
 
 def _count(summary: CrashSummary, report: KillReport, previous: int | None) -> None:
@@ -346,7 +450,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=float, default=0.08, help="seconds (default 0.08)")
     parser.add_argument("--backends", default="asyncio,trio", help="comma-separated")
+    parser.add_argument(
+        "--trainer", action="store_true", help="kill the plain-step trainer; count steps lost"
+    )
     args = parser.parse_args(argv)
+    if args.trainer:
+        trainer = run_trainer_kills(
+            args.kills, seed=args.seed, backends=tuple(args.backends.split(","))
+        )
+        figures = {"max_lost": trainer.max_lost, "median_lost": trainer.median_lost}
+        json.dump({"ok": not trainer.problems, **figures, **asdict(trainer)}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0 if not trainer.problems else 1
     summary = run_crashes(
         args.kills,
         seed=args.seed,

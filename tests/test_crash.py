@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from asyncckpt import CheckpointManager
-from benchmarks.crash import check_directory, run_crashes
+from benchmarks.crash import check_directory, run_crashes, run_trainer_kills
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,6 +34,18 @@ def test_sigkill_at_random_instants_never_loses_or_mixes_a_checkpoint(tmp_path: 
     assert summary.kills == 10
     assert summary.losses == summary.inconsistent == summary.temp_files_left == 0
     assert summary.max_step > 0  # the children did save
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_plain_step_trainer_loses_about_one_save_interval(tmp_path: Path) -> None:
+    # A plain def step that never yields, saving every 10 steps: each kill finds the
+    # directory sound and resumes from a checkpoint within about one interval of where it
+    # was (the goal is an interval plus the write, two steps here; the test allows an
+    # interval of slack for a loaded machine, the benchmark reports the figure).
+    result = run_trainer_kills(6, save_steps=10, backends=BACKENDS, directory=str(tmp_path))
+    assert result.problems == []
+    assert len(result.steps_lost) == 6
+    assert result.max_lost <= 2 * result.save_steps
 
 
 def test_the_check_reports_a_checkpoint_that_mixes_two_steps(tmp_path: Path) -> None:

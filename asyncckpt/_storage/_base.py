@@ -100,13 +100,11 @@ class AppendFile(Protocol):
         """Where the file is."""
 
     async def write(self, data: bytes) -> None:
-        """Append ``data``; a cancellation never tears it."""
-
-    async def flush(self) -> None:
-        """Hand what was written to the operating system (readers see it then)."""
+        """Append ``data`` and hand it to the storage: readers see it once this returns.
+        One worker-thread call (or one request); a cancellation never tears it."""
 
     async def aclose(self) -> None:
-        """Flush and close (idempotent)."""
+        """Close (idempotent)."""
 
 
 class Probe(Protocol):

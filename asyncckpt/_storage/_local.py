@@ -295,26 +295,26 @@ class LocalReadFile:
 
 @dataclass(slots=True)
 class LocalAppendFile:
-    """A new file written front to back through the async file layer (event files)."""
+    """A new file written front to back (event files), one worker-thread call per write."""
 
     path: str
-    _file: Any
+    _file: io.BufferedWriter
+
+    def _write_sync(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
 
     async def write(self, data: bytes) -> None:
-        """Append ``data`` (whole records: shielded, so a cancellation never tears one)."""
+        """Append ``data`` and hand it to the operating system, in one thread call (whole
+        records: shielded, so a cancellation never tears one). No fsync: TensorBoard's
+        writer does not either, and its readers tolerate a torn last record."""
         with anyio.CancelScope(shield=True):
-            await self._file.write(data)
-
-    async def flush(self) -> None:
-        """Hand buffered bytes to the operating system (no fsync: TensorBoard's writer
-        does not either, and readers tolerate a torn last record)."""
-        with anyio.CancelScope(shield=True):
-            await self._file.flush()
+            await anyio.to_thread.run_sync(self._write_sync, data)
 
     async def aclose(self) -> None:
-        """Flush and close (idempotent)."""
+        """Close (idempotent; every write was handed to the operating system already)."""
         with anyio.CancelScope(shield=True):
-            await (self._file.close() if _on_asyncio() else self._file.aclose())
+            await anyio.to_thread.run_sync(self._file.close)
 
 
 class LocalStorage(Storage):
@@ -679,4 +679,4 @@ class LocalStorage(Storage):
             OSError: the file exists or cannot be created.
         """
         file = await anyio.to_thread.run_sync(self._create_new_sync, path)
-        return LocalAppendFile(path, _async_wrap(file))
+        return LocalAppendFile(path, file)

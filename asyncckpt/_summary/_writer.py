@@ -270,7 +270,6 @@ class SummaryWriter:
                 )
             )
             await file.write(first)
-            await file.flush()
             queue = _Queue(self.max_queue)
             self._buffer = _Buffer(file)
             async with AsyncExitStack() as stack:
@@ -562,16 +561,14 @@ class _Buffer:
         self.size += sum(map(len, records))
 
     async def write(self) -> None:
-        """Write the records to the file and flush it (the file object buffers too: a write
-        alone could leave them in the process, unseen by TensorBoard)."""
+        """Hand the records to the file: one thread call, after which TensorBoard sees them."""
         if not self._records:
             return
         records, self._records = self._records, []
         self.size = 0
         await self._file.write(b"".join(records))
         self.written += len(records)
-        await self._file.flush()
 
     async def close(self) -> None:
-        """Close the file (idempotent; what was written is flushed already)."""
+        """Close the file (idempotent; what was written was handed to it already)."""
         await self._file.aclose()
