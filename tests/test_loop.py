@@ -27,17 +27,17 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-_STEP_SECS = 0.03  # far longer than a write of this small state, so the bound below is exact
+_STEP_SECS = 0.02  # the contract's case: 20 ms steps, a 1 MiB state on local disk
 
 
 def _state() -> dict[str, Any]:
-    return {"w": np.zeros(1024, np.float32)}
+    return {"w": np.zeros((256, 1024), np.float32)}
 
 
 def _plain_step(log: list[tuple[str, int]]) -> Callable[[dict[str, Any]], None]:
     def step(state: dict[str, Any]) -> None:
         state["w"] += 1.0
-        log.append(("step", int(state["w"][0])))
+        log.append(("step", int(state["w"].flat[0])))
         time.sleep(_STEP_SECS)  # a step that blocks the loop and never yields
 
     return step
@@ -54,6 +54,23 @@ def _async_step_that_never_awaits(
     return step
 
 
+def _async_step_that_awaits(log: list[tuple[str, int]]) -> Callable[[dict[str, Any]], Any]:
+    plain = _plain_step(log)
+
+    async def step(state: dict[str, Any]) -> None:
+        plain(state)
+        await anyio.sleep(0)
+
+    return step
+
+
+_STEP_KINDS = {
+    "plain": _plain_step,
+    "async-never-awaits": _async_step_that_never_awaits,
+    "async-awaits": _async_step_that_awaits,
+}
+
+
 class _StopAfterSave(CheckpointSaverListener):
     def __init__(self, at: int, log: list[tuple[str, int]]) -> None:
         self.at = at
@@ -65,10 +82,10 @@ class _StopAfterSave(CheckpointSaverListener):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["plain", "async-never-awaits"])
-async def test_a_stop_from_after_save_lands_within_two_steps(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", list(_STEP_KINDS))
+async def test_a_stop_from_after_save_lands_within_three_steps(tmp_path: Path, kind: str) -> None:
     log: list[tuple[str, int]] = []
-    step_fn = _plain_step(log) if kind == "plain" else _async_step_that_never_awaits(log)
+    step_fn = _STEP_KINDS[kind](log)
     listener = _StopAfterSave(8, log)
     async with MonitoredTrainingSession(
         _state(),
@@ -86,9 +103,10 @@ async def test_a_stop_from_after_save_lands_within_two_steps(tmp_path: Path, kin
             await sess.run()
     steps = [value for event, value in log if event == "step"]
     saved = log.index(("after_save", 8))
-    # after_save(8) was awaited before step 8 + 3 started, and no step after 8 + 2 ran.
+    # after_save(8) was awaited before step 8 + 3 started, and no step after 8 + 3 ran
+    # (docs/HOOKS.md: measured here, it arrives during step 8 + 1).
     assert ("step", 11) not in log[:saved]
-    assert max(steps) <= 10
+    assert max(steps) <= 11
     assert sess.global_step == max(steps)
 
 
@@ -155,7 +173,7 @@ async def test_a_restart_does_not_rewrite_the_checkpoint_it_restored(tmp_path: P
                 ("after_save", 6),
                 ("end", 6),
             ]
-            assert sess.state["w"][0] == 6.0
+            assert sess.state["w"].flat[0] == 6.0
 
 
 async def test_a_write_stuck_past_the_grace_period_does_not_hold_the_exit(
