@@ -19,6 +19,7 @@ from ._core._errors import CheckpointError as CheckpointError
 from ._core._errors import CheckpointFormatError as CheckpointFormatError
 from ._core._errors import CheckpointLockedError as CheckpointLockedError
 from ._core._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._core._errors import CheckpointReadError as CheckpointReadError
 from ._core._errors import CheckpointWriteError as CheckpointWriteError
 from ._core._errors import NanLossDuringTrainingError as NanLossDuringTrainingError
 from ._core._errors import OutOfRangeError as OutOfRangeError
@@ -69,6 +70,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointManagerStatistics",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointSaverHook",
     "CheckpointSaverListener",
     "CheckpointState",

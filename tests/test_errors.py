@@ -23,6 +23,7 @@ from asyncckpt import (
     CheckpointLockedError,
     CheckpointManager,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     NanLossDuringTrainingError,
     OutOfRangeError,
@@ -50,6 +51,10 @@ EXAMPLES: list[tuple[BaseException, dict[str, Any]]] = [
     (
         CheckpointFormatError("/ckpt/checkpoint", "refusing checkpoint name '../x'"),
         {"path": "/ckpt/checkpoint", "detail": "refusing checkpoint name '../x'"},
+    ),
+    (
+        CheckpointReadError("/ckpt/model.ckpt-3", "Permission denied (errno 13)"),
+        {"path": "/ckpt/model.ckpt-3", "detail": "Permission denied (errno 13)"},
     ),
     (
         CheckpointWriteError("/ckpt/model.ckpt-3", "No space left on device (errno 28)"),
@@ -183,9 +188,10 @@ def test_str_names_the_path_and_detail() -> None:
     assert str(CheckpointNotFoundError("/ckpt/x", "gone")) == "/ckpt/x: gone"
     message = str(CheckpointCorruptedError("/ckpt/x", "header", "checksum mismatch"))
     assert message.startswith("/ckpt/x: corrupted header (checksum mismatch)")
-    # What to do about a damaged file.
-    assert "restore an older checkpoint" in message
-    assert "asyncckpt verify" in message
+    # What to do about a damaged file: commands that work as printed, for its directory.
+    assert "`asyncckpt verify /ckpt`" in message
+    assert 'on_corrupt="fallback"' in message
+    assert "`asyncckpt prune /ckpt --keep 5`" in message
     assert str(NanLossDuringTrainingError()) == "NaN loss during training."
 
 
@@ -225,7 +231,7 @@ async def test_errors_raised_by_real_operations_pickle_with_their_advice(
         await saver.restore(prefix + "-1")
     raised.append(corrupted.value)
     assert corrupted.value.part.startswith("array")
-    assert "restore an older checkpoint" in str(corrupted.value)
+    assert f"asyncckpt prune {directory} --keep" in str(corrupted.value)
 
     (directory / "checkpoint").write_text('model_checkpoint_path: "../elsewhere"\n')
     with pytest.raises(CheckpointFormatError) as bad_name:

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 from support import checkpoint_files, temp_files, until, verify_exit, written_steps
@@ -59,7 +60,7 @@ def _async_step_that_awaits(log: list[tuple[str, int]]) -> Callable[[dict[str, A
 
     async def step(state: dict[str, Any]) -> None:
         plain(state)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     return step
 

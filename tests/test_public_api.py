@@ -11,7 +11,8 @@ import asyncckpt.testing
 # Names DESIGN.md promises for the core layers (more arrive with hooks and sessions).
 DESIGN_NAMES = {
     "CheckpointCorruptedError", "CheckpointError", "CheckpointFormatError", "CheckpointManager",
-    "CheckpointNotFoundError", "CheckpointWriteError", "OutOfRangeError", "PreemptedError",
+    "CheckpointNotFoundError", "CheckpointReadError", "CheckpointWriteError", "OutOfRangeError",
+    "PreemptedError",
     "NanLossDuringTrainingError", "Saver", "latest_checkpoint",
     "SessionRunHook", "SessionRunArgs", "SessionRunContext", "SessionRunValues",
     "MonitoredSession", "MonitoredTrainingSession", "Scaffold", "CheckpointSaverHook",

@@ -5,6 +5,7 @@ CheckpointError(Exception)
 ├── CheckpointNotFoundError(CheckpointError, FileNotFoundError)  .path
 ├── CheckpointCorruptedError(CheckpointError)                    .path .part
 ├── CheckpointFormatError(CheckpointError, ValueError)           bad version, absurd size, bad name
+├── CheckpointReadError(CheckpointError)                         .path; __cause__ = the OSError
 └── CheckpointWriteError(CheckpointError)                        .path; __cause__ = the OSError
     └── CheckpointLockedError                                    another writer holds the directory
 OutOfRangeError(Exception)   end of input -> normal end      PreemptedError(Exception)  -> recover
@@ -19,6 +20,7 @@ reinterprets its first two arguments as errno and strerror).
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointLockedError",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "NanLossDuringTrainingError",
     "OutOfRangeError",
@@ -82,11 +85,21 @@ class CheckpointCorruptedError(CheckpointError):
         message = f"{self.path}: corrupted {self.part}"
         if self.detail:
             message += f" ({self.detail})"
-        return message + "; restore an older checkpoint or run `asyncckpt verify` on the directory"
+        directory = os.path.dirname(self.path) or "."
+        return message + (
+            f"; `asyncckpt verify {directory}` lists every damaged file; restore with "
+            'on_corrupt="fallback" to take the newest intact checkpoint instead, or move this '
+            f"file away and run `asyncckpt prune {directory} --keep 5` to rewrite the state file"
+        )
 
 
 class CheckpointFormatError(CheckpointError, ValueError):
     """The file is not a checkpoint this version can read, or it declares impossible values."""
+
+
+class CheckpointReadError(CheckpointError):
+    """An I/O error while reading a checkpoint or a state file (permission denied, a failing
+    disk): the file may be fine, but it could not be read. ``__cause__`` is the OSError."""
 
 
 class CheckpointWriteError(CheckpointError):
