@@ -6,7 +6,11 @@ Built on the tree and storage layers; knows nothing of hooks or sessions.
 """
 
 from ._directory import CheckpointDirectory as CheckpointDirectory
+from ._directory import unlist_checkpoints as unlist_checkpoints
+from ._file import OnCorrupt as OnCorrupt
+from ._file import check_on_corrupt as check_on_corrupt
 from ._file import read_checkpoint as read_checkpoint
+from ._file import read_first_intact as read_first_intact
 from ._file import read_header_sync as read_header_sync
 from ._file import verify_file as verify_file
 from ._format import Header as Header
@@ -33,16 +37,20 @@ __all__ = [
     "CheckpointState",
     "FoundCheckpoint",
     "Header",
+    "OnCorrupt",
     "Policy",
     "SaveOutcome",
     "Saver",
     "check_name",
+    "check_on_corrupt",
     "get_checkpoint_state",
     "is_state_file_name",
     "latest_checkpoint",
     "prune",
     "read_checkpoint",
+    "read_first_intact",
     "read_header_sync",
     "scan_directory",
+    "unlist_checkpoints",
     "verify_file",
 ]

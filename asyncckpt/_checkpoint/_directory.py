@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._core._errors import CheckpointFormatError, CheckpointNotFoundError, CheckpointWriteError
+from .._core._errors import (
+    CheckpointFormatError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
 from .._core._util import usable_cores
 from .._storage import DirectorySyncError, WriteAborted
 from ._file import write_snapshot
@@ -37,12 +42,17 @@ from ._state_file import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     from .._storage import Storage
     from ._snapshot import Snapshot
 
-__all__ = ["CheckpointDirectory", "get_checkpoint_state", "latest_checkpoint"]
+__all__ = [
+    "CheckpointDirectory",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "unlist_checkpoints",
+]
 
 logger = logging.getLogger("asyncckpt")
 
@@ -93,6 +103,28 @@ def latest_checkpoint(
             "`asyncckpt prune` to rewrite the state file from the checkpoints on disk",
         )
     return path
+
+
+def unlist_checkpoints(
+    storage: Storage, directory: str, latest_filename: str, names: Sequence[str]
+) -> bool:
+    """Drop ``names`` from a directory's state file, if no writer holds it (blocking).
+
+    Returns:
+        Whether it was done (False: a writer holds the directory; it is left alone).
+    """
+    held = CheckpointDirectory(
+        directory, latest_filename=latest_filename, retention=Retention(), storage=storage
+    )
+    try:
+        held.hold(())
+    except CheckpointLockedError:
+        return False
+    try:
+        held.unlist(names)
+    finally:
+        held.release()
+    return True
 
 
 def _reason(exc: BaseException) -> str:
@@ -209,6 +241,23 @@ class CheckpointDirectory:
         if executor is not None:
             executor.shutdown(wait=True)
         self._lock.release()
+
+    def unlist(self, names: Iterable[str]) -> None:
+        """Drop ``names`` from the state file, leaving their files on disk (blocking; must be
+        held): checkpoints that could not be restored, so that the next save's step follows
+        the one that was, and ``asyncckpt verify`` still reports the damaged files."""
+        doomed = set(names)
+        old = self.state
+        kept = [(n, t) for n, t in zip(old.names, old.timestamps, strict=True) if n not in doomed]
+        if len(kept) == len(old.names):
+            return
+        new_state = CheckpointState(
+            directory=self.path,
+            names=tuple(n for n, _ in kept),
+            timestamps=tuple(t for _, t in kept),
+            last_preserved_timestamp=old.last_preserved_timestamp,
+        )
+        self._register(new_state, None, old)
 
     # -- pins (any thread) --------------------------------------------------------------------
 

@@ -9,14 +9,21 @@ the ``Storage``'s. Knows nothing of state files, retention or queues.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 import anyio
 import numpy as np
 
 from .._core._crc32c import crc32c
-from .._core._errors import CheckpointCorruptedError
+from .._core._errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+)
 from .._core._util import raise_single_exception, usable_cores
 from .._tree import build, byte_view, check_into_array, match_into
 from . import _format
@@ -30,7 +37,10 @@ if TYPE_CHECKING:
     from ._snapshot import Snapshot
 
 __all__ = [
+    "OnCorrupt",
+    "check_on_corrupt",
     "read_checkpoint",
+    "read_first_intact",
     "read_header",
     "read_header_sync",
     "read_mapped",
@@ -270,6 +280,83 @@ async def read_checkpoint(
         except BaseExceptionGroup as group:
             raise_single_exception(group)
     return header, build(header.tree, arrays, into)
+
+
+OnCorrupt = Literal["raise", "fallback"]
+_ON_CORRUPT: Final = get_args(OnCorrupt)
+# What makes a checkpoint file untrustworthy, as opposed to a caller's mistake (a ValueError
+# for an into= of another structure): these make "fallback" try the next older checkpoint.
+_UNTRUSTED: Final = (
+    CheckpointCorruptedError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+)
+logger = logging.getLogger("asyncckpt")
+
+
+def check_on_corrupt(on_corrupt: str) -> OnCorrupt:
+    """Return ``on_corrupt`` if it is ``"raise"`` or ``"fallback"``.
+
+    Raises:
+        ValueError: it is neither.
+    """
+    if on_corrupt not in _ON_CORRUPT:
+        raise ValueError(f'on_corrupt must be "raise" or "fallback", not {on_corrupt!r}')
+    return on_corrupt  # type: ignore[return-value]
+
+
+async def read_first_intact(
+    storage: Storage,
+    paths: Sequence[str],
+    *,
+    on_corrupt: OnCorrupt,
+    into: StateTree = None,
+    use_mmap: bool = False,
+    verify: bool = True,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> tuple[_format.Header, StateTree, list[str]]:
+    """Read the first checkpoint of ``paths`` (newest first) that is intact.
+
+    With ``"raise"`` only the first is tried. With ``"fallback"`` a checkpoint that is
+    corrupted, unreadable, missing or of an unknown format is skipped with a WARNING naming
+    it, and the next is tried; ``into``'s arrays are filled again by the one that reads.
+
+    Returns:
+        ``(header, tree, the paths skipped)``.
+
+    Raises:
+        CheckpointError: the first one's error when none reads (a note lists the others).
+        ValueError: ``into`` does not have the checkpoint's structure.
+    """
+    skipped: list[tuple[str, CheckpointError]] = []
+    for path in paths if on_corrupt == "fallback" else paths[:1]:
+        try:
+            header, tree = await read_checkpoint(
+                storage, path, into=into, use_mmap=use_mmap, verify=verify, limiter=limiter
+            )
+        except _UNTRUSTED as exc:
+            if on_corrupt == "raise":
+                raise
+            logger.warning("cannot restore %s, trying an older checkpoint: %s", path, exc)
+            skipped.append((path, exc))
+            continue
+        if skipped:
+            logger.warning(
+                "restored %s, the newest intact checkpoint; skipped %s",
+                path,
+                ", ".join(p for p, _ in skipped),
+            )
+        return header, tree, [p for p, _ in skipped]
+    if not skipped:
+        raise ValueError("no checkpoint to restore: paths is empty")
+    first = skipped[0][1]
+    if len(skipped) > 1:
+        first.add_note(
+            f'on_corrupt="fallback": none of the {len(skipped)} checkpoints could be restored: '
+            + "; ".join(str(exc) for _, exc in skipped[1:])
+        )
+    raise first
 
 
 def _into_targets(

@@ -7,6 +7,7 @@ file work; knows nothing of hooks or sessions.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from .._core._util import check_int
 from .._storage import LocalStorage
 from . import _format
 from ._directory import CheckpointDirectory
-from ._file import read_checkpoint
+from ._file import OnCorrupt, check_on_corrupt, read_first_intact
 from ._snapshot import Snapshot, SnapshotPool
 from ._state_file import (
     STATE_FILENAME,
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from .._storage import Storage
 
 __all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy", "SaveOutcome"]
+
+logger = logging.getLogger("asyncckpt")
 
 Policy = Literal["block", "skip", "replace"]
 _POLICIES: Final = get_args(Policy)
@@ -137,6 +140,11 @@ class CheckpointManager:
         max_pending: snapshots that may wait while another is being written (>= 1).
         policy: ``"block"``, ``"skip"`` or ``"replace"``.
         stop_grace_period_secs: how long an exceptional exit keeps writing taken snapshots.
+        on_corrupt: what ``restore()`` of the latest checkpoint does when it is corrupted,
+            unreadable or missing: ``"raise"``, or ``"fallback"`` to the newest listed
+            checkpoint that is intact (with a WARNING naming each one skipped; those are
+            dropped from the state file, their files left for ``asyncckpt verify``, so the
+            next save continues from the restored step).
         latest_filename: the state file's name. Managers with different state files (and
             basenames) may share a directory: each holds only its own state file's lock and
             cleans up only its own temporary files.
@@ -155,6 +163,7 @@ class CheckpointManager:
         stop_grace_period_secs: float = 120.0,
         latest_filename: str = STATE_FILENAME,
         storage: Storage | None = None,
+        on_corrupt: OnCorrupt = "raise",
     ) -> None:
         check_int("max_pending", max_pending, minimum=1)
         if policy not in _POLICIES:
@@ -166,6 +175,9 @@ class CheckpointManager:
         self.max_pending = max_pending
         self.policy: Policy = policy
         self._grace = stop_grace_period_secs
+        self.on_corrupt = check_on_corrupt(on_corrupt)
+        # The writer's commits and a restore's unlisting both replace the state file.
+        self._state_file_lock = anyio.Lock()
         self.latest_filename = check_latest_filename(latest_filename)
         self.storage: Storage = storage or LocalStorage()
         self._directory = CheckpointDirectory(
@@ -211,9 +223,7 @@ class CheckpointManager:
                 # First: a cancellation that lands just after the lock was taken (in a
                 # worker thread, which finishes first) must still release it.
                 stack.push_async_callback(self._release_directory)
-                await anyio.to_thread.run_sync(
-                    self._directory.hold, [self.basename], limiter=self._limiter
-                )
+                await anyio.to_thread.run_sync(self._hold, limiter=self._limiter)
                 self._latest_step = self._listed_latest_step()
                 self._queue = EvictingQueue(self.max_pending)
                 await self._task.open(stack, self._serve)
@@ -222,6 +232,31 @@ class CheckpointManager:
             self._queue = None  # not open: save() refuses, aclose() has nothing to stop
             raise
         return self
+
+    def _hold(self) -> None:
+        """Take the directory; a listed latest checkpoint that is missing is an error (or,
+        with ``on_corrupt="fallback"``, the missing ones are unlisted), never a latest step
+        that ``restore()`` cannot find."""
+        self._directory.hold([self.basename])
+        state = self._directory.state
+        if state.latest is None or self.storage.file_info(state.paths()[-1]) is not None:
+            return
+        missing = [name for name, path in zip(state.names, state.paths(), strict=True)
+                   if self.storage.file_info(path) is None]  # fmt: skip
+        if self.on_corrupt == "raise":
+            raise CheckpointNotFoundError(
+                state.paths()[-1],
+                "the state file lists it as the latest checkpoint, but it is missing; open "
+                'the manager with on_corrupt="fallback" to continue from the newest one '
+                f"present, or run `asyncckpt prune {self.directory} --keep 5` to rebuild the "
+                "state file from the checkpoints present",
+            )
+        logger.warning(
+            "%s: listed checkpoints %s are missing; continuing from the newest one present",
+            self.directory,
+            missing,
+        )
+        self._directory.unlist(missing)
 
     async def __aexit__(
         self,
@@ -302,14 +337,15 @@ class CheckpointManager:
                 self._writing = job
                 outcome = SaveOutcome(step=job.step, path=job.path, written=False)
                 try:
-                    size = await self._directory.commit(
-                        job.snapshot,
-                        job.path,
-                        step=job.step,
-                        metadata=job.metadata,
-                        limiter=self._limiter,
-                        abandon_after=_ABANDON_AFTER_SECS,
-                    )
+                    async with self._state_file_lock:
+                        size = await self._directory.commit(
+                            job.snapshot,
+                            job.path,
+                            step=job.step,
+                            metadata=job.metadata,
+                            limiter=self._limiter,
+                            abandon_after=_ABANDON_AFTER_SECS,
+                        )
                 except CheckpointError as exc:
                     # Kept, not swallowed: raised by the next save(), wait() or close.
                     self._failed += 1
@@ -457,6 +493,7 @@ class CheckpointManager:
         *,
         mmap: bool = False,
         verify: bool = True,
+        on_corrupt: OnCorrupt | None = None,
     ) -> StateTree:
         """Restore checkpoint ``step`` (the latest when None) after pending writes finish.
 
@@ -465,22 +502,41 @@ class CheckpointManager:
             into: a tree to fill in place (see ``Saver.restore``).
             mmap: return read-only arrays mapped from the file.
             verify: check array checksums.
+            on_corrupt: overrides the manager's ``on_corrupt`` for this call; applies when
+                ``step`` is None (an explicit step is that checkpoint or an error).
 
         Raises:
             CheckpointNotFoundError: there is no such checkpoint.
-            CheckpointCorruptedError, CheckpointFormatError: the file cannot be trusted.
+            CheckpointCorruptedError, CheckpointFormatError, CheckpointReadError: the file
+                cannot be trusted or read (with ``"fallback"``: no listed one can).
             CheckpointWriteError: an earlier write failed and was not reported yet.
         """
         await self.wait()
+        policy = self.on_corrupt if on_corrupt is None else check_on_corrupt(on_corrupt)
         if step is None:
-            step = self._latest_step
-            if step is None:
+            if self._latest_step is None:
                 raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
-        path = os.path.join(self.directory, f"{self.basename}-{step}")
-        _header, tree = await read_checkpoint(
-            self.storage, path, into=into, use_mmap=mmap, verify=verify, limiter=self._limiter
+            steps = self.all_steps()[::-1]
+        else:
+            steps, policy = [step], "raise"
+        paths = [os.path.join(self.directory, f"{self.basename}-{s}") for s in steps]
+        _header, tree, skipped = await read_first_intact(
+            self.storage,
+            paths,
+            on_corrupt=policy,
+            into=into,
+            use_mmap=mmap,
+            verify=verify,
+            limiter=self._limiter,
         )
+        if skipped:
+            await self._unlist([os.path.basename(p) for p in skipped])
         return tree
+
+    async def _unlist(self, names: list[str]) -> None:
+        async with self._state_file_lock:
+            await anyio.to_thread.run_sync(self._directory.unlist, names, limiter=self._limiter)
+        self._latest_step = self._listed_latest_step()
 
     def add_done_callback(
         self, fn: Callable[[SaveOutcome], object], *, acknowledge: bool = False

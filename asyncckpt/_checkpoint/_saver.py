@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .._core._errors import CheckpointError
 from .._storage import LocalStorage
 from . import _format
 from ._directory import CheckpointDirectory
 from ._directory import get_checkpoint_state as _get_checkpoint_state
 from ._directory import latest_checkpoint as _latest_checkpoint
-from ._file import read_checkpoint
+from ._file import OnCorrupt, check_on_corrupt, read_first_intact
 from ._snapshot import SnapshotPool
 from ._state_file import (
     STATE_FILENAME,
@@ -198,6 +199,7 @@ class Saver:
         *,
         mmap: bool = False,
         verify: bool = True,
+        on_corrupt: OnCorrupt = "raise",
     ) -> StateTree:
         """Read the checkpoint at ``save_path`` and return its tree.
 
@@ -209,9 +211,13 @@ class Saver:
             mmap: return read-only arrays mapped from the file (zero copy).
             verify: check every array's checksum (with ``mmap``, ``False`` skips reading
                 the data at all; the prelude and header are always checked).
+            on_corrupt: ``"raise"``; or ``"fallback"``: when ``save_path`` is corrupted,
+                unreadable or missing, restore the newest older checkpoint its directory's
+                state file lists that is intact, with a WARNING naming each one skipped.
 
         Raises:
-            CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError;
+            CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError,
+            CheckpointReadError: (with ``"fallback"``: no candidate could be restored);
             ValueError: ``save_path`` is None, or ``into`` does not match the checkpoint.
         """
         if save_path is None:
@@ -219,10 +225,26 @@ class Saver:
                 "save_path is None: there is no checkpoint to restore; check "
                 "latest_checkpoint(dir) before calling restore"
             )
-        _header, tree = await read_checkpoint(
-            self.storage, os.fspath(save_path), into=into, use_mmap=mmap, verify=verify
+        path = os.fspath(save_path)
+        paths = [path]
+        if check_on_corrupt(on_corrupt) == "fallback":
+            paths += await anyio.to_thread.run_sync(self._older_listed, path)
+        _header, tree, _skipped = await read_first_intact(
+            self.storage, paths, on_corrupt=on_corrupt, into=into, use_mmap=mmap, verify=verify
         )
         return tree
+
+    def _older_listed(self, path: str) -> list[str]:
+        """The checkpoints listed before ``path`` in its directory's state file, newest first."""
+        try:
+            state = _get_checkpoint_state(
+                os.path.dirname(path) or ".", self.latest_filename, storage=self.storage
+            )
+        except CheckpointError:
+            return []  # the state file is damaged too: nothing older can be trusted from it
+        listed = state.paths() if state is not None else []
+        older = listed[: listed.index(path)] if path in listed else listed
+        return older[::-1]
 
     @staticmethod
     def latest_checkpoint(

@@ -110,10 +110,16 @@ def parse_state(data: bytes, directory: str, source: str) -> CheckpointState:
     except UnicodeDecodeError:
         raise CheckpointCorruptedError(source, "state file", "not UTF-8 text") from None
     lines = text.splitlines(keepends=True)
-    if lines and (crc_line := _CRC_LINE.match(lines[-1].strip())):
+    crc_line = _CRC_LINE.match(lines[-1].strip()) if lines else None
+    if crc_line:
         body = "".join(lines[:-1])
         if crc32c(body.encode()) != int(crc_line.group(1), 16):
             raise CheckpointCorruptedError(source, "state file", "checksum mismatch")
+    elif not text.strip():
+        # No writer leaves a state file empty (ours write a checksum even for an empty list,
+        # TensorFlow's a path): it was truncated, and reading it as "no checkpoint" would
+        # restart training from step 0 beside the checkpoints it lost.
+        raise CheckpointCorruptedError(source, "state file", "the file is empty")
     latest = None
     names: list[str] = []
     stamps: list[float] = []

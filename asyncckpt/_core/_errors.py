@@ -86,6 +86,11 @@ class CheckpointCorruptedError(CheckpointError):
         if self.detail:
             message += f" ({self.detail})"
         directory = os.path.dirname(self.path) or "."
+        if self.part == "state file":
+            return message + (
+                f"; `asyncckpt prune {directory} --keep 5` rebuilds it from the checkpoints "
+                "present (keeping the newest 5)"
+            )
         return message + (
             f"; `asyncckpt verify {directory}` lists every damaged file; restore with "
             'on_corrupt="fallback" to take the newest intact checkpoint instead, or move this '

@@ -3,8 +3,8 @@ initializing. Knows nothing of hooks beyond the session they receive."""
 
 from __future__ import annotations
 
-import functools
 import inspect
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import anyio
 
-from .._checkpoint import latest_checkpoint, read_checkpoint
+from .._checkpoint import (
+    STATE_FILENAME,
+    OnCorrupt,
+    check_on_corrupt,
+    get_checkpoint_state,
+    latest_checkpoint,
+    read_first_intact,
+    unlist_checkpoints,
+)
 from .._core._errors import OutOfRangeError
 from .._core._util import call_maybe_async
 from .._storage import LocalStorage
@@ -30,6 +38,8 @@ __all__ = [
     "StepFn",
     "StepSession",
 ]
+
+logger = logging.getLogger("asyncckpt")
 
 NO_OUTPUTS: Mapping[str, Any] = MappingProxyType({})
 """The outputs of a step function that returned None."""
@@ -134,6 +144,11 @@ class ChiefSessionCreator:
         checkpoint_dir: restore the latest checkpoint of this directory.
         checkpoint_filename_with_path: restore exactly this checkpoint instead.
         storage: where the checkpoints live (local files by default).
+        on_corrupt: when the latest checkpoint of ``checkpoint_dir`` is corrupted,
+            unreadable or missing: ``"raise"``; or ``"fallback"``: restore the newest listed
+            one that is intact, with a WARNING naming each one skipped, and drop those from
+            the state file (their files stay for ``asyncckpt verify``), so that the run
+            continues from the restored step.
     """
 
     def __init__(
@@ -145,6 +160,7 @@ class ChiefSessionCreator:
         checkpoint_filename_with_path: str | os.PathLike[str] | None = None,
         *,
         storage: Storage | None = None,
+        on_corrupt: OnCorrupt = "raise",
     ) -> None:
         if not callable(step_fn):
             raise TypeError("step_fn must be callable as step_fn(state, **feeds)")
@@ -155,6 +171,7 @@ class ChiefSessionCreator:
         self.scaffold = scaffold or Scaffold()
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.storage: Storage = storage or LocalStorage()
+        self.on_corrupt = check_on_corrupt(on_corrupt)
         self.checkpoint_filename_with_path = (
             None
             if checkpoint_filename_with_path is None
@@ -166,16 +183,40 @@ class ChiefSessionCreator:
 
     async def create_session(self) -> StepSession:
         """Restore the latest checkpoint into the state, or call ``init_fn``."""
-        path = self.checkpoint_filename_with_path
-        if path is None and self.checkpoint_dir is not None:
-            path = await anyio.to_thread.run_sync(
-                functools.partial(latest_checkpoint, self.checkpoint_dir, storage=self.storage)
-            )
-        if path is None:
+        paths = await anyio.to_thread.run_sync(self._candidates)
+        if not paths:
             session = StepSession(self.state, self.step_fn, 0)
             if self.scaffold.init_fn is not None:
                 await call_maybe_async(self.scaffold.init_fn, self.scaffold, session)
             return session
-        header, tree = await read_checkpoint(self.storage, path, into=self.state)
+        header, tree, skipped = await read_first_intact(
+            self.storage, paths, on_corrupt=self.on_corrupt, into=self.state
+        )
+        if skipped:
+            assert self.checkpoint_dir is not None
+            names = [os.path.basename(p) for p in skipped]
+            unlisted = await anyio.to_thread.run_sync(
+                unlist_checkpoints, self.storage, self.checkpoint_dir, STATE_FILENAME, names
+            )
+            if not unlisted:
+                logger.warning(
+                    "%s: another writer holds the directory; the checkpoints that could not "
+                    "be restored (%s) stay listed",
+                    self.checkpoint_dir,
+                    names,
+                )
         self.state = tree
         return StepSession(tree, self.step_fn, header.step or 0)
+
+    def _candidates(self) -> list[str]:
+        """The checkpoints to try, newest first (blocking): the one asked for, or the latest
+        of ``checkpoint_dir`` (with ``"fallback"``, every listed one)."""
+        if self.checkpoint_filename_with_path is not None:
+            return [self.checkpoint_filename_with_path]
+        if self.checkpoint_dir is None:
+            return []
+        if self.on_corrupt == "raise":
+            latest = latest_checkpoint(self.checkpoint_dir, storage=self.storage)
+            return [] if latest is None else [latest]
+        state = get_checkpoint_state(self.checkpoint_dir, storage=self.storage)
+        return [] if state is None else state.paths()[::-1]

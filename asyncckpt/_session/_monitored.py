@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import os
     from types import TracebackType
 
+    from .._checkpoint import OnCorrupt
     from .._core._types import StateTree
     from .._storage import Storage
 
@@ -437,6 +438,9 @@ class MonitoredTrainingSession(MonitoredSession):
         stop_grace_period_secs: see ``MonitoredSession``.
         recoverable_errors: see ``MonitoredSession``.
         storage: where checkpoints and summaries live (local files by default).
+        on_corrupt: when the latest checkpoint is corrupted, unreadable or missing:
+            ``"raise"``, or ``"fallback"`` to the newest intact one (see
+            ``ChiefSessionCreator``).
     """
 
     def __init__(
@@ -458,6 +462,7 @@ class MonitoredTrainingSession(MonitoredSession):
         *,
         recoverable_errors: tuple[type[BaseException], ...] = (PreemptedError,),
         storage: Storage | None = None,
+        on_corrupt: OnCorrupt = "raise",
     ) -> None:
         scaffold = scaffold or Scaffold()
         ckpt_steps, ckpt_secs = _interval(
@@ -507,7 +512,12 @@ class MonitoredTrainingSession(MonitoredSession):
                 )
         all_hooks.extend(hooks or ())
         creator = ChiefSessionCreator(
-            state, step_fn, scaffold, checkpoint_dir=checkpoint_dir, storage=storage
+            state,
+            step_fn,
+            scaffold,
+            checkpoint_dir=checkpoint_dir,
+            storage=storage,
+            on_corrupt=on_corrupt,
         )
         super().__init__(
             creator, all_hooks, stop_grace_period_secs, recoverable_errors=recoverable_errors
