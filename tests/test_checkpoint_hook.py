@@ -716,3 +716,17 @@ async def test_stop_at_step_hook_and_the_final_save(tmp_path: Path) -> None:
             while not sess.should_stop():
                 await sess.run()
     assert_saves(listener.calls, [0, 4, 8, 10], end=10)
+
+
+async def test_a_full_disk_at_start_fails_clearly_and_leaves_no_empty_event_file(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
+    # TensorFlow's hook logs each checkpoint to an event file in its directory; a disk
+    # too full for that file fails the start with a CheckpointWriteError saying so.
+    storage.fail("write", errno.ENOSPC, match="tfevents", times=None)
+    hook = CheckpointSaverHook(tmp_path, save_steps=1, storage=storage)
+    with pytest.raises(CheckpointWriteError, match="writing the event file") as caught:
+        async with session(tmp_path, [hook]):
+            pass  # pragma: no cover
+    assert isinstance(caught.value.__cause__, OSError)
+    assert [name for name in os.listdir(tmp_path) if name.startswith("events.out")] == []

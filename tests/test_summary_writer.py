@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 import pytest
-from support import all_tasks_blocked
+from support import all_tasks_blocked, exists
 
 from asyncckpt import (
+    CheckpointWriteError,
     MonitoredTrainingSession,
     SessionLog,
     StopAtStepHook,
@@ -322,9 +323,11 @@ async def test_lifecycle_errors_and_idempotent_close(tmp_path: Path) -> None:
 
 async def test_a_file_that_cannot_be_created_fails_the_enter(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("a file where the run directory should be")
-    with pytest.raises(OSError, match="taken"):
+    with pytest.raises(CheckpointWriteError, match="while creating the event file") as caught:
         async with writer(tmp_path / "taken"):
             pass  # pragma: no cover
+    assert str(tmp_path / "taken") in str(caught.value)
+    assert isinstance(caught.value.__cause__, OSError)
 
 
 async def test_a_failing_first_write_fails_the_enter_and_closes_the_file(
@@ -332,9 +335,9 @@ async def test_a_failing_first_write_fails_the_enter_and_closes_the_file(
 ) -> None:
     storage.fail("write", errno.ENOSPC, match="tfevents", times=None)
     w = writer(tmp_path, storage=storage)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointWriteError, match=r"No space left .* writing the event file"):
         await w.__aenter__()
-    assert records(w.path) == []  # nothing, rather than a torn record
+    assert not exists(w.path)  # no event file, rather than an empty one
     with pytest.raises(RuntimeError, match="the SummaryWriter is not open"):
         await w.add_scalar("loss", 1.0, 1)
 
@@ -352,9 +355,10 @@ async def test_a_failing_write_later_ends_the_block_with_that_error(
                 await w.flush()  # the writer task fails: the block is cancelled here
             raise AssertionError("not reached")  # pragma: no cover
 
-    with pytest.raises(OSError, match="No space left") as caught:
+    with pytest.raises(CheckpointWriteError, match="No space left") as caught:
         await block()
-    assert caught.type is OSError  # itself, not wrapped in an ExceptionGroup
+    assert caught.type is CheckpointWriteError  # itself, not wrapped in an ExceptionGroup
+    assert isinstance(caught.value.__cause__, OSError)
     assert records(w.path)[0] == header()  # and no torn record
 
 
@@ -363,14 +367,14 @@ async def test_a_flush_waiting_elsewhere_raises_when_the_writer_fails(
 ) -> None:
     # The owner's block ends with the disk error; a flush() waiting in another task learns
     # that its events did not reach the disk, instead of waiting forever.
-    failures: list[OSError] = []
+    failures: list[CheckpointWriteError] = []
 
     async def own(*, task_status: anyio.abc.TaskStatus[SummaryWriter]) -> None:
         try:
             async with writer(tmp_path, storage=storage) as w:
                 task_status.started(w)
                 await anyio.sleep_forever()
-        except OSError as error:
+        except CheckpointWriteError as error:
             failures.append(error)
 
     with anyio.fail_after(5):
@@ -380,7 +384,7 @@ async def test_a_flush_waiting_elsewhere_raises_when_the_writer_fails(
             await w.add_scalar("loss", 1.0, 1)
             with pytest.raises(RuntimeError, match="stopped before this flush was done"):
                 await w.flush()
-    assert [failure.errno for failure in failures] == [errno.ENOSPC]
+    assert [failure.__cause__.errno for failure in failures] == [errno.ENOSPC]  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match="the SummaryWriter is closed"):
         await w.add_scalar("loss", 2.0, 2)
 

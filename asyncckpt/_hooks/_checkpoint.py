@@ -218,14 +218,16 @@ class CheckpointSaverHook(SessionRunHook):
         self._coord = coord
         self._session = session
         if self._manager is None:
+            self._closing = anyio.Event()
+            manager = CheckpointManager(**self._manager_args)
+            manager.add_done_callback(self._settled, acknowledge=True)
+            # The manager first: a directory that cannot hold checkpoints (read-only, full)
+            # fails here with a CheckpointWriteError about the checkpoints themselves.
+            self._manager = await open_in_session(coord, manager, until=self._closing)
             # TensorFlow's hook logs each checkpoint to its directory's event file.
             self._summary_writer = await summary_writer_for(
                 coord, self.checkpoint_dir, self._manager_args["storage"]
             )
-            self._closing = anyio.Event()
-            manager = CheckpointManager(**self._manager_args)
-            manager.add_done_callback(self._settled, acknowledge=True)
-            self._manager = await open_in_session(coord, manager, until=self._closing)
             coord.start_soon(self._deliver_outcomes)
         assert self._manager is not None
         self._timer.update_last_triggered_step(session.global_step)

@@ -7,6 +7,7 @@ scalar fast path in ``_scalars``); files in the ``Storage`` it is given.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -21,6 +22,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._core._errors import CheckpointWriteError
 from .._core._lifecycle import BackgroundTask
 from .._core._sync import Broadcast
 from .._core._util import check_int
@@ -260,7 +262,10 @@ class SummaryWriter:
 
     async def __aenter__(self) -> Self:
         self._task.claim()
-        file = await self.storage.create_new_file(self.path)
+        try:
+            file = await self.storage.create_new_file(self.path)
+        except OSError as exc:
+            raise _event_file_error(self.path, exc, "creating") from exc
         try:
             first = frame(
                 _proto.encode_event(
@@ -269,7 +274,15 @@ class SummaryWriter:
                     source_writer=_WRITER_NAME,
                 )
             )
-            await file.write(first)
+            try:
+                await file.write(first)
+            except OSError as exc:
+                # A full disk: no event file at all rather than an empty one.
+                with anyio.CancelScope(shield=True):
+                    with contextlib.suppress(OSError):  # the unwritten bytes fail it again
+                        await file.aclose()
+                    await anyio.to_thread.run_sync(self._remove_event_file)
+                raise _event_file_error(self.path, exc, "writing") from exc
             queue = _Queue(self.max_queue)
             self._buffer = _Buffer(file)
             async with AsyncExitStack() as stack:
@@ -282,6 +295,10 @@ class SummaryWriter:
                 await file.aclose()
             raise
         return self
+
+    def _remove_event_file(self) -> None:
+        with contextlib.suppress(CheckpointWriteError):
+            self.storage.remove_files([self.path])
 
     async def __aexit__(
         self,
@@ -532,6 +549,16 @@ class SummaryWriter:
             raise RuntimeError("the SummaryWriter stopped before this flush was done")
 
 
+def _event_file_error(path: str, exc: OSError, doing: str) -> CheckpointWriteError:
+    """The error of an event file that could not be created or written (a full disk, a
+    read-only directory): what happened, and that checkpoints are not affected."""
+    return CheckpointWriteError(
+        path,
+        f"{exc.strerror or exc} (errno {exc.errno}) while {doing} the event file; events "
+        "not yet written are lost (checkpoints are written separately and not affected)",
+    )
+
+
 def _check_step(step: object) -> None:
     if check_int("step", step, minimum=0) > _proto.MAX_STEP:
         raise ValueError(f"step must be < 2**63 (an int64), not {step}")
@@ -566,7 +593,10 @@ class _Buffer:
             return
         records, self._records = self._records, []
         self.size = 0
-        await self._file.write(b"".join(records))
+        try:
+            await self._file.write(b"".join(records))
+        except OSError as exc:
+            raise _event_file_error(self._file.path, exc, "writing") from exc
         self.written += len(records)
 
     async def close(self) -> None:
