@@ -639,6 +639,11 @@ async def test_a_listener_raising_in_after_save_ends_the_session_with_it(
         ({"save_steps": 1, "policy": "drop"}, ValueError, "policy must be one of"),
         ({"save_steps": 1, "checkpoint_basename": "a/b"}, ValueError, "inside the directory"),
         ({"save_steps": 1, "listeners": [RecordingHook()]}, TypeError, "listeners must be"),
+        (
+            {"save_steps": 1, "listeners": RecordingListener()},
+            TypeError,
+            r"listeners must be a list: pass listeners=\[listener\]",
+        ),
     ],
 )
 async def test_constructor_validates_arguments(

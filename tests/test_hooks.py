@@ -1054,3 +1054,13 @@ async def test_final_ops_do_not_keep_a_previous_sessions_outputs() -> None:
 def test_final_ops_feed_dict_is_not_supported() -> None:
     with pytest.raises(ValueError, match="final_ops_feed_dict"):
         FinalOpsHook("loss", final_ops_feed_dict={"x": 1})
+
+
+async def test_a_hook_driven_without_after_create_session_says_what_to_call() -> None:
+    # TensorFlow's own tests drive hooks by hand; a missing after_create_session is a
+    # RuntimeError that names it, not a bare AssertionError.
+    hook = StopAtStepHook(num_steps=3)
+    hook.begin()
+    context = SessionRunContext(SessionRunArgs(), StepSession({}, lambda state: None, 0))
+    with pytest.raises(RuntimeError, match=r"StopAtStepHook: call after_create_session"):
+        hook.after_run(context, SessionRunValues(None))

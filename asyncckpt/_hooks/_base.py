@@ -50,6 +50,7 @@ __all__ = [
     "SessionRunContext",
     "SessionRunHook",
     "SessionRunValues",
+    "created",
     "open_in_session",
 ]
 
@@ -216,6 +217,17 @@ class CheckpointSaverListener:
 
 
 R = TypeVar("R")
+
+
+def created(value: R | None, hook: SessionRunHook) -> R:
+    """``value``, which ``hook.after_create_session`` sets; a clear error when a hook is
+    driven by hand (as TensorFlow's own tests drive hooks) without that call."""
+    if value is None:
+        raise RuntimeError(
+            f"{type(hook).__name__}: call after_create_session(session, coord) before this "
+            "(a MonitoredSession does; code that drives hooks by hand must too)"
+        )
+    return value
 
 
 async def open_in_session(

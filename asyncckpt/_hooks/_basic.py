@@ -21,6 +21,7 @@ from ._base import (
     SessionRunContext,
     SessionRunHook,
     SessionRunValues,
+    created,
 )
 from ._summary import summary_writer_for
 from ._timer import SecondOrStepTimer
@@ -83,8 +84,7 @@ class StopAtStepHook(SessionRunHook):
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         """Request a stop once the global step reaches ``last_step``."""
-        assert self._last_step is not None
-        if run_context.session.global_step >= self._last_step:
+        if run_context.session.global_step >= created(self._last_step, self):
             run_context.request_stop()
 
 

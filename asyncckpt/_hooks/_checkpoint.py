@@ -125,6 +125,8 @@ class CheckpointSaverHook(SessionRunHook):
         self._log_write_errors = on_write_error == "log"
         if saver is not None and scaffold is not None:
             raise ValueError("pass saver= or scaffold=, not both")
+        if isinstance(listeners, CheckpointSaverListener):
+            raise TypeError("listeners must be a list: pass listeners=[listener]")
         listeners = list(listeners or ())
         for listener in listeners:
             if not isinstance(listener, CheckpointSaverListener):

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 from .._checkpoint import STATE_FILENAME, Saver, check_name
 from .._core._types import SupportsStateDict
 from .._core._util import check_int
-from ._base import CheckpointSaverListener, SessionRunArgs, SessionRunContext, SessionRunHook
+from ._base import (
+    CheckpointSaverListener,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    created,
+)
 from ._checkpoint import CheckpointSaverHook
 
 if TYPE_CHECKING:
@@ -336,14 +342,13 @@ class CheckpointInputPipelineHook(SessionRunHook):
     ) -> Coroutine[Any, Any, None] | None:
         """Save if the schedule triggers (never when following the model's saves); raise a
         failed background write."""
-        assert self._input_context is not None
-        return self._saver_hook.after_run(self._input_context, run_values)
+        return self._saver_hook.after_run(created(self._input_context, self), run_values)
 
     async def end(self, session: SessionLike) -> None:
         """Save the last step unless it was saved, and wait for every input write."""
-        assert self._input_session is not None
+        input_session = created(self._input_session, self)
         self._ended = True
-        await self._saver_hook.end(self._input_session)
+        await self._saver_hook.end(input_session)
 
     # -- restoring and following --------------------------------------------------------------
 

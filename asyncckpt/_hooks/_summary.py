@@ -21,6 +21,7 @@ from ._base import (
     SessionRunContext,
     SessionRunHook,
     SessionRunValues,
+    created,
     open_in_session,
 )
 from ._timer import SecondOrStepTimer
@@ -192,8 +193,7 @@ class SummarySaverHook(SessionRunHook):
         return self._write(step, run_values.results, first)
 
     async def _write(self, step: int, results: Any, first: bool) -> None:
-        writer = self._writer
-        assert writer is not None
+        writer = created(self._writer, self)
         if first:
             await writer.add_session_log(SessionLog.START, step)
         if self._request:
