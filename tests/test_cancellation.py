@@ -396,3 +396,82 @@ async def test_cancel_during_the_final_save_of_a_closing_session(
     expected = _FINAL_STEP if grace or k >= STATE_FILE_FIRST_CALL else 0
     assert latest_checkpoint(tmp_path) == str(tmp_path / f"model.ckpt-{expected}")
     await directory_is_sound(tmp_path, expected)
+
+
+# -- opening: a CheckpointManager's enter, a session's start ---------------------------------------
+
+
+async def _cancel_at_every_turn(open_and_close: Callable[[], Any]) -> int:
+    """Cancel ``open_and_close()`` after 0, 1, 2... loop turns of another task, up to as many
+    as an uncancelled run lasts; return that count. A cancellation may land while a worker
+    thread runs or a shielded cleanup does, then takes effect at the next checkpoint (or,
+    if none comes, the open simply completes): either way it must not hang."""
+    turns = 0
+    finished = False
+
+    async def count() -> None:
+        nonlocal turns
+        while not finished:
+            await anyio.lowlevel.checkpoint()
+            turns += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(count)
+        await open_and_close()
+        finished = True
+    for after in range(turns + 2):
+        await _cancelled_after(after, open_and_close)
+    return turns
+
+
+async def _cancelled_after(turns: int, open_and_close: Callable[[], Any]) -> bool:
+    """Run ``open_and_close()`` in a scope cancelled after ``turns`` loop turns; return
+    whether the cancellation was caught (False: it finished first)."""
+    scope = anyio.CancelScope()
+
+    async def cancel_later() -> None:
+        for _ in range(turns):
+            await anyio.lowlevel.checkpoint()
+        scope.cancel()
+
+    with anyio.fail_after(10):  # a hang fails the test instead of the suite
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_later)
+            with scope:
+                await open_and_close()
+            tg.cancel_scope.cancel()
+    return scope.cancelled_caught
+
+
+async def test_cancel_at_each_turn_of_a_managers_enter(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as manager:
+        await manager.save(two_reader_state(1), 1)
+    before = task_ids()
+
+    async def open_and_close() -> None:
+        async with CheckpointManager(tmp_path):
+            pass
+
+    assert await _cancel_at_every_turn(open_and_close) > 0
+    assert task_ids() == before
+    async with CheckpointManager(tmp_path) as manager:  # the lock was released every time
+        assert manager.latest_step() == 1
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.slow
+async def test_cancel_at_each_turn_of_a_session_start(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as manager:
+        await manager.save({"w": np.zeros(3)}, 1)
+    before = task_ids()
+
+    async def open_and_close() -> None:
+        async with MonitoredTrainingSession({"w": np.zeros(3)}, lambda state: None,
+                                            checkpoint_dir=tmp_path):  # fmt: skip
+            pass
+
+    assert await _cancel_at_every_turn(open_and_close) > 0
+    assert task_ids() == before
+    async with CheckpointManager(tmp_path) as manager:
+        assert manager.latest_step() == 1
+    assert verify_exit(tmp_path) == 0
