@@ -149,6 +149,17 @@ def test_train_numpy_second_run_resumes_where_the_first_stopped(tmp_path: Path) 
     assert cli_main(["verify", str(directory)], out=io.StringIO()) == 0
 
 
+def upload_run(result: subprocess.CompletedProcess[str]) -> tuple[list[str], int, list[int]]:
+    """A clean run of listener_upload.py: its lines, the step it stopped at, the uploads."""
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    stopped = re.fullmatch(r"stopped at step (\d+)", lines[-1])
+    assert stopped, result.stdout
+    uploaded = [int(m.group(1)) for line in lines if (m := re.match(r"step (\d+): uploaded", line))]
+    return lines, int(stopped.group(1)), uploaded
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["block", "skip"])
 def test_listener_upload_slower_than_the_save_interval(tmp_path: Path, policy: str) -> None:
@@ -158,13 +169,7 @@ def test_listener_upload_slower_than_the_save_interval(tmp_path: Path, policy: s
         "listener_upload.py", tmp_path, "--dir", "up", "--remote", "remote",
         "--max-steps", "1000000", "--upload-seconds", "0.2", "--keep", "1", "--policy", policy,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    lines = result.stdout.splitlines()
-    stopped = re.fullmatch(r"stopped at step (\d+)", lines[-1])
-    assert stopped, result.stdout
-    last_step = int(stopped.group(1))
-    uploaded = [int(m.group(1)) for line in lines if (m := re.match(r"step (\d+): uploaded", line))]
+    _lines, last_step, uploaded = upload_run(result)
     assert uploaded[0] == 0
     assert uploaded[-1] == last_step
     if policy == "block":
@@ -191,12 +196,7 @@ def test_listener_upload_copies_every_checkpoint_and_stops_early(tmp_path: Path)
         "listener_upload.py", tmp_path, "--dir", "up", "--remote", "remote",
         "--max-steps", str(max_steps),
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    lines = result.stdout.splitlines()
-    stopped = re.fullmatch(r"stopped at step (\d+)", lines[-1])
-    assert stopped, result.stdout
-    last_step = int(stopped.group(1))
+    lines, last_step, uploaded = upload_run(result)
     # The listener decided to stop after an evaluation; the loop stopped at a step boundary
     # after that (the listener runs in the background), long before max_steps.
     decisions = [
@@ -204,7 +204,6 @@ def test_listener_upload_copies_every_checkpoint_and_stops_early(tmp_path: Path)
     ]
     assert decisions
     assert decisions[0] <= last_step < max_steps
-    uploaded = [int(m.group(1)) for line in lines if (m := re.match(r"step (\d+): uploaded", line))]
     assert lines[-2] == f"done at step {last_step}; uploaded {len(uploaded)} checkpoints"
     # Every save was uploaded, in order, the final one (made in end()) included.
     assert uploaded == sorted(uploaded)
