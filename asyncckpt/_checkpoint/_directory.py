@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._core._errors import (
-    CheckpointFormatError,
     CheckpointLockedError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
 )
 from .._core._util import usable_cores
@@ -67,14 +67,15 @@ def get_checkpoint_state(
 
     Raises:
         CheckpointCorruptedError: the state file fails its checksum.
-        CheckpointFormatError: the state file is unreadable or names files outside the directory.
+        CheckpointFormatError: the state file names files outside the directory.
+        CheckpointReadError: the state file cannot be read (the OSError is its cause).
     """
     directory = os.fspath(checkpoint_dir)
     path = state_path(directory, latest_filename)
     try:
         data = storage.read_small_file(path)
     except OSError as exc:
-        raise CheckpointFormatError(path, f"cannot read the state file: {exc}") from exc
+        raise CheckpointReadError(path, f"cannot read the state file: {exc}") from exc
     if data is None:
         return None
     return parse_state(data, directory, path)
@@ -99,8 +100,10 @@ def latest_checkpoint(
     if storage.file_info(path) is None:
         raise CheckpointNotFoundError(
             path,
-            "the state file names this checkpoint but it is missing; restore it, or run "
-            "`asyncckpt prune` to rewrite the state file from the checkpoints on disk",
+            "the state file names this checkpoint but it is missing; restore it, restore "
+            'with on_corrupt="fallback", or run '
+            f"`asyncckpt prune {state.directory} --keep 5` to rewrite the state file from the "
+            "checkpoints on disk",
         )
     return path
 

@@ -7,13 +7,15 @@ nothing of writers' queues or sessions.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from .._core._errors import CheckpointError
+from .._core._errors import CheckpointError, CheckpointNotFoundError, CheckpointReadError
+from .._storage import TEMP_MARKER
 from . import _format
 from ._directory import get_checkpoint_state
-from ._file import read_header_sync
+from ._file import read_header_sync, verify_file
 from ._state_file import (
     STATE_FILENAME,
     CheckpointState,
@@ -26,14 +28,25 @@ from ._state_file import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from .._storage import Storage
 
 __all__ = ["FoundCheckpoint", "prune", "scan_directory"]
 
+# TensorBoard's event files share checkpoint directories, and their names can end in
+# "-<digits>" (a host name such as "worker-3"). Spelled out: the summary layer is not ours.
+_EVENT_FILE_PREFIX: Final = "events.out.tfevents."
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FoundCheckpoint:
-    """A checkpoint file found on disk, with its header or the reason it could not be read."""
+    """A checkpoint file found on disk, with its header or the reason it could not be read.
+
+    ``retired``: the file was gone by the time it was read, as when a live writer's retention
+    deletes it during the scan; no header, no error (and ``size``, ``mtime`` 0 if it was gone
+    before it could be looked at).
+    """
 
     name: str
     path: str
@@ -41,35 +54,107 @@ class FoundCheckpoint:
     mtime: float
     header: _format.Header | None
     error: CheckpointError | None
+    retired: bool = False
 
 
-def scan_directory(storage: Storage, directory: str) -> list[FoundCheckpoint]:
-    """Find every checkpoint file in ``directory`` (by its magic bytes), headers read."""
+def scan_directory(
+    storage: Storage, directory: str, *, listed: Collection[str] = (), verify: bool = False
+) -> list[FoundCheckpoint]:
+    """Find every checkpoint file in ``directory`` and read its header, in name order.
+
+    A checkpoint file is one named ``<prefix>-<step>`` (the directory's other files aside:
+    dotfiles, temporary and lock files, state files, event files) or in ``listed`` (the names
+    its state files give), whatever its first bytes, so that a file damaged at its start is
+    reported rather than skipped; or any other file starting with the magic bytes.
+
+    Args:
+        storage: where the directory is.
+        directory: the directory.
+        listed: names to take for checkpoints whatever they look like.
+        verify: check every byte of each file (``verify_file``), not just its header.
+
+    Raises:
+        OSError: the directory cannot be listed.
+    """
     found = []
     for name in storage.list_names(directory):
         path = os.path.join(directory, name)
-        if name.startswith(".") or storage.read_prefix(path, len(_format.MAGIC)) != _format.MAGIC:
-            continue
         info = storage.file_info(path)
         if info is None:
-            continue
-        header: _format.Header | None = None
-        error: CheckpointError | None = None
-        try:
-            header = read_header_sync(storage, path)
-        except CheckpointError as exc:
-            error = exc
-        found.append(
-            FoundCheckpoint(
-                name=name,
-                path=path,
-                size=info.st_size,
-                mtime=info.st_mtime,
-                header=header,
-                error=error,
-            )
-        )
+            if name in listed or _is_checkpoint_name(name):
+                found.append(_retired(name, path))
+        elif _is_candidate(storage, name, path, info, listed):
+            found.append(_examine(storage, name, path, info, verify=verify))
     return found
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is ``<prefix>-<step>`` and none of the directory's other files."""
+    if name.startswith("."):  # the lock files, hidden files, and temporary files as written
+        return False
+    if TEMP_MARKER in name or is_state_file_name(name) or name.startswith(_EVENT_FILE_PREFIX):
+        return False
+    return split_step(name)[1] is not None
+
+
+def _is_candidate(
+    storage: Storage, name: str, path: str, info: os.stat_result, listed: Collection[str]
+) -> bool:
+    """Whether to read ``name`` as a checkpoint: listed by a state file, whatever it is (the
+    library refuses a symlink or a directory there, so that is reported); a regular file
+    named like one, whatever its first bytes; or another regular file with the magic bytes."""
+    if name in listed:
+        return True
+    # Only regular files are opened: opening a FIFO to read would wait for a writer.
+    if not stat.S_ISREG(info.st_mode):
+        return False
+    if _is_checkpoint_name(name):
+        return True
+    return not name.startswith(".") and (
+        storage.read_prefix(path, len(_format.MAGIC)) == _format.MAGIC
+    )
+
+
+def _retired(name: str, path: str, info: os.stat_result | None = None) -> FoundCheckpoint:
+    return FoundCheckpoint(
+        name=name,
+        path=path,
+        size=info.st_size if info else 0,
+        mtime=info.st_mtime if info else 0.0,
+        header=None,
+        error=None,
+        retired=True,
+    )
+
+
+def _examine(
+    storage: Storage, name: str, path: str, info: os.stat_result, *, verify: bool
+) -> FoundCheckpoint:
+    """Read one file's header (with ``verify``, every byte); note why it failed, or that it
+    was retired meanwhile."""
+    header: _format.Header | None = None
+    error: CheckpointError | None = None
+    try:
+        if not stat.S_ISREG(info.st_mode):
+            # A listed symlink, directory or FIFO: never opened (a FIFO would block the open).
+            raise CheckpointNotFoundError(path, "not a regular file")
+        header = verify_file(storage, path) if verify else read_header_sync(storage, path)
+    except CheckpointError as exc:
+        error = exc
+    except OSError as exc:  # the storage leaves a failed read untranslated
+        error = CheckpointReadError(path, f"cannot read it: {exc.strerror or exc}")
+        error.__cause__ = exc
+    if error is not None and storage.file_info(path) is None:
+        # Gone since it was listed: a writer's retention, not damage.
+        return _retired(name, path, info)
+    return FoundCheckpoint(
+        name=name,
+        path=path,
+        size=info.st_size,
+        mtime=info.st_mtime,
+        header=header,
+        error=error,
+    )
 
 
 def _prefixes_of_other_state_files(storage: Storage, directory: str, filename: str) -> set[str]:
