@@ -69,10 +69,7 @@ def _error_json(exc: Exception) -> dict[str, Any]:
 def _problem(exc: CheckpointError) -> str:
     """Say what is wrong without the advice a corrupted checkpoint's message ends with: that
     advice runs ``verify``, which verify's own report must not tell its reader to do."""
-    if isinstance(exc, CheckpointCorruptedError):
-        detail = f" ({exc.detail})" if exc.detail else ""
-        return f"{exc.path}: corrupted {exc.part}{detail}"
-    return str(exc)
+    return exc.problem if isinstance(exc, CheckpointCorruptedError) else str(exc)
 
 
 def _prune_command(directory: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 from typing import Any
 
 __all__ = [
@@ -81,17 +82,20 @@ class CheckpointCorruptedError(CheckpointError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.part, self.detail), self.__dict__)
 
-    def __str__(self) -> str:
+    @property
+    def problem(self) -> str:
+        """What is wrong, without the advice ``str()`` adds."""
         message = f"{self.path}: corrupted {self.part}"
-        if self.detail:
-            message += f" ({self.detail})"
-        directory = os.path.dirname(self.path) or "."
+        return f"{message} ({self.detail})" if self.detail else message
+
+    def __str__(self) -> str:
+        directory = shlex.quote(os.path.dirname(self.path) or ".")
         if self.part == "state file":
-            return message + (
+            return self.problem + (
                 f"; `asyncckpt prune {directory} --keep 5` rebuilds it from the checkpoints "
                 "present (keeping the newest 5)"
             )
-        return message + (
+        return self.problem + (
             f"; `asyncckpt verify {directory}` lists every damaged file; restore with "
             'on_corrupt="fallback" to take the newest intact checkpoint instead, or move this '
             f"file away and run `asyncckpt prune {directory} --keep 5` to rewrite the state file"
