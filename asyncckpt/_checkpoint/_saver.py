@@ -49,7 +49,8 @@ def get_checkpoint_state(
 
     Raises:
         CheckpointCorruptedError: the state file fails its checksum.
-        CheckpointFormatError: the state file is unreadable or names files outside the directory.
+        CheckpointFormatError: the state file names files outside the directory.
+        CheckpointReadError: the state file cannot be read (the OSError is its cause).
     """
     return _get_checkpoint_state(checkpoint_dir, latest_filename, storage=storage or LocalStorage())
 
