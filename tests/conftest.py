@@ -59,3 +59,12 @@ def service_example() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _patient_abandonment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancelled write waits up to 1 s for its thread before abandoning it; tests that hold
+    a storage call and release it after a cancellation must not see that wait expire on a
+    slow or loaded machine. tests/test_loop.py tests the real abandonment with its own value.
+    """
+    monkeypatch.setattr("asyncckpt._checkpoint._manager._ABANDON_AFTER_SECS", 30.0)

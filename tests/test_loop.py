@@ -178,8 +178,12 @@ async def test_a_restart_does_not_rewrite_the_checkpoint_it_restored(tmp_path: P
 
 
 async def test_a_write_stuck_past_the_grace_period_does_not_hold_the_exit(
-    tmp_path: Path, storage: FaultyStorage, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    storage: FaultyStorage,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr("asyncckpt._checkpoint._manager._ABANDON_AFTER_SECS", 1.0)  # the real one
     log: list[tuple[str, int]] = []
     stall = storage.stall("fsync", match="model.ckpt-2")  # a disk that stops answering
 

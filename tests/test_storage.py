@@ -8,9 +8,12 @@ hits only the checkpoint and ``match="checkpoint"`` only the state file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import select
+import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -26,6 +29,7 @@ from asyncckpt import (
     CheckpointLockedError,
     CheckpointManager,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     Saver,
     get_checkpoint_state,
@@ -337,6 +341,309 @@ async def test_lock_held_by_another_process(ckpt_dir: Path) -> None:
             await process.wait()
     await saver.save(stepped_state(2), prefix, global_step=2)
     assert latest_checkpoint(ckpt_dir) == f"{prefix}-2"
+
+
+# -- a lock that cannot be taken: a failing disk, a wrong place, a forked child -----------------
+
+
+@pytest.mark.parametrize(
+    ("op", "code", "advice"),
+    [
+        ("write", errno.ENOSPC, "free space on the file system that holds it (`df -h"),
+        ("write", errno.EIO, "check the file system that holds"),
+        ("open", errno.EROFS, "the file system is read-only"),
+        ("open", errno.EACCES, "check the directory's permissions (`ls -ld"),
+    ],
+    ids=["pid-ENOSPC", "pid-EIO", "create-EROFS", "create-EACCES"],
+)
+async def test_a_lock_that_cannot_be_taken_is_explained_and_not_kept(
+    ckpt_dir: Path, storage: FaultyStorage, op: StorageOp, code: int, advice: str
+) -> None:
+    """The lock file is created ("open"), then the holder's pid is written into it
+    ("write"): a failure at either leaves no descriptor behind, so no flock either."""
+    lock_path = str(ckpt_dir / LOCK_NAME)
+    storage.fail(op, code, match=LOCK_NAME)
+    with pytest.raises(CheckpointWriteError) as info:
+        async with CheckpointManager(ckpt_dir, storage=storage):
+            pass  # pragma: no cover - entering fails
+    assert (op, lock_path) in storage.calls
+
+    exc = info.value
+    assert type(exc) is CheckpointWriteError  # not CheckpointLockedError: nobody holds it
+    assert exc.path == lock_path
+    assert isinstance(exc.__cause__, OSError)
+    assert exc.__cause__.errno == code
+    assert f"{os.strerror(code)} (errno {code})" in str(exc)
+    assert advice in str(exc)
+    assert str(ckpt_dir) in str(exc).removeprefix(lock_path)  # the advice names the directory
+    # Nothing kept: another process could take the lock, and so can this one, at once.
+    assert lock_is_free(ckpt_dir)
+    async with CheckpointManager(ckpt_dir, storage=storage) as manager:
+        await manager.save(stepped_state(1), 1)
+    await assert_restores(str(ckpt_dir / "model.ckpt-1"), 1)
+
+
+async def test_a_failing_pid_write_fails_a_bare_save_and_keeps_no_lock(
+    ckpt_dir: Path, storage: FaultyStorage
+) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    saver = Saver(storage=storage)
+    await saver.save(stepped_state(1), prefix, global_step=1)
+    storage.fail("write", errno.ENOSPC, match=LOCK_NAME)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        await saver.save(stepped_state(2), prefix, global_step=2)
+    assert lock_is_free(ckpt_dir)
+    assert latest_checkpoint(ckpt_dir) == f"{prefix}-1"
+    assert await saver.save(stepped_state(2), prefix, global_step=2) == f"{prefix}-2"
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+async def test_a_directory_that_is_a_file_cannot_be_locked(tmp_path: Path, where: str) -> None:
+    (tmp_path / "notes").write_bytes(b"not a directory")
+    directory = tmp_path / "notes" if where == "file" else tmp_path / "notes" / "ckpts"
+    with pytest.raises(CheckpointWriteError) as info:
+        async with CheckpointManager(directory):
+            pass  # pragma: no cover - entering fails
+    exc = info.value
+    assert type(exc) is CheckpointWriteError
+    assert exc.path == str(directory)
+    assert isinstance(exc.__cause__, OSError)
+    assert f"{tmp_path / 'notes'} is not a directory" in str(exc)
+    assert "pass the path of a directory" in str(exc)
+    assert (tmp_path / "notes").read_bytes() == b"not a directory"
+
+
+@pytest.mark.parametrize("holder", ["exited", "running", "no pid", "not a pid"])
+async def test_a_locked_error_says_whether_the_holder_has_exited(
+    ckpt_dir: Path, holder: str
+) -> None:
+    os.makedirs(ckpt_dir)
+    lock_path = str(ckpt_dir / LOCK_NAME)
+    pid_text = {"running": str(os.getpid()), "no pid": "", "not a pid": "9" * 30}.get(holder, "")
+    if holder == "exited":
+        with anyio.fail_after(10):
+            done = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+        pid_text = done.stdout.decode().strip()
+    # What a writer's forked child leaves when the writer is killed (a child forked by code
+    # that skips Python's fork handlers, such as a C library's fork()): the dead writer's pid
+    # in the file, the flock held by another open file (here: this test's own).
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, pid_text.encode())
+        with pytest.raises(CheckpointLockedError) as info:
+            async with CheckpointManager(ckpt_dir):
+                pass  # pragma: no cover - entering fails
+    finally:
+        os.close(fd)
+    message = str(info.value)
+    if holder == "exited":
+        assert f"pid {pid_text}, which has exited" in message
+        assert "a process it forked holds the lock still" in message
+        assert f"`fuser -v {lock_path}`" in message
+    else:
+        assert f"another writer holds this checkpoint directory (pid {pid_text or 'unknown'})" in (
+            message
+        )
+    async with CheckpointManager(ckpt_dir):
+        pass
+
+
+# The writer opens a manager, forks a child (a data loader's worker, say) that waits, and
+# prints the child's pid once the child runs; then it waits to be killed.
+_FORK_WHILE_HOLDING = """
+import os, sys, time
+import anyio
+from asyncckpt import CheckpointManager
+
+async def main():
+    async with CheckpointManager(sys.argv[1]):
+        ready, running = os.pipe()
+        child = os.fork()
+        if child == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)  # holds no pipe of the test
+            os.write(running, b"x")
+            time.sleep(60)
+            os._exit(0)
+        assert os.read(ready, 1) == b"x"
+        print(child, flush=True)
+        sys.stdin.read()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_a_forked_child_does_not_keep_a_killed_writers_lock(ckpt_dir: Path) -> None:
+    argv = [sys.executable, "-W", "ignore", "-c", _FORK_WHILE_HOLDING, str(ckpt_dir)]
+    child: int | None = None
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as writer:
+        try:
+            assert writer.stdout is not None
+            readable, _, _ = select.select([writer.stdout], [], [], 30)
+            assert readable, "the writer printed nothing within 30 s"
+            child = int(writer.stdout.readline())
+            # The child dropped its copy of the lock, and the writer still holds it.
+            assert not lock_is_free(ckpt_dir)
+
+            writer.kill()
+            writer.wait(timeout=10)
+            os.kill(child, 0)  # the child outlives the writer...
+            assert lock_is_free(ckpt_dir)  # ...without its lock
+
+            async def open_and_save() -> None:
+                async with CheckpointManager(ckpt_dir) as manager:
+                    await manager.save(stepped_state(1), 1)
+
+            anyio.run(open_and_save)
+        finally:
+            if writer.poll() is None:  # pragma: no cover - only when the test fails
+                writer.kill()
+            if child is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+    assert latest_checkpoint(ckpt_dir) == str(ckpt_dir / "model.ckpt-1")
+
+
+# -- read errors ------------------------------------------------------------------------------
+
+
+def assert_read_error(exc: CheckpointReadError, path: str, code: int) -> None:
+    """``exc`` names ``path``, says what failed and what to do, and chains the OSError."""
+    assert type(exc) is CheckpointReadError
+    assert exc.path == path
+    assert isinstance(exc.__cause__, OSError)
+    assert exc.__cause__.errno == code
+    assert f"{os.strerror(code)} (errno {code})" in str(exc)
+    if code == errno.EACCES:
+        assert f"check the file's permissions (`ls -l {path}`)" in str(exc)
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO], ids=errno.errorcode.get)
+@pytest.mark.parametrize("use_mmap", [False, True], ids=["read", "mmap"])
+async def test_an_unreadable_checkpoint_raises_a_read_error(
+    ckpt_dir: Path, storage: FaultyStorage, use_mmap: bool, code: int
+) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    await Saver().save(stepped_state(1), prefix, global_step=1)
+    storage.fail("open", code, match="model.ckpt-1")
+    with pytest.raises(CheckpointReadError) as info:
+        await Saver(storage=storage).restore(f"{prefix}-1", mmap=use_mmap)
+    assert_read_error(info.value, f"{prefix}-1", code)
+    await assert_restores(f"{prefix}-1", 1)
+
+
+async def test_a_manager_restore_of_an_unreadable_checkpoint(
+    ckpt_dir: Path, storage: FaultyStorage
+) -> None:
+    async with CheckpointManager(ckpt_dir, storage=storage) as manager:
+        for step in (1, 2):
+            await manager.save(stepped_state(step), step)
+        await manager.wait()
+        newest = str(ckpt_dir / "model.ckpt-2")
+        storage.fail("open", errno.EACCES, match="model.ckpt-2", times=None)
+        with pytest.raises(CheckpointReadError) as info:
+            await manager.restore()
+        assert_read_error(info.value, newest, errno.EACCES)
+        # An unreadable checkpoint is one "fallback" skips, as a corrupted one.
+        tree = await manager.restore(on_corrupt="fallback")
+        assert tree["step"] == 1
+
+
+async def test_an_unreadable_state_file_raises_a_read_error(
+    ckpt_dir: Path, storage: FaultyStorage
+) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    await Saver().save(stepped_state(1), prefix, global_step=1)
+    state_path = str(ckpt_dir / "checkpoint")
+    storage.fail("read", errno.EACCES, match=state_path, times=None)
+    with pytest.raises(CheckpointReadError) as info:
+        latest_checkpoint(ckpt_dir, storage=storage)
+    assert_read_error(info.value, state_path, errno.EACCES)
+    with pytest.raises(CheckpointReadError):
+        get_checkpoint_state(ckpt_dir, storage=storage)
+    with pytest.raises(CheckpointReadError):
+        async with CheckpointManager(ckpt_dir, storage=storage):
+            pass  # pragma: no cover - entering fails
+    assert lock_is_free(ckpt_dir)
+    storage.clear()
+    assert latest_checkpoint(ckpt_dir, storage=storage) == f"{prefix}-1"
+
+
+async def test_an_io_error_in_the_middle_of_a_read_raises_a_read_error(
+    ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    await Saver().save(stepped_state(1), prefix, global_step=1)
+
+    # A disk that fails a read once the file is open cannot be had on demand: the arrays'
+    # vectored reads are made to fail as a bad sector would.
+    def bad_sector(fd: int, buffers: object, offset: int, /) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", bad_sector)
+    with pytest.raises(CheckpointReadError) as info:
+        await Saver().restore(f"{prefix}-1")
+    assert_read_error(info.value, f"{prefix}-1", errno.EIO)
+    monkeypatch.undo()
+    await assert_restores(f"{prefix}-1", 1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/mem is Linux's")
+async def test_a_real_io_error_while_reading_raises_a_read_error() -> None:
+    # A regular file whose first bytes cannot be read: this process's memory at address 0.
+    with pytest.raises(CheckpointReadError) as info:
+        await Saver().restore("/proc/self/mem")
+    assert_read_error(info.value, "/proc/self/mem", errno.EIO)
+    # A directory scan's sniff of the magic bytes finds none there, and goes on.
+    assert LocalStorage().read_prefix("/proc/self/mem", 8) == b""
+
+
+# Sysfs attributes: regular files of 4096 bytes that no one can map (ENODEV).
+_SYSFS_FILES = ["/sys/kernel/mm/transparent_hugepage/enabled", "/sys/power/state"]
+_UNMAPPABLE = next((path for path in _SYSFS_FILES if os.path.isfile(path)), None)
+
+
+@pytest.mark.skipif(_UNMAPPABLE is None, reason=f"none of {_SYSFS_FILES} is on this machine")
+async def test_a_file_that_cannot_be_mapped_raises_a_read_error() -> None:
+    assert _UNMAPPABLE is not None
+    with pytest.raises(CheckpointReadError) as info:
+        await Saver().restore(_UNMAPPABLE, mmap=True)
+    assert_read_error(info.value, _UNMAPPABLE, errno.ENODEV)
+
+
+def test_a_path_that_cannot_be_looked_at_raises_a_read_error(ckpt_dir: Path) -> None:
+    os.makedirs(ckpt_dir)
+    path = str(ckpt_dir / ("x" * 300))  # longer than any name a directory can hold
+    with pytest.raises(CheckpointReadError) as info:
+        LocalStorage().file_info(path)
+    assert_read_error(info.value, path, errno.ENAMETOOLONG)
+    assert "it could not be read" in str(info.value)
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root reads any file whatever its mode; the FaultyStorage tests above cover EACCES",
+)
+@pytest.mark.parametrize("use_mmap", [False, True], ids=["read", "mmap"])
+async def test_a_checkpoint_without_read_permission(ckpt_dir: Path, use_mmap: bool) -> None:
+    prefix = str(ckpt_dir / "model.ckpt")
+    await Saver().save(stepped_state(1), prefix, global_step=1)
+    os.chmod(f"{prefix}-1", 0)
+    try:
+        with pytest.raises(CheckpointReadError) as info:
+            await Saver().restore(f"{prefix}-1", mmap=use_mmap)
+        assert_read_error(info.value, f"{prefix}-1", errno.EACCES)
+        os.chmod(ckpt_dir / "checkpoint", 0)
+        with pytest.raises(CheckpointReadError) as state_info:
+            latest_checkpoint(ckpt_dir)
+        assert_read_error(state_info.value, str(ckpt_dir / "checkpoint"), errno.EACCES)
+    finally:
+        os.chmod(f"{prefix}-1", 0o644)
+        os.chmod(ckpt_dir / "checkpoint", 0o644)
+    await assert_restores(f"{prefix}-1", 1)
 
 
 # -- temporary files and symlinks -------------------------------------------------------------

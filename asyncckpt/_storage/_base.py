@@ -12,8 +12,9 @@ Two kinds of method:
 * ``async`` methods stream reads and event files and make their own hops.
 
 Every error leaves as the package's own: ``CheckpointWriteError`` (its ``__cause__`` the
-``OSError``) when writing, ``CheckpointNotFoundError`` for what is not there, and the raw
-``OSError`` of a failed read for the caller to translate with the file's context.
+``OSError``) when writing or locking, ``CheckpointNotFoundError`` for what is not there, and
+``CheckpointReadError`` (its ``__cause__`` the ``OSError``) for what is there but cannot be
+read. Only ``list_names`` and ``create_new_file`` still raise a raw ``OSError``.
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ class ReadFile(Protocol):
 
     def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
         """Fill ``views`` back to back from ``offset`` (from a worker thread); return how many
-        bytes were read, fewer only at the end of the file."""
+        bytes were read, fewer only at the end of the file (``CheckpointReadError`` if a read
+        fails)."""
 
     async def read(self, offset: int, size: int) -> bytes:
-        """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
+        """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file;
+        ``CheckpointReadError`` if the read fails)."""
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work on this file (its reads, their checksums) in a worker thread."""
@@ -126,11 +129,12 @@ class DirectoryLock(Protocol):
         """Whether this object holds the lock."""
 
     def acquire(self) -> None:
-        """Take the lock (blocking call).
+        """Take the lock (blocking call). A failed call holds nothing.
 
         Raises:
             CheckpointLockedError: another writer holds it.
-            CheckpointWriteError: the lock cannot be created.
+            CheckpointWriteError: the lock cannot be created or taken (a full or read-only
+                file system, permissions, a file where the directory should be).
         """
 
     def release(self) -> None:
@@ -152,7 +156,7 @@ class Storage(abc.ABC):
 
         Raises:
             CheckpointNotFoundError: ``path`` is not a regular file.
-            OSError: it exists but cannot be read.
+            CheckpointReadError: it exists but cannot be read.
         """
 
     @abc.abstractmethod
@@ -170,11 +174,16 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def file_info(self, path: str) -> os.stat_result | None:
-        """Return the stat of ``path`` (links not followed), or None when it is missing."""
+        """Return the stat of ``path`` (links not followed), or None when it is missing.
+
+        Raises:
+            CheckpointReadError: it cannot be looked at.
+        """
 
     @abc.abstractmethod
     def read_prefix(self, path: str, size: int) -> bytes:
-        """Return the first ``size`` bytes of a regular file (b"" for anything else)."""
+        """Return the first ``size`` bytes of a regular file (b"" for anything else, a file
+        that cannot be read included: it is a sniff, and never fails a directory scan)."""
 
     # -- removing -----------------------------------------------------------------------------
 
@@ -238,6 +247,7 @@ class Storage(abc.ABC):
 
         Raises:
             CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointReadError: it cannot be opened.
         """
 
     @abc.abstractmethod
@@ -247,6 +257,7 @@ class Storage(abc.ABC):
         Raises:
             CheckpointNotFoundError: there is no regular file at ``path``.
             CheckpointCorruptedError: the file is empty.
+            CheckpointReadError: it cannot be opened or mapped.
         """
 
     # -- event files --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import mmap
 import os
 import secrets
 import stat
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
@@ -31,6 +32,7 @@ from .._core._errors import (
     CheckpointCorruptedError,
     CheckpointLockedError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
 )
 from ._base import (
@@ -60,7 +62,8 @@ def _open_regular(path: str, *, buffering: int) -> tuple[BinaryIO, int]:
 
     Raises:
         FileNotFoundError: there is nothing at ``path``.
-        CheckpointNotFoundError: it is a symlink, a directory or another non-file.
+        CheckpointNotFoundError: it is a symlink, a directory or another non-file, or a
+            directory on its way is not one.
         OSError: it cannot be opened.
     """
     try:
@@ -68,6 +71,8 @@ def _open_regular(path: str, *, buffering: int) -> tuple[BinaryIO, int]:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CheckpointNotFoundError(path, "refusing to follow a symlink") from None
+        if exc.errno == errno.ENOTDIR:
+            raise CheckpointNotFoundError(path, "a directory on its path is a file") from None
         raise
     try:
         # Checked before wrapping: open() on a directory's descriptor raises a bare
@@ -135,6 +140,18 @@ def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
     )
 
 
+def _read_error(path: str, exc: OSError) -> CheckpointReadError:
+    """The error of a file that exists but could not be read: what failed, and what to do."""
+    reason = f"{exc.strerror or exc} (errno {exc.errno})"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        advice = f"check the file's permissions (`ls -l {path}`)"
+    elif exc.errno == errno.EIO:
+        advice = "the device failed to read it (see `dmesg`); the file itself may be intact"
+    else:
+        advice = "the file itself may be intact, but it could not be read"
+    return CheckpointReadError(path, f"{reason}; {advice}")
+
+
 def temp_target(name: str) -> str | None:
     """Return the name a temporary file was being written for, or None if it is not one.
 
@@ -146,69 +163,181 @@ def temp_target(name: str) -> str | None:
     return target if marker and target else None
 
 
+def _lock_error(path: str, directory: str, doing: str, exc: OSError) -> CheckpointWriteError:
+    """The error of a lock that could not be taken, though no other writer holds it."""
+    code = exc.errno
+    reason = f"{exc.strerror or exc} (errno {code})"
+    if code == errno.ELOOP:
+        advice = "it is a symlink, which is never followed: remove it"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        advice = f"free space on the file system that holds it (`df -h {directory}`), then retry"
+    elif code == errno.EROFS:
+        advice = (
+            f"the file system is read-only: a writer needs {directory} writable (reading "
+            "checkpoints, with Saver().restore() or latest_checkpoint(), takes no lock)"
+        )
+    elif code in (errno.EACCES, errno.EPERM):
+        advice = f"check the directory's permissions (`ls -ld {directory}`)"
+    elif code in (errno.ENOTDIR, errno.EEXIST):  # makedirs says EEXIST of a file in the way
+        advice = f"{_in_the_way(directory)} is not a directory: pass the path of a directory"
+    else:
+        advice = f"check the file system that holds {directory}"
+    return CheckpointWriteError(path, f"cannot {doing}: {reason}; {advice}")
+
+
+def _in_the_way(directory: str) -> str:
+    """The deepest part of ``directory`` that exists: the file where a directory must be."""
+    path = os.path.abspath(directory)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _has_exited(holder: str) -> bool:
+    """Whether the pid a lock file holds names no process here (False when unsure)."""
+    if not holder.isdigit() or int(holder) == 0:
+        return False
+    try:
+        os.kill(int(holder), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # EPERM: it runs, as another user; or no pid at all
+        return False
+    return False
+
+
+# flock locks belong to the open file description, which fork() shares with the child: a
+# child forked while the lock is held (a data loader's worker, multiprocessing with "fork")
+# would hold the directory after the writer dies, and the next writer's error would name a
+# dead pid. So the child closes its copies of our lock descriptors as it starts. The flock
+# goes only when every descriptor of the description is closed, so the parent keeps it; the
+# child must never LOCK_UN, which would drop it for the parent too. (A process that forks to
+# go on writing, as a daemon does, must open the directory after forking.) The guard makes an
+# open and its registration, or an unregistration and its close, one step for fork(): a
+# child never inherits a lock descriptor it does not know of, nor closes a reused number.
+_LOCK_FDS: set[int] = set()
+_FORK_GUARD = threading.Lock()
+
+
+def _close_lock_fds_in_child() -> None:  # pragma: no cover - runs in forked children only
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+    _FORK_GUARD.release()  # taken by this thread, before the fork
+
+
+os.register_at_fork(
+    before=_FORK_GUARD.acquire,
+    after_in_parent=_FORK_GUARD.release,
+    after_in_child=_close_lock_fds_in_child,
+)
+
+
+def _open_lock_fd(path: str) -> int:
+    with _FORK_GUARD:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        _LOCK_FDS.add(fd)
+    return fd
+
+
+def _close_lock_fd(fd: int) -> None:
+    with _FORK_GUARD:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)  # closing the only descriptor drops the flock
+
+
 class PosixDirectoryLock:
     """An exclusive, non-blocking lock on a checkpoint directory (flock on a lock file).
 
     flock locks belong to the open file, so two writers in one process conflict as surely as
-    two processes do; the kernel drops the lock when a process dies. Writers that share a
+    two processes do; the kernel drops the lock when a process dies, and a child forked while
+    it is held does not keep it (its copy is closed in the child). Writers that share a
     directory but not their files (the model's and the input pipeline's) use locks of
     different names.
 
     Args:
         directory: the directory; created if missing when the lock is taken.
         name: the lock file's name in it (``.asyncckpt.lock`` by default).
+        probe: sees the lock file's creation (``"open"``) and the pid's write (``"write"``).
     """
 
-    def __init__(self, directory: str, name: str = LOCK_NAME) -> None:
+    def __init__(
+        self, directory: str, name: str = LOCK_NAME, *, probe: Probe | None = None
+    ) -> None:
         self.directory = directory
         self.name = name
+        self._probe: Probe = probe or _no_probe
         self._fd: int | None = None
+        self._pid = 0  # the process that holds _fd (a forked child holds no lock)
 
     def acquire(self) -> None:
-        """Take the lock.
+        """Take the lock. On any error nothing is kept: no descriptor, no flock.
 
         Raises:
             CheckpointLockedError: another writer holds it.
-            CheckpointWriteError: the directory or lock file cannot be created.
+            CheckpointWriteError: the directory or lock file cannot be created or written
+                (a full or read-only file system, permissions, a file in the way).
         """
         path = os.path.join(self.directory, self.name)
         try:
             os.makedirs(self.directory, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            detail = f"cannot open the lock file: {exc.strerror}"
-            if exc.errno == errno.ELOOP:
-                detail += " (it is a symlink, which is never followed: remove it)"
-            raise CheckpointWriteError(path, detail) from exc
+            raise _lock_error(self.directory, self.directory, "create the directory", exc) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            held = "this checkpoint directory"
-            if self.name != LOCK_NAME:
-                held = f"the lock {self.name} of {held}"
-            raise CheckpointLockedError(
-                self.directory,
-                f"another writer holds {held} (pid {holder}); stop it or use another directory",
-            ) from None
+            self._probe("open", path)
+            fd = _open_lock_fd(path)
+        except OSError as exc:
+            raise _lock_error(path, self.directory, "create the lock file", exc) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._locked_error(fd, path) from None
+            except OSError as exc:  # pragma: no cover - ENOLCK: a file system without locks
+                raise _lock_error(path, self.directory, "lock the lock file", exc) from exc
+            try:
+                self._probe("write", path)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            except OSError as exc:
+                raise _lock_error(path, self.directory, "write this writer's pid", exc) from exc
         except BaseException:
-            os.close(fd)
+            _close_lock_fd(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
+
+    def _locked_error(self, fd: int, path: str) -> CheckpointLockedError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        except OSError:  # pragma: no cover - a failing disk: the lock is held all the same
+            holder = ""
+        held = "this checkpoint directory"
+        if self.name != LOCK_NAME:
+            held = f"the lock {self.name} of {held}"
+        if _has_exited(holder):
+            return CheckpointLockedError(
+                self.directory,
+                f"another process holds {held} (pid {holder}, which has exited: a process it "
+                "forked holds the lock still, as fork() shares it; `fuser -v "
+                f"{path}` names it); stop it or use another directory",
+            )
+        return CheckpointLockedError(
+            self.directory,
+            f"another writer holds {held} (pid {holder or 'unknown'}); stop it or use another "
+            "directory",
+        )
 
     def release(self) -> None:
         """Release the lock (idempotent)."""
         fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the only descriptor drops the flock
+        if fd is not None and self._pid == os.getpid():
+            _close_lock_fd(fd)  # in a forked child it was closed at the fork already
 
     @property
     def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
+        """Whether this object holds the lock (never in a child forked since it was taken)."""
+        return self._fd is not None and self._pid == os.getpid()
 
 
 # -- async operations ------------------------------------------------------------------------
@@ -272,10 +401,14 @@ class LocalReadFile:
 
     def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
         """Fill ``views`` back to back from ``offset`` (from a worker thread); return how many
-        bytes were read, fewer only at the end of the file."""
+        bytes were read, fewer only at the end of the file (``CheckpointReadError`` if a read
+        fails)."""
         total = 0
         while views:
-            count = os.preadv(self._fd, views[:_IOV_MAX], offset + total)
+            try:
+                count = os.preadv(self._fd, views[:_IOV_MAX], offset + total)
+            except OSError as exc:
+                raise _read_error(self.path, exc) from exc
             if not count:
                 break
             total += count
@@ -283,9 +416,16 @@ class LocalReadFile:
         return total
 
     async def read(self, offset: int, size: int) -> bytes:
-        """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
-        await self._file.seek(offset)
-        data: bytes = await self._file.read(size)
+        """Return up to ``size`` bytes at ``offset`` (fewer only at the end of the file).
+
+        Raises:
+            CheckpointReadError: the read failed (``__cause__``: the OSError).
+        """
+        try:
+            await self._file.seek(offset)
+            data: bytes = await self._file.read(size)
+        except OSError as exc:
+            raise _read_error(self.path, exc) from exc
         return data
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -350,7 +490,7 @@ class LocalStorage(Storage):
 
     def lock(self, directory: str, name: str = LOCK_NAME) -> PosixDirectoryLock:
         """Return the flock-based lock ``name`` of ``directory`` (not yet taken)."""
-        return PosixDirectoryLock(directory, name)
+        return PosixDirectoryLock(directory, name, probe=self._probe)
 
     def _fsync_dir(self, directory: str, renamed: str | None = None) -> None:
         # After a rename the fault plan sees the renamed file's path, so a test can pick which
@@ -451,22 +591,25 @@ class LocalStorage(Storage):
 
         Raises:
             CheckpointNotFoundError: ``path`` is a directory or a symlink.
-            OSError: the file exists but cannot be read.
+            CheckpointReadError: the file exists but cannot be read (``__cause__``).
         """
-        self._probe("read", path)
         try:
+            self._probe("read", path)
             file, size = _open_regular(path, buffering=-1)
+            with file:
+                # Sized by the file, not the limit: read(n) allocates n bytes up front, and
+                # every latest_checkpoint() would otherwise allocate 16 MiB for a file of a few
+                # hundred.
+                data = file.read(min(size, MAX_SMALL_FILE) + 1)
+                if len(data) > size:  # it grew while being read: read on, still bounded
+                    data += file.read(MAX_SMALL_FILE + 1 - len(data))
+                return data
         except CheckpointNotFoundError:
             raise  # a FileNotFoundError too, but there is something there
         except FileNotFoundError:
             return None
-        with file:
-            # Sized by the file, not the limit: read(n) allocates n bytes up front, and every
-            # latest_checkpoint() would otherwise allocate 16 MiB for a file of a few hundred.
-            data = file.read(min(size, MAX_SMALL_FILE) + 1)
-            if len(data) > size:  # it grew while being read: read on, still bounded
-                data += file.read(MAX_SMALL_FILE + 1 - len(data))
-            return data
+        except OSError as exc:
+            raise _read_error(path, exc) from exc
 
     def list_names(self, directory: str) -> list[str]:
         """Return the names in ``directory`` (empty when it does not exist)."""
@@ -476,11 +619,18 @@ class LocalStorage(Storage):
             return []
 
     def file_info(self, path: str) -> os.stat_result | None:
-        """Return the stat of ``path`` without following symlinks, or None when it is missing."""
+        """Return the stat of ``path`` without following symlinks, or None when it is missing.
+
+        Raises:
+            CheckpointReadError: it cannot be looked at (a directory on its path is not
+                searchable, or is a file).
+        """
         try:
             return os.lstat(path)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise _read_error(path, exc) from exc
 
     def remove_files(self, paths: Sequence[str], *, keep_spare: bool = False) -> str | None:
         """Delete checkpoint files (retention, prune); already-missing files are fine.
@@ -620,13 +770,15 @@ class LocalStorage(Storage):
         return offset
 
     def _open_read_sync(self, path: str) -> tuple[BinaryIO, int]:
-        self._probe("open", path)
         try:
+            self._probe("open", path)
             raw, size = _open_regular(path, buffering=0)
         except CheckpointNotFoundError:
             raise  # a FileNotFoundError too, with a better reason
         except FileNotFoundError:
             raise CheckpointNotFoundError(path, "no such checkpoint") from None
+        except OSError as exc:
+            raise _read_error(path, exc) from exc
         return raw, size
 
     @contextlib.asynccontextmanager
@@ -637,6 +789,7 @@ class LocalStorage(Storage):
 
         Raises:
             CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointReadError: it cannot be opened or read (``__cause__``: the OSError).
         """
         file, size = await anyio.to_thread.run_sync(self._open_read_sync, path, limiter=limiter)
         async_file = _async_wrap(file)
@@ -648,15 +801,29 @@ class LocalStorage(Storage):
                 await (async_file.close() if _on_asyncio() else async_file.aclose())
 
     def open_mmap(self, path: str) -> mmap.mmap:
-        """Map a checkpoint read-only; the mapping outlives the descriptor and the file's name."""
+        """Map a checkpoint read-only; the mapping outlives the descriptor and the file's name.
+
+        Raises:
+            CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointCorruptedError: the file is empty.
+            CheckpointReadError: it cannot be opened or mapped (``__cause__``: the OSError).
+        """
         file, size = self._open_read_sync(path)
         with file:
             if not size:  # mmap cannot map nothing; report it as the streaming reader does
                 raise CheckpointCorruptedError(path, "prelude", "file is only 0 bytes")
-            return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+            try:
+                return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise _read_error(path, exc) from exc
 
     def read_prefix(self, path: str, size: int) -> bytes:
-        """Return the first ``size`` bytes of a regular file (b"" for anything else)."""
+        """Return the first ``size`` bytes of a regular file (b"" for anything else).
+
+        A sniff for the magic bytes of checkpoints not named like one: a file that cannot be
+        read gives b"" too, so that a stranger's unreadable file never stops a directory scan
+        (one named like a checkpoint is opened, and its error reported, by the scan itself).
+        """
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -665,6 +832,8 @@ class LocalStorage(Storage):
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return b""
             return os.pread(fd, size, 0)
+        except OSError:
+            return b""
         finally:
             os.close(fd)
 

@@ -202,8 +202,9 @@ class FaultyStorage(Storage):
     session; it wraps local files unless given another ``Storage``. Use it as a ``with``
     block: leaving it releases every stall (see ``stall()``).
 
-    Operations: ``"open"`` (creating a temp file or opening one to read), ``"write"`` (of a
-    temp file), ``"fsync"`` (of a temp file), ``"rename"`` (the atomic replace, seen with the
+    Operations: ``"open"`` (creating a temp file or the lock file, or opening one to read),
+    ``"write"`` (of a temp file, or the holder's pid into the lock file: give ``match=`` to
+    fail only one of them), ``"fsync"`` (of a temp file), ``"rename"`` (the atomic replace, seen with the
     final path), ``"fsync_dir"`` (after a rename it is seen with the renamed file's path, so
     ``match`` picks which commit fails; after deletions, with the directory's), ``"unlink"``
     (retention and pruning) and ``"read"`` (the state file). Every operation is recorded in
