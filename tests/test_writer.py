@@ -884,3 +884,21 @@ async def test_announce_reports_a_kept_checkpoint_again(tmp_path: Path) -> None:
         ] * 2
         for outcome in outcomes:
             manager.acknowledge(outcome)
+
+
+async def test_a_failed_first_save_says_there_is_no_checkpoint_to_fall_back_on(
+    tmp_path: Path, storage: FaultyStorage
+) -> None:
+    storage.fail("fsync", errno.ENOSPC, match="model.ckpt-1")
+    async with CheckpointManager(tmp_path, storage=storage) as manager:
+        await manager.save(mixed_state(1), 1)
+        with pytest.raises(CheckpointWriteError) as first:
+            await manager.wait()
+        await manager.save(mixed_state(2), 2)
+        storage.fail("fsync", errno.ENOSPC, match="model.ckpt-3")
+        await manager.save(mixed_state(3), 3)
+        with pytest.raises(CheckpointWriteError) as later:
+            await manager.wait()
+    assert "no earlier checkpoint exists here to restore" in str(first.value)
+    assert "still the latest" not in str(first.value)
+    assert "the previous checkpoint is still the latest (model.ckpt-2)" in str(later.value)

@@ -130,6 +130,23 @@ def unlist_checkpoints(
     return True
 
 
+def _nothing_new(old: CheckpointState) -> str:
+    """What a failed save leaves: the directory as it was, said for this directory."""
+    if old.latest is None:
+        return "nothing was saved, and no earlier checkpoint exists here to restore"
+    return f"the previous checkpoint is still the latest ({old.latest})"
+
+
+def _failed_save(exc: CheckpointWriteError, old: CheckpointState) -> CheckpointWriteError:
+    """``exc`` (a storage error, which knows files, not checkpoints) with what it means for
+    the directory."""
+    error = CheckpointWriteError(exc.path, f"{exc.detail}; {_nothing_new(old)}")
+    for note in getattr(exc, "__notes__", ()):
+        error.add_note(note)
+    error.__cause__ = exc.__cause__
+    return error
+
+
 def _reason(exc: BaseException) -> str:
     """Describe the OSError behind a storage error as ``strerror (errno N)``."""
     cause = exc.__cause__
@@ -438,13 +455,15 @@ class CheckpointDirectory:
             if spare is not None:  # unless the write took it and removed it already
                 self._storage.remove_spare(spare)
             if not isinstance(exc, DirectorySyncError):
+                if isinstance(exc, CheckpointWriteError):
+                    raise _failed_save(exc, old) from exc.__cause__
                 raise
             # Complete and in place, but never listed and perhaps not durable: remove it.
             self._discard_unlisted(path, old)
             raise CheckpointWriteError(
                 path,
                 f"{_reason(exc)} while syncing the directory after writing this checkpoint; "
-                "it was not registered and the previous checkpoint is still the latest",
+                f"it was not registered: {_nothing_new(old)}",
             ) from exc.__cause__
 
     def _register(self, new_state: CheckpointState, path: str | None, old: CheckpointState) -> None:
@@ -463,10 +482,12 @@ class CheckpointDirectory:
                 f"{new_state.latest} is listed as the latest checkpoint, but a power "
                 "loss may bring back the previous state file; no old checkpoint was deleted",
             ) from exc.__cause__
-        except BaseException:
+        except BaseException as exc:
             # A failed save leaves the directory as it was.
             if path is not None:
                 self._discard_unlisted(path, old)
+            if isinstance(exc, CheckpointWriteError):
+                raise _failed_save(exc, old) from exc.__cause__
             raise
         self.state = new_state
 

@@ -134,10 +134,9 @@ def _discard_sync(file: io.BufferedWriter, temp_path: str) -> None:
 
 
 def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
-    reason = exc.strerror or str(exc)
-    return CheckpointWriteError(
-        path, f"{reason} (errno {exc.errno}); the previous checkpoint is still the latest"
-    )
+    # What the failure means for the directory (which checkpoint is the latest now) is the
+    # writer's to say: storage knows files, not checkpoints.
+    return CheckpointWriteError(path, f"{exc.strerror or exc} (errno {exc.errno})")
 
 
 def _read_error(path: str, exc: OSError) -> CheckpointReadError:
