@@ -16,6 +16,7 @@ from asyncckpt import (
     CheckpointCorruptedError,
     CheckpointManager,
     CheckpointNotFoundError,
+    CheckpointReadError,
     MonitoredTrainingSession,
     Saver,
     get_checkpoint_state,
@@ -190,3 +191,12 @@ def test_on_corrupt_is_validated(tmp_path: Path) -> None:
         CheckpointManager(tmp_path, on_corrupt="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match='on_corrupt must be "raise" or "fallback"'):
         MonitoredTrainingSession({}, lambda state: None, on_corrupt="skip")  # type: ignore[arg-type]
+
+
+async def test_a_checkpoint_dir_that_is_a_file_is_a_read_error_saying_so(tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(CheckpointReadError, match="a directory on its path is a file"):
+        async with MonitoredTrainingSession(
+            stepped_state(0), lambda state: None, checkpoint_dir=tmp_path / "run"
+        ):
+            pass  # pragma: no cover

@@ -74,8 +74,9 @@ def get_checkpoint_state(
     path = state_path(directory, latest_filename)
     try:
         data = storage.read_small_file(path)
-    except OSError as exc:
-        raise CheckpointReadError(path, f"cannot read the state file: {exc}") from exc
+    except OSError as exc:  # a storage that leaves it untranslated, or a path through a file
+        reason = exc.detail if isinstance(exc, CheckpointNotFoundError) else exc
+        raise CheckpointReadError(path, f"cannot read the state file: {reason}") from exc
     if data is None:
         return None
     return parse_state(data, directory, path)
