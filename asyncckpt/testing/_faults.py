@@ -204,11 +204,12 @@ class FaultyStorage(Storage):
 
     Operations: ``"open"`` (creating a temp file or the lock file, or opening one to read),
     ``"write"`` (of a temp file, or the holder's pid into the lock file: give ``match=`` to
-    fail only one of them), ``"fsync"`` (of a temp file), ``"rename"`` (the atomic replace, seen with the
-    final path), ``"fsync_dir"`` (after a rename it is seen with the renamed file's path, so
-    ``match`` picks which commit fails; after deletions, with the directory's), ``"unlink"``
-    (retention and pruning) and ``"read"`` (the state file). Every operation is recorded in
-    ``calls`` as ``(op, path)``, so a test can also fail the k-th one it observed.
+    fail only one of them), ``"fsync"`` (of a temp file), ``"rename"`` (the atomic replace,
+    seen with the final path), ``"fsync_dir"`` (after a rename it is seen with the renamed
+    file's path, so ``match`` picks which commit fails; after deletions, with the
+    directory's), ``"unlink"`` (retention and pruning) and ``"read"`` (the state file). Every
+    operation is recorded in ``calls`` as ``(op, path)``, so a test can also fail the k-th
+    one it observed.
     ``stall()`` holds one call until the test releases it.
 
     Example::
