@@ -88,10 +88,43 @@ def test_every_module_has_a_layer() -> None:
     assert checkpoint == set(CHECKPOINT_ORDER), "add the module to CHECKPOINT_ORDER"
 
 
-def test_the_root_holds_only_entry_points_and_the_tree() -> None:
+def test_the_root_holds_only_entry_points() -> None:
     # One folder per layer: nothing else lies flat beside the public entry points.
     flat = {p.stem for p in PACKAGE.glob("*.py")}
-    assert flat == {"__init__", "__main__", "cli", "summary", "_tree"}
+    assert flat == {"__init__", "__main__", "cli", "summary"}
+
+
+# ARCHITECTURE.md: in the tree layer, each framework has its own module, and only that
+# module imports it (the others ask it), so a numpy-only program never imports torch.
+FRAMEWORK_MODULES = {"torch": "_torch", "jax": "_jax", "ml_dtypes": "_dtypes"}
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "_tree").glob("*.py")), ids=_ids)
+def test_each_framework_is_imported_by_its_own_tree_module_only(path: Path) -> None:
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        for name in names:
+            framework = name.split(".")[0]
+            if framework in FRAMEWORK_MODULES:
+                assert path.stem == FRAMEWORK_MODULES[framework], (
+                    f"{_ids(path)} imports {name}; only {FRAMEWORK_MODULES[framework]}.py may"
+                )
+
+
+def test_nothing_outside_the_tree_layer_imports_a_framework() -> None:
+    for path in MODULES:
+        if _top_module(path) == "_tree":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            assert not {n.split(".")[0] for n in names} & set(FRAMEWORK_MODULES), _ids(path)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=_ids)

@@ -276,7 +276,7 @@ def test_the_package_source_has_no_code_running_load_path() -> None:
         "_checkpoint/_state_file.py",
         "_checkpoint/_file.py",
         "_checkpoint/_directory.py",
-        "_tree.py",
+        *(f"_tree/{path.name}" for path in sorted((package / "_tree").glob("*.py"))),
         "_storage/_base.py",
         "_storage/_local.py",
         "_core/_crc32c.py",

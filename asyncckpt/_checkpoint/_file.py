@@ -9,6 +9,7 @@ the ``Storage``'s. Knows nothing of state files, retention or queues.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
@@ -249,24 +250,32 @@ async def read_checkpoint(
     into: StateTree = None,
     use_mmap: bool = False,
     verify: bool = True,
+    raw_dtypes: bool = False,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> tuple[_format.Header, StateTree]:
     """Read one checkpoint: into existing arrays, into fresh ones, or as read-only views.
 
+    With ``raw_dtypes``, arrays of ml_dtypes' dtypes (bfloat16 ...) come back as unsigned
+    ints of the same size, which needs no ml_dtypes.
+
     Raises:
         CheckpointNotFoundError: no file at ``path``.
         CheckpointCorruptedError: a checksum or size does not match.
-        CheckpointFormatError: the file is not a checkpoint this version can read.
+        CheckpointFormatError: the file is not a checkpoint this version can read, or
+            (``DtypeUnavailableError``) an array's dtype needs ml_dtypes, not installed.
         ValueError: ``into`` does not have the checkpoint's structure.
     """
     if use_mmap:
         header, arrays = await anyio.to_thread.run_sync(
-            read_mapped, storage, path, verify, limiter=limiter
+            functools.partial(read_mapped, storage, path, verify, raw_dtypes=raw_dtypes),
+            limiter=limiter,
         )
         _into_targets(header, into, path)  # the mapped arrays are then copied into into=
         return header, build(header.tree, arrays, into)
     async with storage.open_for_read(path, limiter=limiter) as file:
-        header = await _read_header(file)
+        header = _format.dtypes_for_restore(
+            await _read_header(file), raw_dtypes=raw_dtypes, source=path
+        )
         targets = _into_targets(header, into, path)
         arrays = [
             targets[index] if index in targets else np.empty(entry.shape, entry.dtype)
@@ -314,6 +323,7 @@ async def read_first_intact(
     into: StateTree = None,
     use_mmap: bool = False,
     verify: bool = True,
+    raw_dtypes: bool = False,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> tuple[_format.Header, StateTree, list[str]]:
     """Read the first checkpoint of ``paths`` (newest first) that is intact.
@@ -321,6 +331,7 @@ async def read_first_intact(
     With ``"raise"`` only the first is tried. With ``"fallback"`` a checkpoint that is
     corrupted, unreadable, missing or of an unknown format is skipped with a WARNING naming
     it, and the next is tried; ``into``'s arrays are filled again by the one that reads.
+    A dtype this machine cannot make (ml_dtypes missing) is no fault of the file: it raises.
 
     Returns:
         ``(header, tree, the paths skipped)``.
@@ -333,10 +344,16 @@ async def read_first_intact(
     for path in paths if on_corrupt == "fallback" else paths[:1]:
         try:
             header, tree = await read_checkpoint(
-                storage, path, into=into, use_mmap=use_mmap, verify=verify, limiter=limiter
+                storage,
+                path,
+                into=into,
+                use_mmap=use_mmap,
+                verify=verify,
+                raw_dtypes=raw_dtypes,
+                limiter=limiter,
             )
         except _UNTRUSTED as exc:
-            if on_corrupt == "raise":
+            if on_corrupt == "raise" or isinstance(exc, _format.DtypeUnavailableError):
                 raise
             logger.warning("cannot restore %s, trying an older checkpoint: %s", path, exc)
             skipped.append((path, exc))
@@ -402,12 +419,19 @@ def read_header_sync(storage: Storage, path: str) -> _format.Header:
 
 
 def read_mapped(
-    storage: Storage, path: str, verify: bool
+    storage: Storage, path: str, verify: bool, *, raw_dtypes: bool = False
 ) -> tuple[_format.Header, list[np.ndarray[Any, Any]]]:
     """Map a checkpoint and return its header and read-only arrays viewing the mapping
-    (a blocking call); with ``verify``, every byte is checked first."""
+    (a blocking call); with ``verify``, every byte is checked first. ``raw_dtypes`` as for
+    ``read_checkpoint``.
+
+    Raises:
+        DtypeUnavailableError: an array's dtype needs ml_dtypes, and ``raw_dtypes`` is False.
+    """
     mapped = storage.open_mmap(path)
-    header = _decode_mapped(path, mapped)
+    header = _format.dtypes_for_restore(
+        _decode_mapped(path, mapped), raw_dtypes=raw_dtypes, source=path
+    )
     arrays: list[np.ndarray[Any, Any]] = []
     position = header.data_start
     for index, entry in enumerate(header.arrays):
@@ -431,5 +455,6 @@ def verify_file(storage: Storage, path: str) -> _format.Header:
     Raises:
         CheckpointCorruptedError, CheckpointFormatError, CheckpointNotFoundError.
     """
-    header, _arrays = read_mapped(storage, path, verify=True)
+    # Checking bytes needs no dtype: ml_dtypes' arrays are viewed as raw ints.
+    header, _arrays = read_mapped(storage, path, verify=True, raw_dtypes=True)
     return header

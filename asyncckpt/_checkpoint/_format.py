@@ -23,7 +23,7 @@ import math
 import re
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
@@ -31,7 +31,17 @@ import numpy as np
 
 from .._core._crc32c import crc32c
 from .._core._errors import CheckpointCorruptedError, CheckpointFormatError
-from .._tree import ArrayLeaf, Spec, format_path, iter_array_refs
+from .._tree import (
+    ArrayLeaf,
+    Spec,
+    extension_dtype,
+    extension_name,
+    format_path,
+    install_advice,
+    iter_array_refs,
+    name_in_file,
+    raw_dtype,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -43,12 +53,14 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "PRELUDE_SIZE",
     "ArrayEntry",
+    "DtypeUnavailableError",
     "Header",
     "Layout",
     "array_part",
     "check_metadata",
     "decode_header",
     "decode_prelude",
+    "dtypes_for_restore",
     "encode_head",
     "encode_header",
     "plan_layout",
@@ -68,7 +80,8 @@ MAX_DTYPE_NESTING: Final = 32
 
 # dtype.str as numpy writes it, for the kinds a checkpoint may hold: bool, signed and
 # unsigned int, float, complex, timedelta, datetime, bytes, str, raw void. Matching it before
-# numpy parses the text keeps aliases (some deprecated, some not data at all) out.
+# numpy parses the text keeps aliases (some deprecated, some not data at all) out. ml_dtypes'
+# dtypes are spelled by name instead (EXTENSION_ITEMSIZES), and looked up in that list only.
 _DTYPE_STR: Final = re.compile(r"[<>|][biufcmMSUV][0-9]+(?:\[[0-9]*[A-Za-z]+\])?")
 
 _PRELUDE = struct.Struct("<8sIIQII")
@@ -77,7 +90,12 @@ HEADER_KEYS: Final = ("arrays", "file_size", "metadata", "step", "time", "tree")
 
 @dataclass(frozen=True, slots=True)
 class ArrayEntry:
-    """Where one array lives in the file and how to check it."""
+    """Where one array lives in the file and how to check it.
+
+    ``extension`` is the name of an ml_dtypes dtype (``"bfloat16"``) the file gives the
+    array, None for numpy's own. ``dtype`` is then that dtype, or its raw stand-in (unsigned
+    ints of its size) where ml_dtypes is missing or ``raw_dtypes=True`` was asked for.
+    """
 
     path: str
     dtype: np.dtype[Any]
@@ -85,6 +103,7 @@ class ArrayEntry:
     offset: int
     nbytes: int
     crc32c: int
+    extension: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +117,16 @@ class Header:
     arrays: tuple[ArrayEntry, ...]
     file_size: int
     data_start: int
+    extension_dtypes: frozenset[str] = frozenset()
+    """The names of the ml_dtypes dtypes the file's arrays use."""
+
+
+class DtypeUnavailableError(CheckpointFormatError):
+    """An array's dtype (ml_dtypes') cannot be made here; installing a package would do.
+
+    A fact about this machine, not the file: restoring with ``on_corrupt="fallback"`` raises
+    it rather than falling back to an older checkpoint.
+    """
 
 
 def _align(offset: int) -> int:
@@ -105,8 +134,11 @@ def _align(offset: int) -> int:
 
 
 def _dtype_descr(dtype: np.dtype[Any]) -> str | list[Any]:
-    # Structured dtypes lose their fields in dtype.str ('|V8'), so they travel as descr.
-    return dtype.str if dtype.fields is None else [list(f) for f in dtype.descr]
+    # Structured dtypes lose their fields in dtype.str ('|V8'), so they travel as descr;
+    # ml_dtypes' lose their type ('<V2' for bfloat16), so they travel by name.
+    if dtype.fields is not None:
+        return [list(f) for f in dtype.descr]
+    return extension_name(dtype) or dtype.str
 
 
 def check_metadata(metadata: object) -> dict[str, Any]:
@@ -367,7 +399,7 @@ def decode_header(header: bytes, header_crc: int, file_size: int, source: str) -
     paths, tags = _array_paths(raw["tree"], len(raw["arrays"]), source)
     arrays = []
     previous_end = data_start
-    dtypes: dict[str, np.dtype[Any]] = {}
+    dtypes: dict[str, tuple[np.dtype[Any], str | None]] = {}
     for index, item in enumerate(raw["arrays"]):
         entry = _decode_entry(item, index, paths[index], source, dtypes)
         _check_tag(entry, tags[index], index, source)
@@ -391,7 +423,39 @@ def decode_header(header: bytes, header_crc: int, file_size: int, source: str) -
         arrays=tuple(arrays),
         file_size=file_size,
         data_start=data_start,
+        extension_dtypes=frozenset(name for _dtype, name in dtypes.values() if name),
     )
+
+
+def dtypes_for_restore(header: Header, *, raw_dtypes: bool, source: str) -> Header:
+    """Return ``header`` with each array's dtype as a restore creates it.
+
+    ml_dtypes' dtypes stay themselves, or become unsigned ints of their size (``"<u2"``
+    for bfloat16) with ``raw_dtypes``: their bits, readable without ml_dtypes.
+
+    Raises:
+        DtypeUnavailableError: an array's dtype needs ml_dtypes (or a newer one) and
+            ``raw_dtypes`` is False; the message names the array, the dtype and the package.
+    """
+    if not header.extension_dtypes:
+        return header
+    if raw_dtypes:
+        arrays = tuple(
+            entry if entry.extension is None else replace(entry, dtype=raw_dtype(entry.extension))
+            for entry in header.arrays
+        )
+        return replace(header, arrays=arrays)
+    missing = {name for name in header.extension_dtypes if extension_dtype(name) is None}
+    for index, entry in enumerate(header.arrays if missing else ()):
+        name = entry.extension
+        if name is not None and name in missing:
+            raise DtypeUnavailableError(
+                source,
+                f"{array_part(entry, index)} is {name}, which cannot be made here: "
+                f"{install_advice(name)}; or restore with raw_dtypes=True to get its bits "
+                f"as {raw_dtype(name)}",
+            )
+    return header
 
 
 def _array_paths(tree: object, count: int, source: str) -> tuple[list[str], list[str]]:
@@ -408,26 +472,38 @@ def _array_paths(tree: object, count: int, source: str) -> tuple[list[str], list
 
 
 def _check_tag(entry: ArrayEntry, tag: str, index: int, source: str) -> None:
-    # A numpy scalar is a 0-d array, bytes a flat uint8 array; anything else would come
-    # back as something the writer never saved.
+    # A numpy scalar is a 0-d array, bytes a flat uint8 array, a tensor or jax array a
+    # numeric one; anything else would come back as something the writer never saved.
     if tag == "g" and entry.shape != ():
         raise CheckpointFormatError(source, f"array {index} holds a numpy scalar but is not 0-d")
-    if tag == "y" and (entry.dtype != np.dtype(np.uint8) or len(entry.shape) != 1):
+    if tag == "y" and (
+        entry.extension is not None or entry.dtype != np.dtype(np.uint8) or len(entry.shape) != 1
+    ):
         raise CheckpointFormatError(source, f"array {index} holds bytes but is not flat uint8")
+    if tag in ("T", "J") and entry.extension is None and entry.dtype.kind not in "biufc":
+        framework = "a torch tensor" if tag == "T" else "a jax array"
+        raise CheckpointFormatError(
+            source, f"array {index} holds {framework} but its dtype {entry.dtype} is not numeric"
+        )
 
 
 def _decode_entry(
-    item: object, index: int, path: str, source: str, dtypes: dict[str, np.dtype[Any]]
+    item: object,
+    index: int,
+    path: str,
+    source: str,
+    dtypes: dict[str, tuple[np.dtype[Any], str | None]],
 ) -> ArrayEntry:
     if not isinstance(item, list) or len(item) != 5:
         raise CheckpointFormatError(source, f"array {index} entry is malformed")
     descr, shape, offset, nbytes, crc = item
     # Thousands of arrays share a few dtypes: each plain one is parsed and checked once.
-    dtype = dtypes.get(descr) if type(descr) is str else None
-    if dtype is None:
-        dtype = _decode_dtype(descr, index, source)
+    known = dtypes.get(descr) if type(descr) is str else None
+    if known is None:
+        known = _decode_dtype(descr, index, source)
         if type(descr) is str:
-            dtypes[descr] = dtype
+            dtypes[descr] = known
+    dtype, extension = known
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise CheckpointFormatError(source, f"array {index} has an invalid shape")
     for d in shape:
@@ -449,10 +525,19 @@ def _decode_entry(
     # An empty array can declare huge other dimensions; numpy refuses those (ValueError).
     if math.prod(d for d in shape if d) * max(dtype.itemsize, 1) > sys.maxsize:
         raise CheckpointFormatError(source, f"array {index} has a shape numpy cannot hold")
-    return ArrayEntry(path, dtype, tuple(shape), offset, nbytes, crc)
+    return ArrayEntry(path, dtype, tuple(shape), offset, nbytes, crc, extension)
 
 
-def _decode_dtype(descr: object, index: int, source: str) -> np.dtype[Any]:
+def _decode_dtype(descr: object, index: int, source: str) -> tuple[np.dtype[Any], str | None]:
+    """Return an array's dtype and, for one of ml_dtypes', its name.
+
+    An ml_dtypes name gives ml_dtypes' dtype, or (where it is missing) the raw stand-in,
+    which is enough to check the bytes; ``dtypes_for_restore`` decides what a restore gets.
+    """
+    name = name_in_file(descr) if type(descr) is str else None
+    if name is not None:
+        dtype = extension_dtype(name)
+        return (raw_dtype(name) if dtype is None else dtype), name
     try:
         if not isinstance(descr, str | list) or len(repr(descr)) > MAX_DTYPE_CHARS:
             raise ValueError("not a dtype description of bounded size")
@@ -463,7 +548,7 @@ def _decode_dtype(descr: object, index: int, source: str) -> np.dtype[Any]:
         raise CheckpointFormatError(source, f"array {index} has an object dtype (never loaded)")
     if dtype.subdtype is not None:
         raise CheckpointFormatError(source, f"array {index} has a subarray dtype")
-    return dtype
+    return dtype, None
 
 
 def _dtype_from_descr(descr: object, depth: int) -> np.dtype[Any]:

@@ -494,6 +494,7 @@ class CheckpointManager:
         mmap: bool = False,
         verify: bool = True,
         on_corrupt: OnCorrupt | None = None,
+        raw_dtypes: bool = False,
     ) -> StateTree:
         """Restore checkpoint ``step`` (the latest when None) after pending writes finish.
 
@@ -504,11 +505,14 @@ class CheckpointManager:
             verify: check array checksums.
             on_corrupt: overrides the manager's ``on_corrupt`` for this call; applies when
                 ``step`` is None (an explicit step is that checkpoint or an error).
+            raw_dtypes: read ml_dtypes' dtypes as unsigned ints of their size (see
+                ``Saver.restore``).
 
         Raises:
             CheckpointNotFoundError: there is no such checkpoint.
             CheckpointCorruptedError, CheckpointFormatError, CheckpointReadError: the file
-                cannot be trusted or read (with ``"fallback"``: no listed one can).
+                cannot be trusted or read (with ``"fallback"``: no listed one can); a
+                ``CheckpointFormatError`` also when an array's dtype needs ml_dtypes.
             CheckpointWriteError: an earlier write failed and was not reported yet.
         """
         await self.wait()
@@ -527,6 +531,7 @@ class CheckpointManager:
             into=into,
             use_mmap=mmap,
             verify=verify,
+            raw_dtypes=raw_dtypes,
             limiter=self._limiter,
         )
         if skipped:

@@ -201,6 +201,7 @@ class Saver:
         mmap: bool = False,
         verify: bool = True,
         on_corrupt: OnCorrupt = "raise",
+        raw_dtypes: bool = False,
     ) -> StateTree:
         """Read the checkpoint at ``save_path`` and return its tree.
 
@@ -215,10 +216,15 @@ class Saver:
             on_corrupt: ``"raise"``; or ``"fallback"``: when ``save_path`` is corrupted,
                 unreadable or missing, restore the newest older checkpoint its directory's
                 state file lists that is intact, with a WARNING naming each one skipped.
+            raw_dtypes: read arrays of ml_dtypes' dtypes (bfloat16, float8, int4 ...) as
+                unsigned ints of the same size holding their bits (``uint16`` for
+                bfloat16), which needs no ml_dtypes.
 
         Raises:
             CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError,
             CheckpointReadError: (with ``"fallback"``: no candidate could be restored);
+                a ``CheckpointFormatError`` also when an array's dtype needs ml_dtypes,
+                which is not installed (the message says what to install);
             ValueError: ``save_path`` is None, or ``into`` does not match the checkpoint.
         """
         if save_path is None:
@@ -231,7 +237,13 @@ class Saver:
         if check_on_corrupt(on_corrupt) == "fallback":
             paths += await anyio.to_thread.run_sync(self._older_listed, path)
         _header, tree, _skipped = await read_first_intact(
-            self.storage, paths, on_corrupt=on_corrupt, into=into, use_mmap=mmap, verify=verify
+            self.storage,
+            paths,
+            on_corrupt=on_corrupt,
+            into=into,
+            use_mmap=mmap,
+            verify=verify,
+            raw_dtypes=raw_dtypes,
         )
         return tree
 

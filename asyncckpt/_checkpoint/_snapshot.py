@@ -33,8 +33,9 @@ _CopyPair = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 class Snapshot:
     """A tree frozen at one instant: its spec plus C-contiguous arrays.
 
-    Mutable arrays were copied into pooled buffers; read-only arrays, bytes and numpy scalars
-    are referenced. ``release()`` hands the buffers back to the pool once they are written.
+    Arrays someone could still change were copied into pooled buffers; arrays nobody can
+    write (bytes, read-only arrays that own their memory) are referenced. ``release()``
+    hands the buffers back to the pool once they are written.
     """
 
     spec: Spec
@@ -71,7 +72,7 @@ class SnapshotPool:
         self._copy_threads.close()
 
     def take(self, tree: StateTree) -> Snapshot:
-        """Snapshot ``tree``: copy its mutable arrays, reference everything immutable.
+        """Snapshot ``tree``: copy its arrays, except those nobody can write.
 
         Runs synchronously on the caller's thread so that no other task can change the tree
         half-way through the copy.
@@ -87,7 +88,7 @@ class SnapshotPool:
         copies: list[_CopyPair] = []
 
         def add_leaf(path: TreePath, array: np.ndarray[Any, Any]) -> int:
-            if array.flags.writeable or not array.flags.c_contiguous:
+            if array.flags.writeable or not array.flags.c_contiguous or not _frozen(array):
                 buffer = self._buffer_for(reusable, path, array)
                 copies.append((buffer, array))
                 buffers[path] = buffer
@@ -127,6 +128,25 @@ class SnapshotPool:
     def _give_back(self, buffers: dict[TreePath, np.ndarray[Any, Any]]) -> None:
         if len(self._free) < self._max_free_sets:
             self._free.append(buffers)
+
+
+def _frozen(array: np.ndarray[Any, Any]) -> bool:
+    """Whether nobody can change a read-only array's bytes while a snapshot holds them.
+
+    True when every array down its chain of bases is read-only and the chain ends in memory
+    of its own or in ``bytes``. A read-only view of a writable array, or of memory another
+    library owns (a jax array's buffer, a mapped file, a torch tensor), is copied instead:
+    its owner may still write it, or (jax) would stop donating it while it is held.
+    """
+    while True:
+        base: object = array.base  # numpy's stubs know of array bases only
+        if base is None:
+            return True
+        if not isinstance(base, np.ndarray):
+            return type(base) is bytes
+        if base.flags.writeable:
+            return False
+        array = base
 
 
 class CopyThreads:

@@ -16,9 +16,11 @@ MaybeAwaitable: TypeAlias = T | Awaitable[T]
 """What a hook or listener method returns: a value, or an awaitable of it."""
 
 StateTree: TypeAlias = Any
-"""A tree of dicts (str or int keys), lists and tuples whose leaves are numpy arrays, numpy
-scalars, bool, int, float, complex, str, bytes or None, or objects with ``state_dict()`` /
-``load_state_dict()``.
+"""A tree of dicts (str or int keys), lists and tuples (also other Mappings, dataclasses and
+namedtuples) whose leaves are numpy arrays and scalars (ml_dtypes' dtypes included), torch
+tensors, jax arrays, objects with ``__array__``, bool, int, float, complex, str, bytes or
+None; or objects with ``state_dict()`` / ``load_state_dict()`` and random generators (numpy,
+torch, ``random.Random``), saved through their state (docs/FRAMEWORKS.md).
 
 Spelled as ``Any`` on purpose: a recursive union would make users cast every access into a
 restored tree, and the tree is validated at run time (``TypeError`` naming the bad leaf).

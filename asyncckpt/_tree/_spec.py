@@ -1,7 +1,7 @@
-"""State trees: flatten into a spec plus array leaves, check a target tree, rebuild.
+"""The spec of a tree: flatten a tree into it plus array leaves, and validate a read one.
 
-Owns what a tree may contain and how it is encoded as plain msgpack-ready values (the spec).
-Knows nothing of files, headers or scheduling.
+Owns what a tree may contain and how it is encoded as plain msgpack-ready values. Knows
+nothing of files, headers or scheduling; framework leaves are the framework modules' part.
 
 A spec node is a list whose first item is a tag:
 
@@ -9,9 +9,10 @@ A spec node is a list whose first item is a tag:
     ["f", float]              ["c", re, im]        ["s", str]
     ["a", k]  array k         ["g", k]  numpy scalar stored as 0-d array k
     ["y", k]  bytes stored as uint8 array k
-    ["d", [[key, node], ...]] dict (str or int keys, order kept)
-    ["l", [node, ...]]        ["t", [node, ...]]   list, tuple
-    ["o", node]               an object saved through state_dict()
+    ["T", k]  torch.Tensor stored as array k       ["J", k]  jax.Array stored as array k
+    ["d", [[key, node], ...]] dict (str or int keys, order kept); also Mappings, dataclasses
+    ["l", [node, ...]]        ["t", [node, ...]]   list, tuple (namedtuples too)
+    ["o", node]               an object saved through its state (state_dict(), generators)
 """
 
 from __future__ import annotations
@@ -21,34 +22,47 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
 
 import numpy as np
 
-from ._core._errors import CheckpointFormatError
-from ._core._types import StateTree, SupportsStateDict
+from .._core._errors import CheckpointFormatError
+from ._containers import field_items
+from ._dtypes import extension_name
+from ._jax import is_jax_array, jax_to_numpy
+from ._objects import state_access
+from ._torch import is_tensor, tensor_to_numpy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator
+
+    from .._core._types import StateTree
 
 __all__ = [
+    "ARRAY_TAGS",
     "MAX_DEPTH",
     "AddLeaf",
     "ArrayLeaf",
-    "build",
+    "Key",
+    "Spec",
+    "TreePath",
     "byte_view",
-    "check_into_array",
     "flatten",
     "format_path",
-    "match_into",
+    "iter_array_refs",
 ]
 
 MAX_DEPTH: Final = 200
 """Deepest nesting saved or loaded; deeper trees are refused before Python's recursion limit.
 
-Every dict, list, tuple and state_dict() object on the way from the root counts one level.
+Every dict, list, tuple, Mapping, dataclass and object saved through its state on the way
+from the root counts one level.
 """
+
+ARRAY_TAGS: Final = frozenset({"a", "g", "y", "T", "J"})
+"""The tags whose node refers to an array of the header: ``[tag, index]``."""
 
 _INT64_MIN: Final = -(2**63)
 _UINT64_END: Final = 2**64
 _MAX_BIGINT_DIGITS: Final = 4300  # Python's own int/str conversion limit
 _BIGINT_DIGITS: Final = re.compile(rf"-?[0-9]{{1,{_MAX_BIGINT_DIGITS}}}")
+_BUILTIN: Final = 1  # dtype.isbuiltin of numpy's plain dtypes (float32, not '>f8' or 'S3')
 
 Key = str | int
 TreePath = tuple[Key, ...]
@@ -64,7 +78,8 @@ def byte_view(array: np.ndarray[Any, Any]) -> memoryview:
     """Return the bytes of a C-contiguous array as a flat, writable-if-the-array-is view."""
     try:
         # The buffer protocol is three times faster than numpy's views, which counts with
-        # thousands of small arrays; it refuses datetimes and empty multi-dimensional arrays.
+        # thousands of small arrays; it refuses datetimes, ml_dtypes' dtypes and empty
+        # multi-dimensional arrays.
         return array.data.cast("B")
     except (ValueError, TypeError):
         flat = array.reshape(-1)
@@ -84,8 +99,9 @@ class ArrayLeaf(NamedTuple):
 
 
 AddLeaf: TypeAlias = "Callable[[TreePath, np.ndarray[Any, Any]], int]"
-"""Receives each array leaf (and bytes, and numpy scalars, as arrays) of a tree being
-flattened; returns the index the spec refers to it by."""
+"""Receives each array leaf (and bytes, numpy scalars, tensors and jax arrays, as numpy
+arrays) of a tree being flattened; returns the index the spec refers to it by. Arrays that
+view memory someone else may change must be copied by the receiver before it returns."""
 
 
 def flatten(tree: StateTree, add_leaf: AddLeaf) -> Spec:
@@ -107,13 +123,15 @@ class _Flattener:
         return [tag, self._add_leaf(path, array)]
 
     def node(self, value: object, path: TreePath, parents: set[int], depth: int) -> Spec:
-        # depth counts containers and state_dict() objects (an object adds no path key).
+        # depth counts containers and objects (an object adds no path key).
         if depth > MAX_DEPTH:
             raise TypeError(f"tree deeper than {MAX_DEPTH} levels at {format_path(path)}")
         # numpy first: np.float64 is also a float, np.bool_ is not a bool.
-        if isinstance(value, np.ndarray):
+        if type(value) is np.ndarray:
             _check_dtype(value.dtype, path)
             return self._leaf("a", path, value)
+        if isinstance(value, np.ndarray):
+            return self._leaf("a", path, _plain_array(value, path))
         if isinstance(value, np.generic):
             _check_dtype(value.dtype, path)
             return self._leaf("g", path, np.asarray(value))
@@ -133,33 +151,86 @@ class _Flattener:
             return ["s", _check_text(str(value), path, "string")]
         if isinstance(value, bytes):
             return self._leaf("y", path, np.frombuffer(value, np.uint8))
-        if isinstance(value, dict | list | tuple):
-            if id(value) in parents:
-                raise TypeError(f"cannot save a tree that contains itself, at {format_path(path)}")
-            parents = parents | {id(value)}
-            if isinstance(value, dict):
-                items = []
-                for key, child in value.items():
-                    items.append(
-                        [_check_key(key, path), self.node(child, (*path, key), parents, depth + 1)]
-                    )
-                return ["d", items]
+        if isinstance(value, dict):
+            return self._dict(value, value.items(), path, parents, depth)
+        if isinstance(value, list | tuple):
+            parents = _enter(value, path, parents)
             children = [
                 self.node(child, (*path, i), parents, depth + 1) for i, child in enumerate(value)
             ]
             return ["t" if isinstance(value, tuple) else "l", children]
-        if isinstance(value, SupportsStateDict):
+        return self._other(value, path, parents, depth)
+
+    def _dict(
+        self,
+        value: object,
+        items: Iterable[tuple[Any, Any]],
+        path: TreePath,
+        parents: set[int],
+        depth: int,
+    ) -> Spec:
+        parents = _enter(value, path, parents)
+        nodes = []
+        for key, child in items:
+            nodes.append(
+                [_check_key(key, path), self.node(child, (*path, key), parents, depth + 1)]
+            )
+        return ["d", nodes]
+
+    def _other(self, value: object, path: TreePath, parents: set[int], depth: int) -> Spec:
+        """Flatten what is neither numpy nor a builtin: framework arrays, objects saved
+        through their state, Mappings and dataclasses, and objects with ``__array__``."""
+        if is_tensor(value):
+            array = tensor_to_numpy(value, format_path(path))
+            _check_dtype(array.dtype, path)
+            return self._leaf("T", path, array)
+        if is_jax_array(value):
+            array = jax_to_numpy(value)
+            _check_dtype(array.dtype, path)
+            return self._leaf("J", path, array)
+        access = state_access(value)
+        if access is not None:
             if id(value) in parents:
                 raise TypeError(
                     f"cannot save a tree that contains itself, at {format_path(path)} "
-                    f"({type(value).__name__}.state_dict() returns an object on the way to it)"
+                    f"({type(value).__name__}'s state holds an object on the way to it)"
                 )
-            state = value.state_dict()
+            state = access.get(value)
             return ["o", self.node(state, path, parents | {id(value)}, depth + 1)]
+        items = field_items(value)
+        if items is not None:
+            return self._dict(value, items, path, parents, depth)
+        if hasattr(value, "__array__") and not isinstance(value, type):
+            array = np.asarray(value)
+            _check_dtype(array.dtype, path)
+            return self._leaf("a", path, array)
         raise TypeError(
             f"cannot save {type(value).__name__} at {format_path(path)}: leaves must be numpy "
-            "arrays, numbers, str, bytes or None, or objects with state_dict()/load_state_dict()"
+            "arrays, torch tensors, jax arrays, numbers, str, bytes or None, in dicts, lists, "
+            "tuples, Mappings or dataclasses; or objects with state_dict()/load_state_dict()"
         )
+
+
+def _enter(container: object, path: TreePath, parents: set[int]) -> set[int]:
+    """Return ``parents`` with ``container``, refusing a container already on the way."""
+    if id(container) in parents:
+        raise TypeError(f"cannot save a tree that contains itself, at {format_path(path)}")
+    return parents | {id(container)}
+
+
+def _plain_array(array: np.ndarray[Any, Any], path: TreePath) -> np.ndarray[Any, Any]:
+    """The plain ndarray of a subclass's data (np.matrix, np.memmap ...); masks are refused.
+
+    Raises:
+        TypeError: a masked array (its mask would be lost).
+    """
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(
+            f"cannot save the masked array at {format_path(path)}: its mask would be lost; "
+            "save its .data and np.ma.getmaskarray() as two arrays"
+        )
+    _check_dtype(array.dtype, path)
+    return array.view(np.ndarray)
 
 
 def _check_key(key: object, path: TreePath) -> Key:
@@ -205,6 +276,13 @@ def _check_dtype(dtype: np.dtype[Any], path: TreePath) -> None:
             f"cannot save an object array at {format_path(path)}: checkpoints never pickle; "
             "convert it to a numeric, string or bytes dtype"
         )
+    # Plain numeric dtypes stop here: two attribute reads per array, as for numpy alone.
+    if dtype.isbuiltin != _BUILTIN:
+        _check_unusual_dtype(dtype, path)
+
+
+def _check_unusual_dtype(dtype: np.dtype[Any], path: TreePath) -> None:
+    """Check a dtype that is structured, flexible, byte-swapped or another package's."""
     if dtype.fields is not None:
         try:
             dtype.descr  # noqa: B018 - the header stores it; numpy refuses some layouts
@@ -213,9 +291,27 @@ def _check_dtype(dtype: np.dtype[Any], path: TreePath) -> None:
                 f"cannot save the structured dtype at {format_path(path)}: {exc}; "
                 "reorder its fields by offset"
             ) from None
+        for field_dtype, *_offset in dtype.fields.values():
+            if field_dtype.base.isbuiltin != _BUILTIN:
+                _check_field_dtype(field_dtype.base, path)
+    elif dtype.isbuiltin == 2 and extension_name(dtype) is None:  # another package's type
+        raise TypeError(
+            f"cannot save the {dtype} array at {format_path(path)}: a checkpoint holds "
+            "numpy's dtypes and the ml_dtypes ones docs/FORMAT.md lists"
+        )
 
 
-# -- rebuilding ------------------------------------------------------------------------------
+def _check_field_dtype(dtype: np.dtype[Any], path: TreePath) -> None:
+    # A structured dtype travels as numpy's descr, where an ml_dtypes field is raw void.
+    if dtype.fields is None and extension_name(dtype) is not None:
+        raise TypeError(
+            f"cannot save the structured dtype at {format_path(path)}: its {dtype} field "
+            "would lose its type; save that field as an array of its own"
+        )
+    _check_unusual_dtype(dtype, path)
+
+
+# -- validating a spec read from a file ------------------------------------------------------
 
 
 def _bad(source: str, path: TreePath, what: str) -> CheckpointFormatError:
@@ -223,7 +319,11 @@ def _bad(source: str, path: TreePath, what: str) -> CheckpointFormatError:
 
 
 def iter_array_refs(spec: object, source: str) -> Iterator[tuple[TreePath, str, int]]:
-    """Yield ``(path, tag, index)`` for every array reference in a spec, validating it."""
+    """Yield ``(path, tag, index)`` for every array reference in a spec, validating it.
+
+    Raises:
+        CheckpointFormatError: the spec is malformed; the message names the tree path.
+    """
     stack: list[tuple[object, TreePath, int]] = [(spec, (), 0)]
     while stack:
         node, path, depth = stack.pop()
@@ -232,7 +332,7 @@ def iter_array_refs(spec: object, source: str) -> Iterator[tuple[TreePath, str, 
         if not isinstance(node, list) or not node or not isinstance(node[0], str):
             raise _bad(source, path, "malformed node")
         tag, args = node[0], node[1:]
-        if tag in ("a", "g", "y"):
+        if tag in ARRAY_TAGS:
             if len(args) != 1 or type(args[0]) is not int:
                 raise _bad(source, path, "malformed array reference")
             yield path, tag, args[0]
@@ -277,144 +377,3 @@ def _scalar_ok(tag: str, args: list[Any]) -> bool:
         case "s", [str()]:
             return True
     return False
-
-
-def match_into(spec: Spec, into: StateTree, source: str) -> dict[int, np.ndarray[Any, Any]]:
-    """Check that ``into`` has the checkpoint's structure; return the arrays to fill in place.
-
-    Only writable C-contiguous arrays of the same dtype and shape are filled in place; other
-    array leaves of ``into`` are replaced (or copied into) when the tree is rebuilt.
-
-    Raises:
-        ValueError: the structures differ; the message names the path and the difference.
-    """
-    targets: dict[int, np.ndarray[Any, Any]] = {}
-    _match(spec, into, (), targets, source)
-    return targets
-
-
-def _match(
-    node: Spec,
-    live: object,
-    path: TreePath,
-    targets: dict[int, np.ndarray[Any, Any]],
-    source: str,
-) -> None:
-    tag = node[0]
-    where = format_path(path)
-    if tag == "o":
-        if not isinstance(live, SupportsStateDict):
-            raise ValueError(
-                f"{source}: at {where} the checkpoint holds a state_dict() object "
-                f"but into= holds {type(live).__name__}"
-            )
-        _match(node[1], live.state_dict(), path, targets, source)
-    elif tag == "d":
-        if not isinstance(live, dict):
-            raise ValueError(
-                f"{source}: at {where} the checkpoint holds a dict "
-                f"but into= holds {type(live).__name__}"
-            )
-        saved_keys = [key for key, _ in node[1]]
-        missing = [k for k in saved_keys if k not in live]
-        saved = set(saved_keys)
-        unexpected = [k for k in live if k not in saved]
-        if missing or unexpected:
-            raise ValueError(
-                f"{source}: at {where} keys differ from into=: missing from into= "
-                f"{missing}, not in the checkpoint {unexpected}"
-            )
-        for key, child in node[1]:
-            _match(child, live[key], (*path, key), targets, source)
-    elif tag in ("l", "t"):
-        if not isinstance(live, list | tuple) or len(live) != len(node[1]):
-            raise ValueError(
-                f"{source}: at {where} the checkpoint holds a sequence of "
-                f"{len(node[1])} items but into= holds {_describe(live)}"
-            )
-        for i, child in enumerate(node[1]):
-            _match(child, live[i], (*path, i), targets, source)
-    elif tag == "a":
-        if not isinstance(live, np.ndarray):
-            raise ValueError(
-                f"{source}: at {where} the checkpoint holds an array "
-                f"but into= holds {type(live).__name__}"
-            )
-        targets[node[1]] = live
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, list | tuple):
-        return f"a {type(value).__name__} of {len(value)} items"
-    return type(value).__name__
-
-
-def check_into_array(
-    index: int,
-    live: np.ndarray[Any, Any],
-    dtype: np.dtype[Any],
-    shape: tuple[int, ...],
-    path: str,
-    source: str,
-) -> bool:
-    """Return whether array ``index`` can be read straight into ``live``.
-
-    Raises:
-        ValueError: ``live`` has another dtype or shape than the saved array.
-    """
-    if live.dtype != dtype or live.shape != shape:
-        raise ValueError(
-            f"{source}: array {index} at {path} is {dtype}{list(shape)} in the checkpoint but "
-            f"{live.dtype}{list(live.shape)} in into=; pass into=None to get fresh arrays"
-        )
-    return bool(live.flags.writeable and live.flags.c_contiguous)
-
-
-def build(spec: Spec, arrays: Sequence[np.ndarray[Any, Any]], into: StateTree = None) -> StateTree:
-    """Rebuild the tree from a validated spec and its arrays.
-
-    With ``into``, dicts and lists of ``into`` are updated in place, arrays that were not
-    read in place are copied into, and ``load_state_dict`` is called on objects; the
-    returned tree is ``into`` itself wherever ``into`` could be updated.
-    """
-    return _build(spec, arrays, into, into is not None)
-
-
-def _build(node: Spec, arrays: Sequence[np.ndarray[Any, Any]], live: Any, fill: bool) -> Any:
-    tag = node[0]
-    if tag == "a":
-        array = arrays[node[1]]
-        if fill and isinstance(live, np.ndarray) and live is not array and live.flags.writeable:
-            np.copyto(live, array)
-            return live
-        return array
-    if tag == "g":
-        return arrays[node[1]][()]
-    if tag == "y":
-        return arrays[node[1]].tobytes()
-    if tag == "n":
-        return None
-    if tag in ("b", "i", "f", "s"):
-        return node[1]
-    if tag == "I":
-        return int(node[1])
-    if tag == "c":
-        return complex(node[1], node[2])
-    if tag == "d":
-        if fill:
-            for key, child in node[1]:
-                live[key] = _build(child, arrays, live[key], fill)
-            return live
-        return {key: _build(child, arrays, None, fill) for key, child in node[1]}
-    if tag in ("l", "t"):
-        children = node[1]
-        if fill and isinstance(live, list) and tag == "l":
-            live[:] = [_build(c, arrays, live[i], fill) for i, c in enumerate(children)]
-            return live
-        items = [_build(c, arrays, live[i] if fill else None, fill) for i, c in enumerate(children)]
-        return tuple(items) if tag == "t" else items
-    # "o": the object's state is rebuilt (in place where possible) and handed to it.
-    if fill:
-        live.load_state_dict(_build(node[1], arrays, live.state_dict(), fill))
-        return live
-    return _build(node[1], arrays, None, fill)

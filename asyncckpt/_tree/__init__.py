@@ -1,0 +1,54 @@
+"""The tree layer: what a state tree may hold, its spec, and how it is rebuilt on restore.
+
+One module per concern: ``_spec`` (flatten a tree into a spec plus numpy arrays; validate a
+read spec), ``_rebuild`` (check ``into=``, rebuild the tree), ``_containers`` (Mappings,
+dataclasses, namedtuples), ``_objects`` (state_dict() objects, random generators),
+``_dtypes`` (ml_dtypes' names), ``_torch`` and ``_jax`` (their arrays). Knows nothing of
+files, buffers or scheduling; torch and jax are imported only where a tree holds them.
+"""
+
+from __future__ import annotations
+
+from ._dtypes import EXTENSION_ITEMSIZES as EXTENSION_ITEMSIZES
+from ._dtypes import extension_dtype as extension_dtype
+from ._dtypes import extension_name as extension_name
+from ._dtypes import install_advice as install_advice
+from ._dtypes import name_in_file as name_in_file
+from ._dtypes import raw_dtype as raw_dtype
+from ._rebuild import build as build
+from ._rebuild import check_into_array as check_into_array
+from ._rebuild import match_into as match_into
+from ._spec import ARRAY_TAGS as ARRAY_TAGS
+from ._spec import MAX_DEPTH as MAX_DEPTH
+from ._spec import AddLeaf as AddLeaf
+from ._spec import ArrayLeaf as ArrayLeaf
+from ._spec import Key as Key
+from ._spec import Spec as Spec
+from ._spec import TreePath as TreePath
+from ._spec import byte_view as byte_view
+from ._spec import flatten as flatten
+from ._spec import format_path as format_path
+from ._spec import iter_array_refs as iter_array_refs
+
+__all__ = [
+    "ARRAY_TAGS",
+    "EXTENSION_ITEMSIZES",
+    "MAX_DEPTH",
+    "AddLeaf",
+    "ArrayLeaf",
+    "Key",
+    "Spec",
+    "TreePath",
+    "build",
+    "byte_view",
+    "check_into_array",
+    "extension_dtype",
+    "extension_name",
+    "flatten",
+    "format_path",
+    "install_advice",
+    "iter_array_refs",
+    "match_into",
+    "name_in_file",
+    "raw_dtype",
+]
