@@ -25,7 +25,7 @@ from .._core._errors import (
     CheckpointNotFoundError,
     CheckpointReadError,
 )
-from .._core._util import raise_single_exception, usable_cores
+from .._core._util import raise_first_exception, usable_cores
 from .._tree import build, byte_view, check_into_array, match_into
 from . import _format
 
@@ -287,7 +287,7 @@ async def read_checkpoint(
                 for share in reads.plan(arrays, _read_threads()):
                     tasks.start_soon(reads.run, share)
         except BaseExceptionGroup as group:
-            raise_single_exception(group)
+            raise_first_exception(group)
     return header, build(header.tree, arrays, into)
 
 

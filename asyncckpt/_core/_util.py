@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "call_maybe_async",
     "check_int",
+    "raise_first_exception",
     "raise_single_exception",
     "single_exception",
     "usable_cores",
@@ -22,12 +23,10 @@ __all__ = [
 T = TypeVar("T")
 
 
-def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """Return the one real error in a task group's exception group, else the group itself.
-
-    Cancellations that merely accompany a real error are dropped, as trio's
-    ``raise_single_exception_from_group`` does; a group of only cancellations yields one.
-    """
+def _leaves(
+    group: BaseExceptionGroup[BaseException],
+) -> tuple[list[BaseException], list[BaseException]]:
+    """The group's exceptions, flattened in order: ``(all of them, the real errors)``."""
     cancelled = anyio.get_cancelled_exc_class()
     leaves: list[BaseException] = []
     stack: list[BaseException] = [group]
@@ -37,7 +36,16 @@ def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
             stack.extend(reversed(exc.exceptions))
         else:
             leaves.append(exc)
-    real = [exc for exc in leaves if not isinstance(exc, cancelled)]
+    return leaves, [exc for exc in leaves if not isinstance(exc, cancelled)]
+
+
+def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Return the one real error in a task group's exception group, else the group itself.
+
+    Cancellations that merely accompany a real error are dropped, as trio's
+    ``raise_single_exception_from_group`` does; a group of only cancellations yields one.
+    """
+    leaves, real = _leaves(group)
     if len(real) == 1:
         return real[0]
     if not real and leaves:
@@ -49,6 +57,16 @@ def raise_single_exception(group: BaseExceptionGroup[BaseException]) -> NoReturn
     """Raise ``single_exception(group)`` as itself: its own cause kept, the group hidden."""
     exc = single_exception(group)
     raise exc from exc.__cause__
+
+
+def raise_first_exception(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise the first real error of tasks that each did a share of one job (the readers of
+    one file): as itself, with a note naming the others, never as a group."""
+    leaves, real = _leaves(group)
+    first = real[0] if real else leaves[0]
+    if len(real) > 1:
+        first.add_note(f"{len(real) - 1} more: " + "; ".join(str(exc) for exc in real[1:]))
+    raise first from first.__cause__
 
 
 async def call_maybe_async(fn: Callable[..., T | Awaitable[T]], *args: Any) -> T:
