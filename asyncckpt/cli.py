@@ -219,6 +219,21 @@ def _resolve(path: str, storage: Storage) -> str:
     return latest
 
 
+# What each array leaf of a tree was when saved (the tags are _tree's spec).
+_LEAF_KINDS: Final = {
+    "a": "array",
+    "g": "numpy scalar",
+    "y": "bytes",
+    "T": "torch tensor",
+    "J": "jax array",
+}
+
+
+def _dtype_name(entry: _format.ArrayEntry) -> str:
+    """The dtype as saved: an ml_dtypes name (``bfloat16``) even where ml_dtypes is missing."""
+    return entry.extension or str(entry.dtype)
+
+
 def _describe_tree(
     node: list[Any],
     arrays: Sequence[_format.ArrayEntry],
@@ -227,11 +242,13 @@ def _describe_tree(
     label: str,
 ) -> None:
     tag = node[0]
-    if tag in ("a", "g", "y"):
+    if tag in _LEAF_KINDS:
         entry = arrays[node[1]]
-        kind = {"a": "array", "g": "numpy scalar", "y": "bytes"}[tag]
         shape = "x".join(map(str, entry.shape)) or "scalar"
-        lines.append(f"{indent}{label}{kind} {entry.dtype} [{shape}] {_size(entry.nbytes)}")
+        lines.append(
+            f"{indent}{label}{_LEAF_KINDS[tag]} {_dtype_name(entry)} [{shape}] "
+            f"{_size(entry.nbytes)}"
+        )
     elif tag == "d":
         lines.append(f"{indent}{label}dict ({len(node[1])} keys)")
         for key, child in node[1]:
@@ -250,11 +267,11 @@ def _describe_tree(
 
 def _tree_json(node: list[Any], arrays: Sequence[_format.ArrayEntry]) -> Any:
     tag = node[0]
-    if tag in ("a", "g", "y"):
+    if tag in _LEAF_KINDS:
         entry = arrays[node[1]]
         return {
-            "kind": {"a": "array", "g": "scalar", "y": "bytes"}[tag],
-            "dtype": str(entry.dtype),
+            "kind": _LEAF_KINDS[tag],
+            "dtype": _dtype_name(entry),
             "shape": list(entry.shape),
             "bytes": entry.nbytes,
         }

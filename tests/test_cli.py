@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from support import TEMP_MARKER
 
-from asyncckpt import CheckpointManager, get_checkpoint_state
+from asyncckpt import CheckpointManager, Saver, get_checkpoint_state
 from asyncckpt._checkpoint import scan_directory
 from asyncckpt._storage import LocalStorage
 from asyncckpt.cli import main
@@ -976,3 +976,19 @@ def test_scan_reports_a_file_gone_since_the_listing_as_retired(ckpt_dir: Path) -
         ("model.ckpt-3", True, None, False),
         ("model.ckpt-4", False, None, True),
     ]
+
+
+def test_inspect_names_torch_tensors_jax_arrays_and_ml_dtypes(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    state = {"t": torch.ones(2, 3, dtype=torch.bfloat16), "j": jnp.zeros(4, jnp.float32)}
+    anyio.run(Saver().save, state, str(tmp_path / "model.ckpt"), 1)
+    out = io.StringIO()
+    assert main(["inspect", str(tmp_path / "model.ckpt-1")], out=out) == 0
+    text = out.getvalue()
+    assert "'t': torch tensor bfloat16 [2x3]" in text
+    assert "'j': jax array float32 [4]" in text
+    out = io.StringIO()
+    assert main(["inspect", "--json", str(tmp_path / "model.ckpt-1")], out=out) == 0
+    kinds = {key: leaf["kind"] for key, leaf in json.loads(out.getvalue())["tree"]["items"]}
+    assert kinds == {"t": "torch tensor", "j": "jax array"}
