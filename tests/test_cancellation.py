@@ -401,9 +401,13 @@ async def test_cancel_during_the_final_save_of_a_closing_session(
 # -- opening: a CheckpointManager's enter, a session's start ---------------------------------------
 
 
+_CANCEL_POINTS = 150
+
+
 async def _cancel_at_every_turn(open_and_close: Callable[[], Any]) -> int:
-    """Cancel ``open_and_close()`` after 0, 1, 2... loop turns of another task, up to as many
-    as an uncancelled run lasts; return that count. A cancellation may land while a worker
+    """Cancel ``open_and_close()`` after 0, 1, 2... loop turns of another task (every turn,
+    or evenly spaced ones in a long run), up to as many as an uncancelled run lasts; return
+    that count. A cancellation may land while a worker
     thread runs or a shielded cleanup does, then takes effect at the next checkpoint (or,
     if none comes, the open simply completes): either way it must not hang."""
     turns = 0
@@ -419,7 +423,10 @@ async def _cancel_at_every_turn(open_and_close: Callable[[], Any]) -> int:
         tg.start_soon(count)
         await open_and_close()
         finished = True
-    for after in range(turns + 2):
+    # A worker thread's hop lasts many turns of a task that only yields, and more on a
+    # loaded machine: spread at most _CANCEL_POINTS cancellations over the run, so the test
+    # stays linear in the run's length however slow the machine.
+    for after in range(0, turns + 2, max(1, turns // _CANCEL_POINTS)):
         await _cancelled_after(after, open_and_close)
     return turns
 
