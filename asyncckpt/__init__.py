@@ -7,8 +7,10 @@ Public names are re-exported here from private modules; import them from ``async
 
 from __future__ import annotations
 
+from ._checkpoint import ArrayMetadata as ArrayMetadata
 from ._checkpoint import CheckpointManager as CheckpointManager
 from ._checkpoint import CheckpointManagerStatistics as CheckpointManagerStatistics
+from ._checkpoint import CheckpointMetadata as CheckpointMetadata
 from ._checkpoint import CheckpointState as CheckpointState
 from ._checkpoint import SaveOutcome as SaveOutcome
 from ._checkpoint import Saver as Saver
@@ -60,6 +62,7 @@ from ._summary._writer import SummaryWriter as SummaryWriter
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArrayMetadata",
     "AsyncCountingIterator",
     "BatchIterator",
     "CheckpointCorruptedError",
@@ -69,6 +72,7 @@ __all__ = [
     "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointManagerStatistics",
+    "CheckpointMetadata",
     "CheckpointNotFoundError",
     "CheckpointReadError",
     "CheckpointSaverHook",

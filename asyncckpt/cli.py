@@ -229,11 +229,6 @@ _LEAF_KINDS: Final = {
 }
 
 
-def _dtype_name(entry: _format.ArrayEntry) -> str:
-    """The dtype as saved: an ml_dtypes name (``bfloat16``) even where ml_dtypes is missing."""
-    return entry.extension or str(entry.dtype)
-
-
 def _describe_tree(
     node: list[Any],
     arrays: Sequence[_format.ArrayEntry],
@@ -246,8 +241,7 @@ def _describe_tree(
         entry = arrays[node[1]]
         shape = "x".join(map(str, entry.shape)) or "scalar"
         lines.append(
-            f"{indent}{label}{_LEAF_KINDS[tag]} {_dtype_name(entry)} [{shape}] "
-            f"{_size(entry.nbytes)}"
+            f"{indent}{label}{_LEAF_KINDS[tag]} {entry.dtype_name} [{shape}] {_size(entry.nbytes)}"
         )
     elif tag == "d":
         lines.append(f"{indent}{label}dict ({len(node[1])} keys)")
@@ -271,7 +265,7 @@ def _tree_json(node: list[Any], arrays: Sequence[_format.ArrayEntry]) -> Any:
         entry = arrays[node[1]]
         return {
             "kind": _LEAF_KINDS[tag],
-            "dtype": _dtype_name(entry),
+            "dtype": entry.dtype_name,
             "shape": list(entry.shape),
             "bytes": entry.nbytes,
         }

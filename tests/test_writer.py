@@ -29,6 +29,7 @@ from support import (
 )
 
 from asyncckpt import (
+    CheckpointCorruptedError,
     CheckpointLockedError,
     CheckpointManager,
     CheckpointManagerStatistics,
@@ -902,3 +903,39 @@ async def test_a_failed_first_save_says_there_is_no_checkpoint_to_fall_back_on(
     assert "no earlier checkpoint exists here to restore" in str(first.value)
     assert "still the latest" not in str(first.value)
     assert "the previous checkpoint is still the latest (model.ckpt-2)" in str(later.value)
+
+
+async def test_metadata_describes_a_checkpoint_without_reading_its_arrays(
+    tmp_path: Path,
+) -> None:
+    state = {"w": np.zeros((3, 4), np.float32), "nested": {"b": np.arange(5)}, "step": 7}
+    async with CheckpointManager(tmp_path) as manager:
+        with pytest.raises(CheckpointNotFoundError, match="no checkpoint has been saved"):
+            await manager.metadata()
+        await manager.save(state, 7, metadata={"lr": 0.1, "note": "warm"})
+        await manager.wait()
+        await manager.save(state, 9)
+        await manager.wait()
+        # Array data damaged: a restore fails, the header (its own checksum) still reads.
+        data = bytearray((tmp_path / "model.ckpt-7").read_bytes())
+        data[-1] ^= 0xFF
+        (tmp_path / "model.ckpt-7").write_bytes(bytes(data))
+        meta = await manager.metadata(step=7)
+        latest = await manager.metadata()
+        with pytest.raises(CheckpointCorruptedError):
+            await manager.restore(step=7)
+    assert (meta.step, meta.metadata, meta.path) == (
+        7,
+        {"lr": 0.1, "note": "warm"},
+        str(tmp_path / "model.ckpt-7"),
+    )
+    assert meta.size == file_size(tmp_path / "model.ckpt-7")
+    assert [(a.path, a.dtype, a.shape) for a in meta.arrays] == [
+        ("w", "float32", (3, 4)),
+        ("nested/b", str(np.arange(5).dtype), (5,)),
+    ]
+    assert meta.arrays[0].nbytes == 48
+    assert latest.step == 9
+    assert latest.metadata == {}
+    saver_meta = await Saver().metadata(tmp_path / "model.ckpt-7")
+    assert saver_meta == meta

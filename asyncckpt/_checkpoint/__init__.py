@@ -7,6 +7,8 @@ Built on the tree and storage layers; knows nothing of hooks or sessions.
 
 from ._directory import CheckpointDirectory as CheckpointDirectory
 from ._directory import unlist_checkpoints as unlist_checkpoints
+from ._file import ArrayMetadata as ArrayMetadata
+from ._file import CheckpointMetadata as CheckpointMetadata
 from ._file import OnCorrupt as OnCorrupt
 from ._file import check_on_corrupt as check_on_corrupt
 from ._file import read_checkpoint as read_checkpoint
@@ -31,9 +33,11 @@ from ._state_file import is_state_file_name as is_state_file_name
 
 __all__ = [
     "STATE_FILENAME",
+    "ArrayMetadata",
     "CheckpointDirectory",
     "CheckpointManager",
     "CheckpointManagerStatistics",
+    "CheckpointMetadata",
     "CheckpointState",
     "FoundCheckpoint",
     "Header",

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from ._snapshot import Snapshot
 
 __all__ = [
+    "ArrayMetadata",
+    "CheckpointMetadata",
     "OnCorrupt",
     "check_on_corrupt",
     "read_checkpoint",
@@ -45,6 +47,7 @@ __all__ = [
     "read_header",
     "read_header_sync",
     "read_mapped",
+    "read_metadata",
     "verify_file",
     "write_snapshot",
 ]
@@ -123,6 +126,56 @@ async def read_header(
     """Read and validate a checkpoint's header without reading its arrays."""
     async with storage.open_for_read(path, limiter=limiter) as file:
         return await _read_header(file)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArrayMetadata:
+    """One array of a checkpoint, as its header describes it."""
+
+    path: str
+    """Where it is in the tree (``model/0.weight``)."""
+    dtype: str
+    """Its dtype's name as saved (``float32``, ``bfloat16``)."""
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointMetadata:
+    """What a checkpoint's header says, read without its array data."""
+
+    path: str
+    step: int | None
+    time: float
+    """When it was saved (seconds since the epoch)."""
+    size: int
+    """The file's size in bytes."""
+    metadata: dict[str, Any]
+    """What ``save(..., metadata=...)`` was given."""
+    arrays: tuple[ArrayMetadata, ...]
+
+
+async def read_metadata(
+    storage: Storage, path: str, *, limiter: anyio.CapacityLimiter | None = None
+) -> CheckpointMetadata:
+    """Read a checkpoint's metadata (its header only; the header's checksum is checked).
+
+    Raises:
+        CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError,
+        CheckpointReadError: as for a restore's header.
+    """
+    header = await read_header(storage, path, limiter=limiter)
+    return CheckpointMetadata(
+        path=path,
+        step=header.step,
+        time=header.time,
+        size=header.file_size,
+        metadata=header.metadata,
+        arrays=tuple(
+            ArrayMetadata(path=e.path, dtype=e.dtype_name, shape=e.shape, nbytes=e.nbytes)
+            for e in header.arrays
+        ),
+    )
 
 
 async def _read_header(file: ReadFile) -> _format.Header:

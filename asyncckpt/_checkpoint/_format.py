@@ -105,6 +105,11 @@ class ArrayEntry:
     crc32c: int
     extension: str | None = None
 
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as saved: an ml_dtypes name (``bfloat16``) even where it reads raw."""
+        return self.extension or str(self.dtype)
+
 
 @dataclass(frozen=True, slots=True)
 class Header:

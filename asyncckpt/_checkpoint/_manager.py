@@ -23,7 +23,7 @@ from .._core._util import check_int
 from .._storage import LocalStorage
 from . import _format
 from ._directory import CheckpointDirectory
-from ._file import OnCorrupt, check_on_corrupt, read_first_intact
+from ._file import CheckpointMetadata, OnCorrupt, check_on_corrupt, read_first_intact, read_metadata
 from ._snapshot import Snapshot, SnapshotPool
 from ._state_file import (
     STATE_FILENAME,
@@ -542,6 +542,23 @@ class CheckpointManager:
         async with self._state_file_lock:
             await anyio.to_thread.run_sync(self._directory.unlist, names, limiter=self._limiter)
         self._latest_step = self._listed_latest_step()
+
+    async def metadata(self, step: int | None = None) -> CheckpointMetadata:
+        """Return the step, time, size, user metadata and arrays (paths, dtypes, shapes) of
+        checkpoint ``step`` (the latest when None), from its header: no array data is read.
+
+        Raises:
+            CheckpointNotFoundError: there is no such checkpoint.
+            CheckpointCorruptedError, CheckpointFormatError, CheckpointReadError: its header
+                cannot be trusted or read.
+        """
+        self._open_queue()
+        if step is None:
+            step = self._latest_step
+            if step is None:
+                raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
+        path = os.path.join(self.directory, f"{self.basename}-{step}")
+        return await read_metadata(self.storage, path, limiter=self._limiter)
 
     def add_done_callback(
         self, fn: Callable[[SaveOutcome], object], *, acknowledge: bool = False

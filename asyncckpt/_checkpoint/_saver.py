@@ -18,7 +18,7 @@ from . import _format
 from ._directory import CheckpointDirectory
 from ._directory import get_checkpoint_state as _get_checkpoint_state
 from ._directory import latest_checkpoint as _latest_checkpoint
-from ._file import OnCorrupt, check_on_corrupt, read_first_intact
+from ._file import CheckpointMetadata, OnCorrupt, check_on_corrupt, read_first_intact, read_metadata
 from ._snapshot import SnapshotPool
 from ._state_file import (
     STATE_FILENAME,
@@ -246,6 +246,16 @@ class Saver:
             raw_dtypes=raw_dtypes,
         )
         return tree
+
+    async def metadata(self, save_path: str | os.PathLike[str]) -> CheckpointMetadata:
+        """Return the step, time, size, user metadata and arrays (paths, dtypes, shapes) of
+        the checkpoint at ``save_path``, from its header: no array data is read.
+
+        Raises:
+            CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError,
+            CheckpointReadError: the header cannot be found, trusted or read.
+        """
+        return await read_metadata(self.storage, os.fspath(save_path))
 
     def _older_listed(self, path: str) -> list[str]:
         """The checkpoints listed before ``path`` in its directory's state file, newest first."""
