@@ -551,20 +551,11 @@ class FrozenDict(Mapping[str, Any]):
         return len(self._items)
 
 
-class Opaque(Mapping[str, Any]):
+class Opaque(FrozenDict):
     """A Mapping whose constructor does not take its items."""
 
     def __init__(self) -> None:
-        self._items = {"k": np.zeros(2)}
-
-    def __getitem__(self, key: str) -> Any:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
+        super().__init__({"k": np.zeros(2)})
 
 
 class ArrayLike:
