@@ -693,3 +693,9 @@ def test_a_numpy_only_program_never_imports_torch_jax_or_ml_dtypes(tmp_path: Pat
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_typed_prng_key_is_refused_with_its_path_and_what_to_save(tmp_path: Path) -> None:
+    jax = pytest.importorskip("jax")
+    with pytest.raises(TypeError, match=r"typed PRNG key at rng/key: save jax\.random\.key_data"):
+        await Saver().save({"rng": {"key": jax.random.key(0)}}, str(tmp_path / "model.ckpt"), 1)

@@ -26,14 +26,25 @@ def is_jax_array(value: object) -> TypeGuard[jax.Array]:
     return isinstance(value, jax.Array)
 
 
-def jax_to_numpy(value: jax.Array) -> np.ndarray[Any, Any]:
+def jax_to_numpy(value: jax.Array, where: str) -> np.ndarray[Any, Any]:
     """Return the array's data as numpy: a read-only view of jax's buffer when it is on the
     host (a transfer otherwise).
 
     The snapshot copies it like any array it does not own: holding the view while the
     checkpoint is written would keep the buffer alive, and jax then silently skips
     donating it to the next step (``donate_argnums``), costing memory and a copy there.
+
+    Raises:
+        TypeError: a typed PRNG key array (its dtype names an implementation, not bits).
     """
+    import jax
+    import jax.numpy as jnp
+
+    if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        raise TypeError(
+            f"cannot save the typed PRNG key at {where}: save jax.random.key_data(key) "
+            "instead, and rebuild the key with jax.random.wrap_key_data after a restore"
+        )
     return np.asarray(value)
 
 

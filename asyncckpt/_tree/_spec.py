@@ -185,7 +185,7 @@ class _Flattener:
             _check_dtype(array.dtype, path)
             return self._leaf("T", path, array)
         if is_jax_array(value):
-            array = jax_to_numpy(value)
+            array = jax_to_numpy(value, format_path(path))
             _check_dtype(array.dtype, path)
             return self._leaf("J", path, array)
         access = state_access(value)
