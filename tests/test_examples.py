@@ -31,6 +31,8 @@ ARGS: dict[str, list[str]] = {
     "train_numpy.py": ["--dir", "train", "--last-step", "60", "--save-steps", "20"],
     "listener_upload.py": ["--dir", "up", "--remote", "remote", "--max-steps", "300"],
     "resume_input.py": ["--dir", "inp", "--items", "30", "--kill-at", "9"],
+    "train_torch.py": ["--dir", "torch", "--last-step", "30", "--save-steps", "10"],
+    "train_jax.py": ["--dir", "jax", "--last-step", "30", "--save-steps", "10"],
 }
 
 
