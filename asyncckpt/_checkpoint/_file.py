@@ -26,7 +26,17 @@ from .._core._errors import (
     CheckpointReadError,
 )
 from .._core._util import raise_first_exception, usable_cores
-from .._tree import build, byte_view, check_into_array, match_into
+from .._tree import (
+    Part,
+    array_indices,
+    build,
+    build_parts,
+    byte_view,
+    check_into_array,
+    check_selection,
+    match_into,
+    select,
+)
 from . import _format
 
 if TYPE_CHECKING:
@@ -227,13 +237,34 @@ class _ArrayReads:
         self._verify = verify
         self._crcs = [0] * len(header.arrays)
 
-    def plan(self, arrays: Sequence[np.ndarray[Any, Any]], threads: int) -> list[list[_ReadBatch]]:
-        total = sum(entry.nbytes for entry in self._entries)
+    def plan(
+        self,
+        arrays: Sequence[np.ndarray[Any, Any]],
+        threads: int,
+        wanted: Sequence[int] | None = None,
+    ) -> list[list[_ReadBatch]]:
+        """Cut the reads into shares; with ``wanted`` (array indices, in file order), read
+        only those arrays (and the padding before each), skipping the others' bytes."""
+        entries = self._entries
+        indices: Sequence[int] = range(len(entries)) if wanted is None else wanted
+        total = sum(entries[index].nbytes for index in indices)
         share_bytes = max(-(-total // max(threads, 1)), 1)
         shares: list[list[_ReadBatch]] = []
         share_room = 0
         position = self._data_start
-        for index, (entry, array) in enumerate(zip(self._entries, arrays, strict=True)):
+        for index in indices:
+            entry, array = entries[index], arrays[index]
+            if wanted is not None and index:
+                # Skipped arrays leave a hole: this array's padding starts where the one
+                # before it ends.
+                before = entries[index - 1]
+                gap_start = before.offset + before.nbytes
+                if gap_start != position and shares:
+                    if shares[-1][-1].nbytes:
+                        shares[-1].append(_ReadBatch(gap_start))
+                    else:
+                        shares[-1][-1].offset = gap_start
+                position = gap_start
             if share_room <= 0 or not shares:
                 shares.append([_ReadBatch(position)])
                 share_room = share_bytes
@@ -305,19 +336,37 @@ async def read_checkpoint(
     verify: bool = True,
     raw_dtypes: bool = False,
     limiter: anyio.CapacityLimiter | None = None,
+    paths: Sequence[str] | None = None,
+    partial: bool = False,
 ) -> tuple[_format.Header, StateTree]:
     """Read one checkpoint: into existing arrays, into fresh ones, or as read-only views.
 
     With ``raw_dtypes``, arrays of ml_dtypes' dtypes (bfloat16 ...) come back as unsigned
-    ints of the same size, which needs no ml_dtypes.
+    ints of the same size, which needs no ml_dtypes. With ``paths`` (tree paths such as
+    ``"opt/state"``) or ``partial`` (only what ``into`` holds), only the arrays of those
+    parts are read and checked; see ``asyncckpt._tree.select``.
 
     Raises:
         CheckpointNotFoundError: no file at ``path``.
         CheckpointCorruptedError: a checksum or size does not match.
         CheckpointFormatError: the file is not a checkpoint this version can read, or
             (``DtypeUnavailableError``) an array's dtype needs ml_dtypes, not installed.
+        KeyError: a path of ``paths`` is not in the checkpoint.
         ValueError: ``into`` does not have the checkpoint's structure.
     """
+    check_selection(paths, partial, into)
+    if paths is not None or partial:
+        return await _read_parts(
+            storage,
+            path,
+            into=into,
+            use_mmap=use_mmap,
+            verify=verify,
+            raw_dtypes=raw_dtypes,
+            limiter=limiter,
+            paths=paths,
+            partial=partial,
+        )
     if use_mmap:
         header, arrays = await anyio.to_thread.run_sync(
             functools.partial(read_mapped, storage, path, verify, raw_dtypes=raw_dtypes),
@@ -334,14 +383,72 @@ async def read_checkpoint(
             targets[index] if index in targets else np.empty(entry.shape, entry.dtype)
             for index, entry in enumerate(header.arrays)
         ]
-        reads = _ArrayReads(file, header, verify)
-        try:
-            async with anyio.create_task_group() as tasks:
-                for share in reads.plan(arrays, _read_threads()):
-                    tasks.start_soon(reads.run, share)
-        except BaseExceptionGroup as group:
-            raise_first_exception(group)
+        await _read_arrays(file, header, arrays, verify)
     return header, build(header.tree, arrays, into)
+
+
+async def _read_arrays(
+    file: ReadFile,
+    header: _format.Header,
+    arrays: Sequence[np.ndarray[Any, Any]],
+    verify: bool,
+    wanted: Sequence[int] | None = None,
+) -> None:
+    reads = _ArrayReads(file, header, verify)
+    try:
+        async with anyio.create_task_group() as tasks:
+            for share in reads.plan(arrays, _read_threads(), wanted):
+                tasks.start_soon(reads.run, share)
+    except BaseExceptionGroup as group:
+        raise_first_exception(group)
+
+
+# Where an array is not read (outside paths= or into=): nothing refers to it.
+_UNREAD: Final = np.empty(0, np.uint8)
+
+
+async def _read_parts(
+    storage: Storage,
+    path: str,
+    *,
+    into: StateTree,
+    use_mmap: bool,
+    verify: bool,
+    raw_dtypes: bool,
+    limiter: anyio.CapacityLimiter | None,
+    paths: Sequence[str] | None,
+    partial: bool,
+) -> tuple[_format.Header, StateTree]:
+    """``read_checkpoint`` of the parts ``paths`` and ``partial`` select: only their arrays'
+    bytes are read (and checked)."""
+    parts: list[Part] = []
+
+    def choose(header: _format.Header) -> list[int]:
+        parts[:] = select(header.tree, paths=paths, into=into, partial=partial, source=path)
+        return array_indices(parts)
+
+    if use_mmap:
+        header, arrays = await anyio.to_thread.run_sync(
+            functools.partial(
+                read_mapped, storage, path, verify, raw_dtypes=raw_dtypes, choose=choose
+            ),
+            limiter=limiter,
+        )
+        _part_targets(header, parts, path)  # the mapped arrays are then copied into into=
+        return header, build_parts(parts, arrays)
+    async with storage.open_for_read(path, limiter=limiter) as file:
+        header = _format.dtypes_for_restore(
+            await _read_header(file), raw_dtypes=raw_dtypes, source=path
+        )
+        wanted = choose(header)
+        targets = _part_targets(header, parts, path)
+        arrays = [_UNREAD] * len(header.arrays)
+        for index in wanted:
+            entry = header.arrays[index]
+            target = targets.get(index)
+            arrays[index] = np.empty(entry.shape, entry.dtype) if target is None else target
+        await _read_arrays(file, header, arrays, verify, wanted)
+    return header, build_parts(parts, arrays)
 
 
 OnCorrupt = Literal["raise", "fallback"]
@@ -378,6 +485,8 @@ async def read_first_intact(
     verify: bool = True,
     raw_dtypes: bool = False,
     limiter: anyio.CapacityLimiter | None = None,
+    subtrees: Sequence[str] | None = None,
+    partial: bool = False,
 ) -> tuple[_format.Header, StateTree, list[str]]:
     """Read the first checkpoint of ``paths`` (newest first) that is intact.
 
@@ -385,14 +494,17 @@ async def read_first_intact(
     corrupted, unreadable, missing or of an unknown format is skipped with a WARNING naming
     it, and the next is tried; ``into``'s arrays are filled again by the one that reads.
     A dtype this machine cannot make (ml_dtypes missing) is no fault of the file: it raises.
+    ``subtrees`` is ``read_checkpoint``'s ``paths`` (a name ``paths`` holds here already).
 
     Returns:
         ``(header, tree, the paths skipped)``.
 
     Raises:
         CheckpointError: the first one's error when none reads (a note lists the others).
+        KeyError: a path of ``subtrees`` is not in the checkpoint.
         ValueError: ``into`` does not have the checkpoint's structure.
     """
+    check_selection(subtrees, partial, into)
     skipped: list[tuple[str, CheckpointError]] = []
     for path in paths if on_corrupt == "fallback" else paths[:1]:
         try:
@@ -404,6 +516,8 @@ async def read_first_intact(
                 verify=verify,
                 raw_dtypes=raw_dtypes,
                 limiter=limiter,
+                paths=subtrees,
+                partial=partial,
             )
         except _UNTRUSTED as exc:
             if on_corrupt == "raise" or isinstance(exc, _format.DtypeUnavailableError):
@@ -439,7 +553,23 @@ def _into_targets(
     """
     if into is None:
         return {}
-    targets = match_into(header.tree, into, path)
+    return _checked_targets(header, match_into(header.tree, into, path), path)
+
+
+def _part_targets(
+    header: _format.Header, parts: Sequence[Part], path: str
+) -> dict[int, np.ndarray[Any, Any]]:
+    """``_into_targets`` for the parts a restore reads, each against its ``into`` item."""
+    targets: dict[int, np.ndarray[Any, Any]] = {}
+    for part in parts:
+        if part.live is not None:
+            targets.update(match_into(part.spec, part.live, path, part.path))
+    return _checked_targets(header, targets, path)
+
+
+def _checked_targets(
+    header: _format.Header, targets: dict[int, np.ndarray[Any, Any]], path: str
+) -> dict[int, np.ndarray[Any, Any]]:
     return {
         index: live
         for index, live in targets.items()
@@ -472,11 +602,17 @@ def read_header_sync(storage: Storage, path: str) -> _format.Header:
 
 
 def read_mapped(
-    storage: Storage, path: str, verify: bool, *, raw_dtypes: bool = False
+    storage: Storage,
+    path: str,
+    verify: bool,
+    *,
+    raw_dtypes: bool = False,
+    choose: Callable[[_format.Header], Sequence[int]] | None = None,
 ) -> tuple[_format.Header, list[np.ndarray[Any, Any]]]:
     """Map a checkpoint and return its header and read-only arrays viewing the mapping
     (a blocking call); with ``verify``, every byte is checked first. ``raw_dtypes`` as for
-    ``read_checkpoint``.
+    ``read_checkpoint``. With ``choose``, only the arrays it picks from the header (their
+    indices, in file order) are viewed and checked; the others are left out.
 
     Raises:
         DtypeUnavailableError: an array's dtype needs ml_dtypes, and ``raw_dtypes`` is False.
@@ -485,21 +621,50 @@ def read_mapped(
     header = _format.dtypes_for_restore(
         _decode_mapped(path, mapped), raw_dtypes=raw_dtypes, source=path
     )
+    if choose is not None:
+        return header, _map_chosen(mapped, header, choose(header), verify, path)
     arrays: list[np.ndarray[Any, Any]] = []
     position = header.data_start
     for index, entry in enumerate(header.arrays):
         if verify:
             _check_padding(memoryview(mapped)[position : entry.offset], path, index)
-        flat = np.frombuffer(mapped, np.uint8, entry.nbytes, entry.offset)
-        arrays.append(
-            flat.view(entry.dtype).reshape(entry.shape)
-            if entry.nbytes
-            else np.empty(entry.shape, entry.dtype)
-        )
+        arrays.append(_mapped_array(mapped, entry))
         position = entry.offset + entry.nbytes
     if verify:
         _verify_arrays(path, header.arrays, arrays)
     return header, arrays
+
+
+def _mapped_array(mapped: mmap.mmap, entry: _format.ArrayEntry) -> np.ndarray[Any, Any]:
+    flat = np.frombuffer(mapped, np.uint8, entry.nbytes, entry.offset)
+    return (
+        flat.view(entry.dtype).reshape(entry.shape)
+        if entry.nbytes
+        else np.empty(entry.shape, entry.dtype)
+    )
+
+
+def _map_chosen(
+    mapped: mmap.mmap,
+    header: _format.Header,
+    wanted: Sequence[int],
+    verify: bool,
+    path: str,
+) -> list[np.ndarray[Any, Any]]:
+    entries = header.arrays
+    arrays = [_UNREAD] * len(entries)
+    for index in wanted:
+        entry = entries[index]
+        arrays[index] = _mapped_array(mapped, entry)
+        if verify:
+            before = entries[index - 1] if index else None
+            position = before.offset + before.nbytes if before else header.data_start
+            _check_padding(memoryview(mapped)[position : entry.offset], path, index)
+            if crc32c(byte_view(arrays[index])) != entry.crc32c:
+                raise CheckpointCorruptedError(
+                    path, _format.array_part(entry, index), "checksum mismatch"
+                )
+    return arrays
 
 
 def verify_file(storage: Storage, path: str) -> _format.Header:

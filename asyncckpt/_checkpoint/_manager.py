@@ -21,6 +21,7 @@ from .._core._lifecycle import BackgroundTask
 from .._core._sync import EvictingQueue
 from .._core._util import check_int
 from .._storage import LocalStorage
+from .._tree import check_selection
 from . import _format
 from ._directory import CheckpointDirectory
 from ._file import CheckpointMetadata, OnCorrupt, check_on_corrupt, read_first_intact, read_metadata
@@ -35,7 +36,7 @@ from ._state_file import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from types import TracebackType
 
     from .._core._types import StateTree
@@ -495,6 +496,8 @@ class CheckpointManager:
         verify: bool = True,
         on_corrupt: OnCorrupt | None = None,
         raw_dtypes: bool = False,
+        paths: Sequence[str] | None = None,
+        partial: bool = False,
     ) -> StateTree:
         """Restore checkpoint ``step`` (the latest when None) after pending writes finish.
 
@@ -507,6 +510,10 @@ class CheckpointManager:
                 ``step`` is None (an explicit step is that checkpoint or an error).
             raw_dtypes: read ml_dtypes' dtypes as unsigned ints of their size (see
                 ``Saver.restore``).
+            paths: read and return only these subtrees (``"opt/state"``; see
+                ``Saver.restore``).
+            partial: with ``into``, read and fill only what ``into`` holds (see
+                ``Saver.restore``).
 
         Raises:
             CheckpointNotFoundError: there is no such checkpoint.
@@ -514,7 +521,10 @@ class CheckpointManager:
                 cannot be trusted or read (with ``"fallback"``: no listed one can); a
                 ``CheckpointFormatError`` also when an array's dtype needs ml_dtypes.
             CheckpointWriteError: an earlier write failed and was not reported yet.
+            KeyError: a path of ``paths`` is not in the checkpoint.
+            ValueError: ``into`` does not match the checkpoint (see ``Saver.restore``).
         """
+        check_selection(paths, partial, into)
         await self.wait()
         policy = self.on_corrupt if on_corrupt is None else check_on_corrupt(on_corrupt)
         if step is None:
@@ -523,16 +533,18 @@ class CheckpointManager:
             steps = self.all_steps()[::-1]
         else:
             steps, policy = [step], "raise"
-        paths = [os.path.join(self.directory, f"{self.basename}-{s}") for s in steps]
+        candidates = [os.path.join(self.directory, f"{self.basename}-{s}") for s in steps]
         _header, tree, skipped = await read_first_intact(
             self.storage,
-            paths,
+            candidates,
             on_corrupt=policy,
             into=into,
             use_mmap=mmap,
             verify=verify,
             raw_dtypes=raw_dtypes,
             limiter=self._limiter,
+            subtrees=paths,
+            partial=partial,
         )
         if skipped:
             await self._unlist([os.path.basename(p) for p in skipped])

@@ -28,7 +28,7 @@ from ._state_file import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import numpy as np
 
@@ -202,6 +202,8 @@ class Saver:
         verify: bool = True,
         on_corrupt: OnCorrupt = "raise",
         raw_dtypes: bool = False,
+        paths: Sequence[str] | None = None,
+        partial: bool = False,
     ) -> StateTree:
         """Read the checkpoint at ``save_path`` and return its tree.
 
@@ -219,13 +221,28 @@ class Saver:
             raw_dtypes: read arrays of ml_dtypes' dtypes (bfloat16, float8, int4 ...) as
                 unsigned ints of the same size holding their bits (``uint16`` for
                 bfloat16), which needs no ml_dtypes.
+            paths: read only these subtrees, named as ``format_path`` writes them
+                (``"model"``, ``"opt/state"``, ``"layers/0/w"``: keys joined by ``/``, a
+                list's items and int keys as digits); no other array's bytes are read or
+                checked. The tree returned holds just them, inside nested dicts keyed as
+                the checkpoint keys them (a list's item by its int index:
+                ``{"layers": {0: {"w": ...}}}``); a path inside another one adds nothing.
+                With ``into``, each subtree is matched against (and fills) ``into``'s item
+                at the same path only.
+            partial: with ``into``, fill only what ``into`` holds: the checkpoint's entries
+                ``into`` lacks are not read nor returned; entries of ``into`` the checkpoint
+                lacks raise ``ValueError``. Dicts (Mappings, dataclasses) may hold a subset
+                of the saved keys; lists and tuples keep their saved length.
 
         Raises:
             CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError,
             CheckpointReadError: (with ``"fallback"``: no candidate could be restored);
                 a ``CheckpointFormatError`` also when an array's dtype needs ml_dtypes,
                 which is not installed (the message says what to install);
-            ValueError: ``save_path`` is None, or ``into`` does not match the checkpoint.
+            KeyError: a path of ``paths`` is not in the checkpoint (the message lists its
+                top-level keys).
+            ValueError: ``save_path`` is None, or ``into`` does not match the checkpoint
+                (with ``partial``: holds entries it lacks).
         """
         if save_path is None:
             raise ValueError(
@@ -233,17 +250,19 @@ class Saver:
                 "latest_checkpoint(dir) before calling restore"
             )
         path = os.fspath(save_path)
-        paths = [path]
+        candidates = [path]
         if check_on_corrupt(on_corrupt) == "fallback":
-            paths += await anyio.to_thread.run_sync(self._older_listed, path)
+            candidates += await anyio.to_thread.run_sync(self._older_listed, path)
         _header, tree, _skipped = await read_first_intact(
             self.storage,
-            paths,
+            candidates,
             on_corrupt=on_corrupt,
             into=into,
             use_mmap=mmap,
             verify=verify,
             raw_dtypes=raw_dtypes,
+            subtrees=paths,
+            partial=partial,
         )
         return tree
 

@@ -1,10 +1,11 @@
 """The tree layer: what a state tree may hold, its spec, and how it is rebuilt on restore.
 
 One module per concern: ``_spec`` (flatten a tree into a spec plus numpy arrays; validate a
-read spec), ``_rebuild`` (check ``into=``, rebuild the tree), ``_containers`` (Mappings,
-dataclasses, namedtuples), ``_objects`` (state_dict() objects, random generators),
-``_dtypes`` (ml_dtypes' names), ``_torch`` and ``_jax`` (their arrays). Knows nothing of
-files, buffers or scheduling; torch and jax are imported only where a tree holds them.
+read spec), ``_rebuild`` (check ``into=``, rebuild the tree), ``_select`` (the parts of a
+tree ``paths=`` and ``partial=`` restore), ``_containers`` (Mappings, dataclasses,
+namedtuples), ``_objects`` (state_dict() objects, random generators), ``_dtypes``
+(ml_dtypes' names), ``_torch`` and ``_jax`` (their arrays). Knows nothing of files, buffers
+or scheduling; torch and jax are imported only where a tree holds them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from ._dtypes import raw_dtype as raw_dtype
 from ._rebuild import build as build
 from ._rebuild import check_into_array as check_into_array
 from ._rebuild import match_into as match_into
+from ._select import Part as Part
+from ._select import array_indices as array_indices
+from ._select import build_parts as build_parts
+from ._select import check_selection as check_selection
+from ._select import select as select
 from ._spec import ARRAY_TAGS as ARRAY_TAGS
 from ._spec import MAX_DEPTH as MAX_DEPTH
 from ._spec import AddLeaf as AddLeaf
@@ -37,11 +43,15 @@ __all__ = [
     "AddLeaf",
     "ArrayLeaf",
     "Key",
+    "Part",
     "Spec",
     "TreePath",
+    "array_indices",
     "build",
+    "build_parts",
     "byte_view",
     "check_into_array",
+    "check_selection",
     "extension_dtype",
     "extension_name",
     "flatten",
@@ -51,4 +61,5 @@ __all__ = [
     "match_into",
     "name_in_file",
     "raw_dtype",
+    "select",
 ]

@@ -26,9 +26,14 @@ if TYPE_CHECKING:
 __all__ = ["build", "check_into_array", "match_into"]
 
 
-def match_into(spec: Spec, into: StateTree, source: str) -> dict[int, np.ndarray[Any, Any]]:
+def match_into(
+    spec: Spec, into: StateTree, source: str, root: TreePath = ()
+) -> dict[int, np.ndarray[Any, Any]]:
     """Check that ``into`` has the checkpoint's structure; return the arrays to check and
     fill in place, by array index.
+
+    ``root`` is where ``spec`` and ``into`` are in the whole tree (a subtree ``paths=``
+    names), for the messages.
 
     Tensors and jax arrays of ``into`` are returned as read-only stand-ins of their dtype
     and shape: ``check_into_array`` checks them like numpy arrays, and the tree's rebuild
@@ -40,7 +45,7 @@ def match_into(spec: Spec, into: StateTree, source: str) -> dict[int, np.ndarray
         ValueError: the structures differ; the message names the path and the difference.
     """
     targets: dict[int, np.ndarray[Any, Any]] = {}
-    _match(spec, into, (), targets, source)
+    _match(spec, into, root, targets, source)
     return targets
 
 
