@@ -378,14 +378,22 @@ class CheckpointManager:
         return await queue.get()
 
     async def _retire_unpinned(self) -> None:
+        # The common case, nothing to retire, costs no await: the writer calls this before
+        # every job. Then under the state file's lock (a restore's fallback may be unlisting,
+        # and the writer's and the close's calls must not both retire), checked again.
         if not self._directory.has_unpinned_surplus():
             return
-        try:
-            await anyio.to_thread.run_sync(self._directory.retire_unpinned, limiter=self._limiter)
-        except CheckpointError as exc:
-            self._failed += 1
-            self._last_error = exc
-            self._unreported.append(exc)
+        async with self._state_file_lock:
+            if not self._directory.has_unpinned_surplus():
+                return
+            try:
+                await anyio.to_thread.run_sync(
+                    self._directory.retire_unpinned, limiter=self._limiter
+                )
+            except CheckpointError as exc:
+                self._failed += 1
+                self._last_error = exc
+                self._unreported.append(exc)
 
     # -- saving -------------------------------------------------------------------------------
 
