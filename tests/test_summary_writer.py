@@ -13,7 +13,9 @@ plugin-data path ``tensorboard --load_fast=false`` serves) and, where the
 --port-file --die-after-stdin``), bound to 127.0.0.1, loading once, keeping every sample, and
 is queried over gRPC through TensorBoard's own ``GrpcDataProvider``; every step of it is
 bounded in time and the process is always reaped. Both loaders must show exactly the points
-written: every run, tag, step and value, including across a resumed session.
+written: every run, tag, step and value, including across a resumed session (also README's
+stop and resume of ``examples/train_numpy.py``, its second run's clock set back or not: event
+files sort in creation order whatever the clock says).
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ import errno
 import math
 import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +46,7 @@ from asyncckpt import (
     latest_checkpoint,
     summary,
 )
+from asyncckpt._storage import LocalStorage
 from asyncckpt._summary._proto import encode_event, encode_png, histogram_buckets, session_log
 from asyncckpt._summary._records import iter_records
 from asyncckpt.testing import FakeClock
@@ -187,6 +194,81 @@ async def test_two_writers_of_one_directory_write_two_files(tmp_path: Path) -> N
     assert event_files(tmp_path) == sorted([Path(first.path), Path(second.path)])
     assert records(first.path)[1:] == [scalar_event("loss", 1.0, 1)]
     assert records(second.path)[1:] == [scalar_event("loss", 2.0, 1)]
+
+
+@pytest.mark.parametrize(
+    "later_clock", [WALL + 0.4, WALL - 3600.0], ids=["same second", "clock set back"]
+)
+async def test_a_later_event_file_sorts_after_those_in_the_directory(
+    tmp_path: Path, later_clock: float
+) -> None:
+    # As with two processes, which only their pids tell apart: the later writer is made
+    # first, so that its counter sorts it first too; only the files already there can tell.
+    later = SummaryWriter(tmp_path, clock=FakeClock(later_clock))
+    earlier = writer(tmp_path)
+    async with earlier:
+        await earlier.add_scalar("loss", 1.0, 1)
+    async with later:
+        await later.add_scalar("loss", 2.0, 2)
+    async with writer(tmp_path) as last:
+        pass
+    assert event_files(tmp_path) == [Path(earlier.path), Path(later.path), Path(last.path)]
+    secs = [path.name.split(".")[3] for path in event_files(tmp_path)]
+    assert secs == ["1795210956", "1795210957", "1795210958"]
+
+
+class ListedStorage(LocalStorage):
+    """Local files, but directories list as ``names``; records the threads that listed."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = names
+        self.listed: list[tuple[str, int]] = []
+
+    def list_names(self, directory: str) -> list[str]:
+        self.listed.append((directory, threading.get_ident()))
+        return self.names
+
+
+async def test_the_event_file_name_counts_only_the_event_files_listed(tmp_path: Path) -> None:
+    storage = ListedStorage(
+        [
+            "checkpoint",
+            "model.ckpt-9999999999",
+            "events.out.tfevents.1795299999.otherhost.7.000000",  # the latest event file
+            "events.out.tfevents.1795200000.otherhost.8.000000.v2",
+            "events.out.tfevents.1795250000",
+            "events.out.tfevents.99999999999.h.1.000000",  # not 10 digits: not TensorBoard's
+            "events.out.tfevents.18952999999",
+            "events.out.tfevents.x.h.1.000000",
+            "old.events.out.tfevents.1999999999.h.1.000000",
+            "events.out.tfevents.1999999999x",
+        ]
+    )
+    async with writer(tmp_path / "run", storage=storage) as w:
+        pass
+    assert os.path.basename(w.path).startswith("events.out.tfevents.1795300000.")
+    assert event_files(tmp_path / "run") == [Path(w.path)]
+    # Through the writer's storage, once, in a worker thread (never on the event loop).
+    assert [directory for directory, _ in storage.listed] == [str(tmp_path / "run")]
+    assert storage.listed[0][1] != threading.get_ident()
+    async with writer(tmp_path / "missing") as w:  # a new directory: the clock's second
+        pass
+    assert os.path.basename(w.path).startswith("events.out.tfevents.1795210956.")
+
+
+class UnlistableStorage(LocalStorage):
+    """Local files in directories that cannot be listed, as the kernel refuses it."""
+
+    def list_names(self, directory: str) -> list[str]:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)
+
+
+async def test_a_directory_that_cannot_be_listed_fails_the_enter(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointWriteError, match=r"Permission denied .* creating the event"):
+        async with writer(tmp_path, storage=UnlistableStorage()):
+            pass  # pragma: no cover
+    assert event_files(tmp_path) == []
 
 
 # -- what TensorBoard would drop is refused -------------------------------------------------------
@@ -963,3 +1045,60 @@ async def test_the_loaders_agree_on_a_training_run(tmp_path: Path) -> None:
     await train(logdir, 2, last_step=30)
     python = await anyio.to_thread.run_sync(python_view, logdir)
     assert await rust_view(logdir) == python  # global_step/sec values included
+
+
+TRAIN_NUMPY = Path(__file__).resolve().parent.parent / "examples" / "train_numpy.py"
+# Runs a script with its wall clock an hour behind, as after a clock set back between two
+# runs: the resumed run's file then sorts first unless the writer looks at the directory
+# (which the pids of two runs in one second, not chosen by a test, may or may not do).
+CLOCK_SET_BACK = (
+    "import runpy, sys, time; real = time.time; time.time = lambda: real() - 3600; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def run_train_numpy(directory: Path, last_step: int, *python: str) -> None:
+    result = subprocess.run(
+        [sys.executable, *python, str(TRAIN_NUMPY), "--dir", str(directory),
+         "--last-step", str(last_step)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines()[0] == f"starting at step {last_step - 200}"
+
+
+@pytest.fixture(scope="module", params=["chained", "clock set back"])
+def stopped_and_resumed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """README's ``train_numpy.py --last-step 200 && train_numpy.py --last-step 400``: the
+    second run (its clock set back, or not) resumes the first in the same directory."""
+    directory = tmp_path_factory.mktemp("resumed") / "train"
+    run_train_numpy(directory, 200)
+    run_train_numpy(directory, 400, *(["-c", CLOCK_SET_BACK] if request.param != "chained" else []))
+    return directory
+
+
+@pytest.mark.tensorboard
+@pytest.mark.slow
+async def test_tensorboard_shows_both_runs_of_the_readme_resume(
+    tmp_path: Path, stopped_and_resumed: Path, loader: Callable[[Path], Any]
+) -> None:
+    # Both runs may start in one second, and the second's pid may be the smaller: its file
+    # must still sort last, or TensorBoard shows the first run's points only (issue 14).
+    logdir = tmp_path / "train"
+    shutil.copytree(stopped_and_resumed, logdir)
+    first, resumed = event_files(logdir)
+    assert first.name.split(".")[3] < resumed.name.split(".")[3]
+    runs, view = await loader(logdir)
+    assert runs == {"."}
+    # Summaries on each run's first step (1, then 201), then every 25 steps: 8 per run.
+    steps = [*range(1, 200, 25), *range(201, 400, 25)]
+    assert {key: [step for step, _ in points] for key, points in view.items()} == {
+        (".", "scalars", "loss"): steps,
+        (".", "histograms", "weights"): steps,
+        (".", "text", "notes"): steps,
+        (".", "images", "weights_image"): steps,
+        (".", "scalars", "global_step/sec"): [101, 301],  # every 100 steps of each run
+    }

@@ -12,6 +12,7 @@ import functools
 import itertools
 import math
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -40,11 +41,19 @@ if TYPE_CHECKING:
 __all__ = ["SummaryWriter"]
 
 _WRITER_NAME: Final = "asyncckpt"
-# Two writers of one process never share a file name, and a later writer's name sorts after
-# an earlier one's within the same second: TensorBoard reads a run's files in name order, so
-# ".10" sorting before ".9" would replay a resumed session before the one it resumed.
+# A run's event files must sort in the order they were created. TensorBoard's Python loader
+# (directory_watcher.DirectoryWatcher) reads them one by one in name order and never goes
+# back to an earlier name; plugin_event_accumulator takes the first SessionLog.START it reads
+# for the run's start and purges every point at or after the step of a later one. A resumed
+# session's file read first thus loses all its points to the START that opens the file of
+# the session it resumed (the Rust loader drops them too: the steps go back). So a new file's
+# <secs> is after every event file already in the directory, whatever the clock says (two
+# processes in one second, told apart by pid only; a clock set back), and two writers of one
+# process are ordered by a counter (zero-padded: ".10" sorting before ".9" would do the same).
 _uids = itertools.count()
 _UID_DIGITS: Final = 6
+# Ten digits, as every writer pads them (name order is then number order); others ignored.
+_EVENT_FILE_SECS: Final = re.compile(r"events\.out\.tfevents\.(\d{10})(?:\.|$)")
 
 
 # Records taken from the queue wait in memory until this many bytes (or a flush) go to the OS:
@@ -184,19 +193,20 @@ class SummaryWriter:
     """Write TensorBoard event files from a background task (TensorFlow's ``FileWriter``).
 
     Each writer creates one new file, ``events.out.tfevents.<secs>.<host>.<pid>.<uid>``
-    (``<uid>``: a zero-padded counter of the process, so names sort in creation order), in
-    ``logdir`` and writes ``brain.Event:2`` first. ``add_*`` encode the event on the caller's
-    loop and put it in a queue of ``max_queue`` events: while there is room a call returns
-    without waiting (nor yielding to other tasks); when it is full it waits for room (a
-    cancelled call has added nothing, and gives its step back). The background
-    task takes the queued events and keeps them in memory, as TensorFlow's own event writer
-    does, until it writes and flushes them to the operating system (which makes them visible
-    to TensorBoard) on ``flush()``, every ``flush_secs``, once they reach 256 KiB, and on
-    close. A full queue does not flush: the caller waiting on it waits for the task to move
-    events to memory, not for the disk, and a flush every ``max_queue`` events would cost a
-    worker-thread hop each. Leaving the ``async with`` block, by any path, writes every
-    event already accepted (an exceptional exit keeps writing for up to
-    ``stop_grace_period_secs``).
+    (``<secs>``: the clock's, or one after the latest event file already in ``logdir``;
+    ``<uid>``: a zero-padded counter of the process; so names sort in creation order, and
+    ``path`` is final once the writer is open), in ``logdir`` and writes ``brain.Event:2``
+    first. ``add_*`` encode the event on the caller's loop and put it in a queue of
+    ``max_queue`` events: while there is room a call returns without waiting (nor yielding
+    to other tasks); when it is full it waits for room (a cancelled call has added nothing,
+    and gives its step back). The background task takes the queued events and keeps them in
+    memory, as TensorFlow's own event writer does, until it writes and flushes them to the
+    operating system (which makes them visible to TensorBoard) on ``flush()``, every
+    ``flush_secs``, once they reach 256 KiB, and on close. A full queue does not flush: the
+    caller waiting on it waits for the task to move events to memory, not for the disk, and
+    a flush every ``max_queue`` events would cost a worker-thread hop each. Leaving the
+    ``async with`` block, by any path, writes every event already accepted (an exceptional
+    exit keeps writing for up to ``stop_grace_period_secs``).
 
     Steps must increase per tag, as TensorBoard's default loader assumes (it drops earlier
     points otherwise): a step that does not is refused with ``ValueError``, unless a
@@ -239,11 +249,11 @@ class SummaryWriter:
         self.flush_secs = flush_secs
         self._grace = stop_grace_period_secs
         self._clock = clock
-        name = (
-            f"events.out.tfevents.{int(clock()):010d}.{socket.gethostname()}."
-            f"{os.getpid()}.{next(_uids):0{_UID_DIGITS}d}{filename_suffix}"
+        self._secs = int(clock())
+        self._name_tail = (
+            f"{socket.gethostname()}.{os.getpid()}.{next(_uids):0{_UID_DIGITS}d}{filename_suffix}"
         )
-        self.path = os.path.join(self.logdir, name)
+        self.path = self._event_file_path(self._secs)
         self._last_steps: dict[str, int] = {}
         self._scalars = ScalarRecords()
         self._queue: _Queue | None = None
@@ -258,11 +268,21 @@ class SummaryWriter:
         written = 0 if self._buffer is None else self._buffer.written
         return f"<SummaryWriter {self.path!r} {state} events_written={written}>"
 
+    def _event_file_path(self, secs: int) -> str:
+        return os.path.join(self.logdir, f"events.out.tfevents.{secs:010d}.{self._name_tail}")
+
+    def _name_after(self, names: Sequence[str]) -> str:
+        """The path of the event file, named to sort after the event files in ``names``."""
+        existing = [int(m.group(1)) for name in names if (m := _EVENT_FILE_SECS.match(name))]
+        return self._event_file_path(max([self._secs, *(secs + 1 for secs in existing)]))
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         self._task.claim()
         try:
+            names = await anyio.to_thread.run_sync(self.storage.list_names, self.logdir)
+            self.path = self._name_after(names)
             file = await self.storage.create_new_file(self.path)
         except OSError as exc:
             raise _event_file_error(self.path, exc, "creating") from exc
