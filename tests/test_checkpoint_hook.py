@@ -635,7 +635,7 @@ async def test_a_listener_raising_in_after_save_ends_the_session_with_it(
         ),
         ({"save_steps": 0}, ValueError, "every_steps must be a positive int"),
         ({"save_secs": -1.0}, ValueError, "every_secs must be >= 0"),
-        ({"save_steps": 1, "max_pending": 0}, ValueError, "max_pending must be >= 1"),
+        ({"save_steps": 1, "max_pending": -1}, ValueError, "max_pending must be >= 0"),
         ({"save_steps": 1, "policy": "drop"}, ValueError, "policy must be one of"),
         ({"save_steps": 1, "checkpoint_basename": "a/b"}, ValueError, "inside the directory"),
         ({"save_steps": 1, "listeners": [RecordingHook()]}, TypeError, "listeners must be"),

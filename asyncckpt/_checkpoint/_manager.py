@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
@@ -25,7 +26,7 @@ from .._tree import check_selection
 from . import _format
 from ._directory import CheckpointDirectory
 from ._file import CheckpointMetadata, OnCorrupt, check_on_corrupt, read_first_intact, read_metadata
-from ._snapshot import Snapshot, SnapshotPool
+from ._snapshot import BufferNeed, Snapshot, SnapshotPool, make_buffers
 from ._state_file import (
     STATE_FILENAME,
     Retention,
@@ -48,6 +49,8 @@ logger = logging.getLogger("asyncckpt")
 
 Policy = Literal["block", "skip", "replace"]
 _POLICIES: Final = get_args(Policy)
+OnWriteError = Literal["raise", "log"]
+_ON_WRITE_ERROR: Final = get_args(OnWriteError)
 _IO_THREADS: Final = 4
 _UNACKNOWLEDGED_LIMIT: Final = 2
 """Written checkpoints that may await acknowledgement (one being handled, one next) before
@@ -56,6 +59,11 @@ applies to new saves."""
 _ABANDON_AFTER_SECS: Final = 1.0
 """How long a write cancelled at the end of the grace period may take to stop at its next
 batch before its thread is abandoned (a write stuck in the kernel)."""
+_READ_ONLY_ATTEMPTS: Final = 3
+"""Reads of a read-only manager's latest checkpoint, each after reading the state file."""
+_WARM_ROUNDS: Final = 3
+"""Times a save with a callable step makes missing buffers off the loop and looks again
+before it allocates on the loop (a tree whose shapes change under every look)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +92,14 @@ class CheckpointManagerStatistics:
     """Snapshot buffers ever allocated; flat once the pool is warm."""
     bytes_allocated: int
     """Bytes of snapshot buffers ever allocated."""
+    last_stall_secs: float | None
+    """How long the last accepted ``save()`` blocked the event loop (its snapshot copy)."""
+    max_stall_secs: float
+    """The longest any ``save()`` blocked the event loop."""
+    last_write_secs: float | None
+    """How long the last finished write took, from its start to durable (or failed)."""
+    latest_durable_time: float | None
+    """When (``time.time()``) the newest checkpoint written by this manager became durable."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,8 +135,15 @@ class CheckpointManager:
     ``"block"`` waits for room, ``"skip"`` drops this save (counted), ``"replace"`` swaps
     the newest waiting snapshot for this one (counted).
 
-    A failed write never passes silently: it is raised by the next ``save()``, ``wait()``
-    or the exit of the ``async with`` block, and the previous checkpoint stays the latest.
+    For a service, whose handlers change the state while a save waits: ``await
+    reserve(state)`` before serving makes the snapshot buffers in a worker thread, and a
+    callable ``step`` (``save(state, lambda: version)``) makes any buffer still missing off
+    the loop and labels the snapshot at the instant it is taken (see ``save``).
+
+    A failed write never passes silently: with ``on_write_error="raise"`` it is raised by
+    the next ``save()``, ``wait()`` or the exit of the ``async with`` block; with ``"log"``
+    it is logged (ERROR, on the ``asyncckpt`` logger) and counted, and saving goes on.
+    Either way the previous checkpoint stays the latest.
     On a normal exit every accepted snapshot is written; when the block exits by an
     exception or a cancellation, snapshots already taken are still written for up to
     ``stop_grace_period_secs`` before the exception propagates.
@@ -138,8 +161,9 @@ class CheckpointManager:
         max_to_keep: how many recent checkpoints to keep; None or 0 keeps all.
         keep_checkpoint_every_n_hours: additionally keep one checkpoint per period.
         basename: checkpoint files are named ``<basename>-<step>``.
-        max_pending: snapshots that may wait while another is being written (>= 1).
-        policy: ``"block"``, ``"skip"`` or ``"replace"``.
+        max_pending: snapshots that may wait while another is being written (>= 0; 0 keeps
+            at most one snapshot: the state plus one snapshot is the whole memory cost).
+        policy: ``"block"``, ``"skip"`` or ``"replace"`` (which needs ``max_pending >= 1``).
         stop_grace_period_secs: how long an exceptional exit keeps writing taken snapshots.
         on_corrupt: what ``restore()`` of the latest checkpoint does when it is corrupted,
             unreadable or missing: ``"raise"``, or ``"fallback"`` to the newest listed
@@ -150,6 +174,10 @@ class CheckpointManager:
             basenames) may share a directory: each holds only its own state file's lock and
             cleans up only its own temporary files.
         storage: where checkpoints live (local files by default).
+        on_write_error: ``"raise"`` or ``"log"`` (see above).
+        read_only: open a directory that another process writes, to restore from it: no
+            lock is taken and nothing is written (``save()`` raises); ``restore()`` and
+            ``metadata()`` of the latest, and ``reload()``, read the state file afresh.
     """
 
     def __init__(
@@ -165,10 +193,21 @@ class CheckpointManager:
         latest_filename: str = STATE_FILENAME,
         storage: Storage | None = None,
         on_corrupt: OnCorrupt = "raise",
+        on_write_error: OnWriteError = "raise",
+        read_only: bool = False,
     ) -> None:
-        check_int("max_pending", max_pending, minimum=1)
+        check_int("max_pending", max_pending, minimum=0)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, not {policy!r}")
+        if policy == "replace" and max_pending == 0:
+            raise ValueError(
+                'policy="replace" swaps a waiting snapshot, and max_pending=0 lets none wait: '
+                'pass max_pending=1, or policy="skip"'
+            )
+        if on_write_error not in _ON_WRITE_ERROR:
+            raise ValueError(
+                f"on_write_error must be one of {_ON_WRITE_ERROR}, not {on_write_error!r}"
+            )
         if not stop_grace_period_secs >= 0:
             raise ValueError("stop_grace_period_secs must be >= 0")
         self.directory = os.fspath(directory)
@@ -177,6 +216,8 @@ class CheckpointManager:
         self.policy: Policy = policy
         self._grace = stop_grace_period_secs
         self.on_corrupt = check_on_corrupt(on_corrupt)
+        self.on_write_error: OnWriteError = on_write_error
+        self.read_only = read_only
         # The writer's commits and a restore's unlisting both replace the state file.
         self._state_file_lock = anyio.Lock()
         self.latest_filename = check_latest_filename(latest_filename)
@@ -191,7 +232,10 @@ class CheckpointManager:
             storage=self.storage,
             recycle=True,
         )
-        self._pool = SnapshotPool(max_free_sets=max_pending + 1)
+        # One set per snapshot the manager may hold: being written, max_pending waiting, and
+        # one taken at the call by a save with an int step that waits for room (or whose
+        # snapshot replaces a waiting one).
+        self._pool = SnapshotPool(max_free_sets=max_pending + 2)
         self._queue: EvictingQueue[_SaveJob] | None = None
         self._stack: AsyncExitStack | None = None
         self._task = BackgroundTask("CheckpointManager")
@@ -205,6 +249,10 @@ class CheckpointManager:
         self._done_callbacks: list[Callable[[SaveOutcome], object]] = []
         self._acknowledged_callback = False
         self._unacknowledged: list[SaveOutcome] = []
+        self._last_stall: float | None = None
+        self._max_stall = 0.0
+        self._last_write: float | None = None
+        self._latest_durable_time: float | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._queue is not None else "new"
@@ -221,13 +269,16 @@ class CheckpointManager:
         try:
             async with AsyncExitStack() as stack:
                 self._limiter = anyio.CapacityLimiter(_IO_THREADS)
-                # First: a cancellation that lands just after the lock was taken (in a
-                # worker thread, which finishes first) must still release it.
-                stack.push_async_callback(self._release_directory)
-                await anyio.to_thread.run_sync(self._hold, limiter=self._limiter)
-                self._latest_step = self._listed_latest_step()
-                self._queue = EvictingQueue(self.max_pending)
-                await self._task.open(stack, self._serve)
+                self._queue = EvictingQueue(self.max_pending + 1)
+                if self.read_only:
+                    await self.reload()
+                else:
+                    # First: a cancellation that lands just after the lock was taken (in a
+                    # worker thread, which finishes first) must still release it.
+                    stack.push_async_callback(self._release_directory)
+                    await anyio.to_thread.run_sync(self._hold, limiter=self._limiter)
+                    self._latest_step = self._listed_latest_step()
+                    await self._task.open(stack, self._serve)
                 self._stack = stack.pop_all()
         except BaseException:
             self._queue = None  # not open: save() refuses, aclose() has nothing to stop
@@ -337,6 +388,8 @@ class CheckpointManager:
             while (job := await self._next_job(queue)) is not None:
                 self._writing = job
                 outcome = SaveOutcome(step=job.step, path=job.path, written=False)
+                logger.info("saving checkpoint for step %d into %s", job.step, job.path)
+                began = time.monotonic()
                 try:
                     async with self._state_file_lock:
                         size = await self._directory.commit(
@@ -348,10 +401,8 @@ class CheckpointManager:
                             abandon_after=_ABANDON_AFTER_SECS,
                         )
                 except CheckpointError as exc:
-                    # Kept, not swallowed: raised by the next save(), wait() or close.
-                    self._failed += 1
-                    self._last_error = exc
-                    self._unreported.append(exc)
+                    self._last_write = time.monotonic() - began
+                    self._write_failed(exc)
                     # A failure after the state file was replaced (deleting old checkpoints)
                     # leaves the new checkpoint listed as the latest: follow the state
                     # file, or restore() would read an unlisted old file.
@@ -359,10 +410,18 @@ class CheckpointManager:
                     listed = self._latest_step == job.step
                     outcome = replace(outcome, written=listed, error=exc)
                 else:
+                    self._last_write = time.monotonic() - began
+                    self._latest_durable_time = time.time()
                     self._written += 1
                     self._bytes += size
                     self._latest_step = job.step
                     outcome = replace(outcome, written=True)
+                    logger.info(
+                        "checkpoint %s is durable (%.1f MiB in %.3f s)",
+                        job.path,
+                        size / 2**20,
+                        self._last_write,
+                    )
                 finally:
                     job.snapshot.release()
                     self._writing = None
@@ -391,9 +450,18 @@ class CheckpointManager:
                     self._directory.retire_unpinned, limiter=self._limiter
                 )
             except CheckpointError as exc:
-                self._failed += 1
-                self._last_error = exc
-                self._unreported.append(exc)
+                self._write_failed(exc)
+
+    def _write_failed(self, exc: CheckpointError) -> None:
+        """Count, log and keep a write error: never swallowed, raised by the next
+        ``save()``, ``wait()`` or close unless errors are only logged."""
+        self._failed += 1
+        self._last_error = exc
+        if self.on_write_error == "log":
+            logger.error("%s; checkpointing goes on", exc)
+        else:
+            logger.warning("%s (raised by the next save(), wait() or close)", exc)
+            self._unreported.append(exc)
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -405,6 +473,15 @@ class CheckpointManager:
                 else "the CheckpointManager is closed"
             )
         return self._queue
+
+    def _writable_queue(self) -> EvictingQueue[_SaveJob]:
+        queue = self._open_queue()
+        if self.read_only:
+            raise RuntimeError(
+                f"this CheckpointManager of {self.directory!r} is read-only (read_only=True): "
+                "it restores what another process writes, and cannot save"
+            )
+        return queue
 
     def _raise_unreported(self) -> None:
         if self._unreported:
@@ -418,49 +495,152 @@ class CheckpointManager:
         queued = len(self._queue) if self._queue is not None else 0
         return queued + (self._writing is not None)
 
+    def _full(self) -> bool:
+        # A writer that waits for acknowledgements counts as busy, as one writing does:
+        # max_pending snapshots may wait behind it, not one more.
+        queued = len(self._queue) if self._queue is not None else 0
+        busy = self._writing is not None or len(self._unacknowledged) >= _UNACKNOWLEDGED_LIMIT
+        return queued + busy > self.max_pending
+
+    async def _wait_for_room(self) -> None:
+        while self._full():
+            if not self._task.alive:
+                raise RuntimeError("the CheckpointManager's writer has stopped")
+            await self._open_queue().changes.changed()
+        self._open_queue()
+
+    def _label(self, step: object) -> tuple[str, int]:
+        path, step_value = checkpoint_path(
+            os.path.join(self.directory, self.basename),
+            step,  # type: ignore[arg-type]  # checked there
+            self.latest_filename,
+        )
+        if step_value is None:
+            raise TypeError("step must be an int")
+        return path, step_value
+
     async def save(
-        self, state: StateTree, step: int, *, metadata: dict[str, Any] | None = None
+        self,
+        state: StateTree,
+        step: int | Callable[[], int],
+        *,
+        metadata: dict[str, Any] | None = None,
     ) -> bool:
         """Snapshot ``state`` as checkpoint ``step`` and queue it for writing.
 
-        Returns once the snapshot is taken (under ``"block"``, after waiting for room). The
-        state may change as soon as this returns.
+        Returns once the snapshot is taken; the state may change as soon as this returns.
+        The step always labels what the snapshot holds:
+
+        * an int: the snapshot is taken at the call, before any wait. Under ``"block"``
+          with the queue full, it waits for room holding that snapshot (one set of buffers
+          beyond ``max_pending``); buffers that do not exist yet (a first save without
+          ``reserve``) are allocated on the caller's thread.
+        * a callable (``lambda: version``): called at the instant of the snapshot, after
+          any wait for room and after any missing buffers were made in a worker thread, so
+          the event loop is blocked only for the copy into warm buffers, and memory stays
+          within ``max_pending``. What a service that changes its state while it saves
+          wants.
 
         Returns:
             True if the snapshot was queued; False if the ``"skip"`` policy dropped it.
 
         Raises:
-            CheckpointWriteError: an earlier write failed (raised once; this save is not taken).
-            TypeError: the state holds something that cannot be saved (named by path).
-            RuntimeError: the manager is not open.
+            CheckpointWriteError: an earlier write failed (raised once; this save is not
+                taken; never with ``on_write_error="log"``).
+            TypeError: the state holds something that cannot be saved (named by path), or
+                the step is not an int.
+            RuntimeError: the manager is not open, or is read-only.
         """
-        queue = self._open_queue()
+        self._writable_queue()
         self._raise_unreported()
-        path, step_value = checkpoint_path(
-            os.path.join(self.directory, self.basename), step, self.latest_filename
-        )
         meta = _format.check_metadata(metadata) if metadata is not None else {}
-        if step_value is None:
-            raise TypeError("step must be an int")
-        if queue.full():
-            if self.policy == "skip":
-                self._skipped += 1
-                return False
+        if callable(step):
+            return await self._save_when_ready(state, step, meta)
+        path, step_value = self._label(step)
+        if self._full() and self.policy == "skip":
+            self._skipped += 1
+            return False
+        snapshot = self._snapshot(state, None)
+        assert snapshot is not None
+        job = _SaveJob(snapshot, step_value, path, meta)
+        try:
             if self.policy == "block":
-                while queue.full():
-                    if not self._task.alive:
-                        raise RuntimeError("the CheckpointManager's writer has stopped")
-                    await queue.changes.changed()
-                queue = self._open_queue()
-        job = _SaveJob(self._pool.take(state), step_value, path, meta)
-        if queue.full():  # only "replace" gets here full
+                await self._wait_for_room()
+        except BaseException:
+            job.snapshot.release()
+            raise
+        self._enqueue(job)
+        return True
+
+    async def _save_when_ready(
+        self, state: StateTree, step: Callable[[], int], meta: dict[str, Any]
+    ) -> bool:
+        rounds = 0
+        while True:
+            if self._full():
+                if self.policy == "skip":
+                    self._skipped += 1
+                    return False
+                if self.policy == "block":
+                    await self._wait_for_room()
+            # No await from here to the snapshot: the label is the state's at that instant.
+            path, step_value = self._label(step())
+            missing: list[BufferNeed] | None = [] if rounds < _WARM_ROUNDS else None
+            snapshot = self._snapshot(state, missing)
+            if snapshot is not None:
+                self._enqueue(_SaveJob(snapshot, step_value, path, meta))
+                return True
+            assert missing
+            rounds += 1
+            buffers = await anyio.to_thread.run_sync(make_buffers, missing, limiter=self._limiter)
+            self._pool.count_made(buffers)
+            self._pool.stock(buffers)
+
+    def _snapshot(self, state: StateTree, missing: list[BufferNeed] | None) -> Snapshot | None:
+        """Take the snapshot on the loop, timed (the stall that ``statistics()`` reports);
+        with ``missing``, only into warm buffers (None, and what is missing, if not)."""
+        began = time.perf_counter()
+        snapshot = (
+            self._pool.take(state) if missing is None else self._pool.take_warm(state, missing)
+        )
+        if snapshot is not None:
+            stall = time.perf_counter() - began
+            self._last_stall = stall
+            self._max_stall = max(self._max_stall, stall)
+        return snapshot
+
+    def _enqueue(self, job: _SaveJob) -> None:
+        queue = self._writable_queue()
+        if self._full():  # only "replace" gets here full
             dropped = queue.replace_newest(job)
             dropped.snapshot.release()
             self._replaced += 1
             self._settle(SaveOutcome(step=dropped.step, path=dropped.path, written=False))
         else:
             queue.put(job)
-        return True
+
+    async def reserve(self, state: StateTree) -> None:
+        """Make and touch, in a worker thread, the snapshot buffers that saves of ``state``
+        will copy into: one set per snapshot the manager may hold (``max_pending + 1``).
+
+        Call it before serving: the first saves then block the loop only for their copy
+        (fresh memory costs about 2.7 s per GiB to touch on the project's machines).
+
+        Raises:
+            TypeError: the state holds something that cannot be saved (named by path).
+            RuntimeError: the manager is not open, or is read-only.
+        """
+        self._writable_queue()
+        for _ in range(self.max_pending + 1 + _WARM_ROUNDS):
+            plans = self._pool.plan_reserve(state, self.max_pending + 1)
+            index = next((i for i, plan in enumerate(plans) if plan), None)
+            if index is None:
+                return
+            buffers = await anyio.to_thread.run_sync(
+                make_buffers, plans[index], limiter=self._limiter
+            )
+            self._pool.count_made(buffers)
+            self._pool.stock(buffers, index=index)
 
     async def _wait_idle(self) -> None:
         assert self._queue is not None
@@ -535,28 +715,52 @@ class CheckpointManager:
         check_selection(paths, partial, into)
         await self.wait()
         policy = self.on_corrupt if on_corrupt is None else check_on_corrupt(on_corrupt)
-        if step is None:
-            if self._latest_step is None:
+        if step is not None:
+            policy = "raise"
+        # A read-only manager's latest may be retired by its writer between the state file
+        # and the open (the storage then refuses it): read the state file again and retry.
+        attempts_left = _READ_ONLY_ATTEMPTS if self.read_only and step is None else 1
+        while True:
+            await self.reload()
+            if step is None and self._latest_step is None:
                 raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
-            steps = self.all_steps()[::-1]
-        else:
-            steps, policy = [step], "raise"
-        candidates = [os.path.join(self.directory, f"{self.basename}-{s}") for s in steps]
-        _header, tree, skipped = await read_first_intact(
-            self.storage,
-            candidates,
-            on_corrupt=policy,
-            into=into,
-            use_mmap=mmap,
-            verify=verify,
-            raw_dtypes=raw_dtypes,
-            limiter=self._limiter,
-            subtrees=paths,
-            partial=partial,
-        )
-        if skipped:
-            await self._unlist([os.path.basename(p) for p in skipped])
-        return tree
+            steps = self.all_steps()[::-1] if step is None else [step]
+            candidates = [os.path.join(self.directory, f"{self.basename}-{s}") for s in steps]
+            try:
+                _header, tree, skipped = await read_first_intact(
+                    self.storage,
+                    candidates,
+                    on_corrupt=policy,
+                    into=into,
+                    use_mmap=mmap,
+                    verify=verify,
+                    raw_dtypes=raw_dtypes,
+                    limiter=self._limiter,
+                    subtrees=paths,
+                    partial=partial,
+                )
+            except CheckpointNotFoundError:
+                attempts_left -= 1
+                if not attempts_left:
+                    raise
+                continue
+            if skipped and not self.read_only:
+                await self._unlist([os.path.basename(p) for p in skipped])
+            return tree
+
+    async def reload(self) -> None:
+        """Read the state file again, to see the checkpoints that another process wrote
+        since (a read-only manager; the writing manager's view is always current, and this
+        does nothing for it).
+
+        Raises:
+            CheckpointCorruptedError, CheckpointFormatError, CheckpointReadError: the state
+                file cannot be trusted or read.
+        """
+        self._open_queue()
+        if self.read_only:
+            await anyio.to_thread.run_sync(self._directory.load_state, limiter=self._limiter)
+            self._latest_step = self._listed_latest_step()
 
     async def _unlist(self, names: list[str]) -> None:
         async with self._state_file_lock:
@@ -574,6 +778,7 @@ class CheckpointManager:
         """
         self._open_queue()
         if step is None:
+            await self.reload()
             step = self._latest_step
             if step is None:
                 raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
@@ -655,7 +860,8 @@ class CheckpointManager:
             fn(outcome)
 
     def statistics(self) -> CheckpointManagerStatistics:
-        """Return the counters (pending, written, skipped, replaced, errors, bytes)."""
+        """Return the counters (pending, written, skipped, replaced, errors, bytes) and the
+        timings (stalls of the loop, the last write, when the newest became durable)."""
         return CheckpointManagerStatistics(
             pending=self._pending(),
             max_pending=self.max_pending,
@@ -668,4 +874,8 @@ class CheckpointManager:
             last_error=self._last_error,
             buffers_allocated=self._pool.buffers_allocated,
             bytes_allocated=self._pool.bytes_allocated,
+            last_stall_secs=self._last_stall,
+            max_stall_secs=self._max_stall,
+            last_write_secs=self._last_write,
+            latest_durable_time=self._latest_durable_time,
         )

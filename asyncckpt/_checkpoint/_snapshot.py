@@ -9,24 +9,51 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 
 from .._core._util import usable_cores
-from .._tree import ArrayLeaf, Spec, TreePath, flatten
+from .._tree import ArrayLeaf, Spec, TreePath, byte_view, flatten
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .._core._types import StateTree
 
-__all__ = ["CopyThreads", "Snapshot", "SnapshotPool"]
+__all__ = ["BufferNeed", "CopyThreads", "Snapshot", "SnapshotPool", "make_buffers"]
 
 _PARALLEL_COPY_BYTES: Final = 16 * 1024 * 1024
 """Below this a snapshot is copied on the caller's thread alone: a hand-off costs more."""
 
+_PAGE_BYTES: Final = 4096
+
 _CopyPair = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+Buffers = dict[TreePath, np.ndarray[Any, Any]]
+
+
+class BufferNeed(NamedTuple):
+    """A snapshot buffer that does not exist yet: where in the tree, and of what array."""
+
+    path: TreePath
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+
+def make_buffers(needs: Sequence[BufferNeed]) -> Buffers:
+    """Allocate and touch the buffers ``needs`` asks for (blocking: for a worker thread).
+
+    Every page is written once here, so the snapshot that copies into them later costs no
+    more than one into warm buffers (fresh memory costs about 2.7 s per GiB to touch on
+    these machines). Zeroed, so a structured array's padding carries no stale heap bytes.
+    """
+    buffers: Buffers = {}
+    for need in needs:
+        buffer = np.zeros(need.shape, need.dtype)
+        # np.zeros of a large array maps pages it has not touched yet: write one byte of each.
+        np.frombuffer(byte_view(buffer), np.uint8)[::_PAGE_BYTES] = 0
+        buffers[need.path] = buffer
+    return buffers
 
 
 @dataclass(slots=True, eq=False)
@@ -42,7 +69,7 @@ class Snapshot:
     leaves: list[ArrayLeaf]
     nbytes: int
     _pool: SnapshotPool | None = None
-    _buffers: dict[TreePath, np.ndarray[Any, Any]] = field(default_factory=dict)
+    _buffers: Buffers = field(default_factory=dict)
 
     def release(self) -> None:
         """Return the buffers to the pool; the snapshot must not be used afterwards."""
@@ -58,10 +85,14 @@ class SnapshotPool:
     reused by the next snapshot if the arrays at the same paths keep their dtype and shape.
     Up to ``max_free_sets`` released sets are kept alive (freed memory costs dearly to touch
     again on these machines, so keeping it beats giving it back).
+
+    ``take`` allocates what is missing on the caller's thread; ``take_warm`` instead says
+    what is missing, for the caller to ``make_buffers`` in a worker thread, ``stock`` them,
+    and take again: an event loop is then blocked only for copies into warm buffers.
     """
 
     def __init__(self, max_free_sets: int = 2) -> None:
-        self._free: list[dict[TreePath, np.ndarray[Any, Any]]] = []
+        self._free: list[Buffers] = []
         self._max_free_sets = max_free_sets
         self._copy_threads = CopyThreads()
         self.buffers_allocated = 0
@@ -71,15 +102,61 @@ class SnapshotPool:
         """Stop the copy threads (idempotent; a later ``take`` starts them again)."""
         self._copy_threads.close()
 
+    @property
+    def free_sets(self) -> int:
+        """How many released sets wait for reuse."""
+        return len(self._free)
+
     def take(self, tree: StateTree) -> Snapshot:
         """Snapshot ``tree``: copy its arrays, except those nobody can write.
 
         Runs synchronously on the caller's thread so that no other task can change the tree
-        half-way through the copy.
+        half-way through the copy; buffers that do not exist yet are allocated here too.
 
         Raises:
             TypeError: a leaf or key cannot be saved; the message names its path.
         """
+        snapshot = self._take(tree, None)
+        assert snapshot is not None
+        return snapshot
+
+    def take_warm(self, tree: StateTree, missing: list[BufferNeed]) -> Snapshot | None:
+        """Snapshot ``tree`` as ``take`` does if every buffer it needs exists; else copy
+        nothing, append the buffers it lacks to ``missing`` and return None.
+
+        Raises:
+            TypeError: a leaf or key cannot be saved; the message names its path.
+        """
+        return self._take(tree, missing)
+
+    def plan_reserve(self, tree: StateTree, sets: int) -> list[list[BufferNeed]]:
+        """What each of ``sets`` sets lacks for snapshots of ``tree``: the free sets first,
+        then sets not made yet (all of their buffers)."""
+        every: list[BufferNeed] = []
+
+        def add_leaf(path: TreePath, array: np.ndarray[Any, Any]) -> int:
+            if _must_copy(array):
+                every.append(BufferNeed(path, array.shape, array.dtype))
+            return 0
+
+        flatten(tree, add_leaf)
+        plans = []
+        for index in range(min(sets, self._max_free_sets)):
+            have = self._free[index] if index < len(self._free) else {}
+            plans.append([need for need in every if not _fits(have.get(need.path), need)])
+        return plans
+
+    def stock(self, buffers: Buffers, *, index: int | None = None) -> None:
+        """Add buffers made by ``make_buffers`` to free set ``index`` (a new set past the
+        end), or by default to the set the next snapshot takes."""
+        if index is None:
+            index = len(self._free) - 1
+        if 0 <= index < len(self._free):
+            self._free[index].update(buffers)
+        else:
+            self._free.append(buffers)
+
+    def _take(self, tree: StateTree, missing: list[BufferNeed] | None) -> Snapshot | None:
         reusable = self._free.pop() if self._free else {}
         snapshot = Snapshot(spec=[], leaves=[], nbytes=0, _pool=self)
         leaves = snapshot.leaves
@@ -88,8 +165,13 @@ class SnapshotPool:
         copies: list[_CopyPair] = []
 
         def add_leaf(path: TreePath, array: np.ndarray[Any, Any]) -> int:
-            if array.flags.writeable or not array.flags.c_contiguous or not _frozen(array):
-                buffer = self._buffer_for(reusable, path, array)
+            if _must_copy(array):
+                buffer = reusable.pop(path, None)
+                if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+                    if missing is not None:
+                        missing.append(BufferNeed(path, array.shape, array.dtype))
+                        return len(leaves)
+                    buffer = self._allocate(array)
                 copies.append((buffer, array))
                 buffers[path] = buffer
                 array = buffer
@@ -99,35 +181,49 @@ class SnapshotPool:
 
         try:
             snapshot.spec = flatten(tree, add_leaf)
+            if missing:
+                raise _Cold
             self._copy_threads.copy(copies)
-        except BaseException:
-            # Keep the buffers this attempt did not get to, so a rejected tree costs no
-            # reallocation on the next save.
+        except BaseException as exc:
+            # Keep the buffers this attempt did not get to, so a rejected tree (or a cold
+            # one) costs no reallocation on the next save.
             for path, buffer in reusable.items():
                 buffers.setdefault(path, buffer)
             snapshot.release()
+            if isinstance(exc, _Cold):
+                return None
             raise
         return snapshot
 
-    def _buffer_for(
-        self,
-        reusable: dict[TreePath, np.ndarray[Any, Any]],
-        path: TreePath,
-        like: np.ndarray[Any, Any],
-    ) -> np.ndarray[Any, Any]:
-        buffer = reusable.pop(path, None)
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
-            # copyto() copies a structured array field by field, never the padding between
-            # fields: zero it once, or the file would carry whatever the heap held there.
-            allocate = np.empty if like.dtype.fields is None else np.zeros
-            buffer = allocate(like.shape, like.dtype)
-            self.buffers_allocated += 1
-            self.bytes_allocated += buffer.nbytes
+    def _allocate(self, like: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        # copyto() copies a structured array field by field, never the padding between
+        # fields: zero it once, or the file would carry whatever the heap held there.
+        allocate = np.empty if like.dtype.fields is None else np.zeros
+        buffer = allocate(like.shape, like.dtype)
+        self.buffers_allocated += 1
+        self.bytes_allocated += buffer.nbytes
         return buffer
 
-    def _give_back(self, buffers: dict[TreePath, np.ndarray[Any, Any]]) -> None:
+    def count_made(self, buffers: Buffers) -> None:
+        """Count buffers that ``make_buffers`` made for this pool."""
+        self.buffers_allocated += len(buffers)
+        self.bytes_allocated += sum(buffer.nbytes for buffer in buffers.values())
+
+    def _give_back(self, buffers: Buffers) -> None:
         if len(self._free) < self._max_free_sets:
             self._free.append(buffers)
+
+
+class _Cold(Exception):
+    """A warm-only snapshot found buffers missing (never leaves this module)."""
+
+
+def _must_copy(array: np.ndarray[Any, Any]) -> bool:
+    return array.flags.writeable or not array.flags.c_contiguous or not _frozen(array)
+
+
+def _fits(buffer: np.ndarray[Any, Any] | None, need: BufferNeed) -> bool:
+    return buffer is not None and buffer.shape == need.shape and buffer.dtype == need.dtype
 
 
 def _frozen(array: np.ndarray[Any, Any]) -> bool:

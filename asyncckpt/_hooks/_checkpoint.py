@@ -10,14 +10,12 @@ import logging
 import os
 import time
 from collections import deque
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 from .._checkpoint import STATE_FILENAME, CheckpointManager, Policy, SaveOutcome
-from .._core._errors import CheckpointWriteError
 from .._core._sync import Broadcast
 from .._core._util import call_maybe_async
 from .._summary import SessionLog
@@ -34,7 +32,7 @@ from ._summary import summary_writer_for
 from ._timer import SecondOrStepTimer
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
 
     from .._checkpoint import Saver
     from .._core._errors import CheckpointError
@@ -122,7 +120,6 @@ class CheckpointSaverHook(SessionRunHook):
             raise ValueError("pass exactly one of save_steps= or save_secs=")
         if on_write_error not in ("raise", "log"):
             raise ValueError(f'on_write_error must be "raise" or "log", not {on_write_error!r}')
-        self._log_write_errors = on_write_error == "log"
         if saver is not None and scaffold is not None:
             raise ValueError("pass saver= or scaffold=, not both")
         if isinstance(listeners, CheckpointSaverListener):
@@ -147,6 +144,7 @@ class CheckpointSaverHook(SessionRunHook):
             "stop_grace_period_secs": stop_grace_period_secs,
             "latest_filename": saver.latest_filename if saver is not None else STATE_FILENAME,
             "storage": storage if storage is not None or saver is None else saver.storage,
+            "on_write_error": on_write_error,
         }
         # Fail on bad arguments now, not when the session starts.
         CheckpointManager(**self._manager_args)
@@ -264,7 +262,7 @@ class CheckpointSaverHook(SessionRunHook):
                 self._final_step = step
                 self._timer.update_last_triggered_step(step)
                 await self.save(session, step)
-            await self._reported(manager.wait)
+            await manager.wait()
             while self._outcomes or self._delivering:
                 await self._outcome_arrived.changed()
         for listener in self._listeners:
@@ -286,30 +284,14 @@ class CheckpointSaverHook(SessionRunHook):
             raise RuntimeError("call open_manager() (or after_create_session()) before save()")
         for listener in self._listeners:
             await call_maybe_async(listener.before_save, session, step)
-        if await self._reported(partial(self._manager.save, session.state, step)):
+        if await self._manager.save(session.state, step):
             self._saved_step = step
             self._coord.pending_started()
 
-    async def _reported(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Await a manager call. When write errors are logged, one that the manager raises
-        (it reports each error once) was logged when it happened: call again."""
-        while True:
-            try:
-                return await call()
-            except CheckpointWriteError:
-                if not self._log_write_errors:
-                    raise
-
     def _settled(self, outcome: SaveOutcome) -> None:
-        # Runs on the loop inside the writer task: only record, never await.
-        if outcome.error is not None and self._log_write_errors:
-            logger.error(
-                "checkpoint %s failed: %s; training goes on and the previous checkpoint "
-                "stays the latest",
-                outcome.path,
-                outcome.error,
-            )
-        elif outcome.error is not None:
+        # Runs on the loop inside the writer task: only record, never await. A logged
+        # error was logged by the manager.
+        if outcome.error is not None and self._manager_args["on_write_error"] == "raise":
             self._failure = outcome.error
         self._outcomes.append(outcome)
         self._wake()
