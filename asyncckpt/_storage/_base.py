@@ -15,6 +15,14 @@ Every error leaves as the package's own: ``CheckpointWriteError`` (its ``__cause
 ``OSError``) when writing or locking, ``CheckpointNotFoundError`` for what is not there, and
 ``CheckpointReadError`` (its ``__cause__`` the ``OSError``) for what is there but cannot be
 read. Only ``list_names`` and ``create_new_file`` still raise a raw ``OSError``.
+
+Readers and recycled files: a manager keeps the checkpoint retention retires as a spare that
+its next save overwrites in place (``remove_files(keep_spare=True)``, then
+``write_atomic(reuse=...)``). A backend must make sure that a file open for reading
+(``open_for_read``, until the block ends) or mapped (``open_mmap``, until the mapping is
+closed or collected), by this process or another, is never made that spare: it is deleted
+instead, and the reader keeps its contents. A reader that opens a file while it is being made
+a spare gets ``CheckpointNotFoundError``, never the bytes of another step.
 """
 
 from __future__ import annotations
@@ -189,8 +197,14 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def remove_files(self, paths: Sequence[str], *, keep_spare: bool = False) -> str | None:
-        """Delete checkpoint files; missing ones are fine. With ``keep_spare`` the first is
-        kept under a temporary name, returned, for ``write_atomic(reuse=...)``.
+        """Delete checkpoint files; missing ones are fine. With ``keep_spare`` the first one
+        that no reader holds is kept under a temporary name, returned (None when every one is
+        held), for ``write_atomic(reuse=...)``.
+
+        A file that ``open_for_read`` or ``open_mmap`` holds, in any process, must not become
+        the spare (it is deleted: the reader keeps its inode, intact); and making a file the
+        spare must be atomic against those readers' opens (``LocalStorage``: an exclusive
+        ``flock`` held across the rename, against their shared one).
 
         Raises:
             CheckpointWriteError: a file could not be deleted (every file is still tried).
@@ -245,8 +259,12 @@ class Storage(abc.ABC):
     ) -> contextlib.AbstractAsyncContextManager[ReadFile]:
         """Open a checkpoint for positional reads (``async with``).
 
+        Until the block ends, every byte read is the file's as it was opened: the file
+        cannot become a spare of ``remove_files(keep_spare=True)`` (see the module docstring).
+
         Raises:
-            CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointNotFoundError: there is no regular file at ``path``, or its writer
+                was making it a spare while it was opened.
             CheckpointReadError: it cannot be opened.
         """
 
@@ -254,8 +272,13 @@ class Storage(abc.ABC):
     def open_mmap(self, path: str) -> mmap.mmap:
         """Map a checkpoint read-only (blocking call).
 
+        For as long as the mapping lives (until it is closed or collected, which arrays that
+        view it delay), its bytes stay the file's as it was opened: the file cannot become a
+        spare of ``remove_files(keep_spare=True)`` (see the module docstring).
+
         Raises:
-            CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointNotFoundError: there is no regular file at ``path``, or its writer
+                was making it a spare while it was opened.
             CheckpointCorruptedError: the file is empty.
             CheckpointReadError: it cannot be opened or mapped.
         """

@@ -233,9 +233,11 @@ os.register_at_fork(
 )
 
 
-def _open_lock_fd(path: str) -> int:
+def _open_lock_fd(
+    path: str, flags: int = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+) -> int:
     with _FORK_GUARD:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags, 0o644)
         _LOCK_FDS.add(fd)
     return fd
 
@@ -244,6 +246,66 @@ def _close_lock_fd(fd: int) -> None:
     with _FORK_GUARD:
         _LOCK_FDS.discard(fd)
         os.close(fd)  # closing the only descriptor drops the flock
+
+
+# -- readers and recycled files ---------------------------------------------------------------
+#
+# A manager recycles: the checkpoint retention retires becomes a spare file that the next save
+# overwrites in place (remove_files(keep_spare=True), then write_atomic(reuse=...)). A reader
+# that opened or mapped it must never see it change underneath. flock decides, on the file
+# itself (flock locks belong to the open file description: two descriptors of one process
+# conflict as surely as two processes do):
+#
+#   reader (_open_read_sync)              writer (_retire_as_spare)
+#   r1 open(name) -> inode A              w1 open(name) -> inode A
+#   r2 flock(LOCK_SH | LOCK_NB)           w2 flock(LOCK_EX | LOCK_NB), or unlink and give up
+#   r3 stat(name) is A, or refuse         w3 rename(name -> spare name)
+#                                         w4 close (drops LOCK_EX); later: overwrite A
+#
+# The writer overwrites A only after w2 succeeded, so no reader held LOCK_SH at w2; and while
+# it holds LOCK_EX (w2 to w4) every r2 fails, so a reader's lock that succeeds either came
+# before w2 (then w2 fails and A is unlinked, never overwritten: the reader keeps it intact)
+# or after w4, hence after w3, when the name no longer refers to A (A's inode number cannot
+# be reused while the reader's descriptor keeps A alive), and r3 refuses. Every interleaving
+# gives the reader its own intact file or CheckpointNotFoundError. A streaming reader keeps
+# its lock while the file is open, a mapping while the mapping lives (see open_mmap). Not on
+# NFS: Linux emulates flock there with byte-range locks, which one process never conflicts
+# with, and which closing any of its descriptors drops (docs/RELIABILITY.md).
+
+
+def _retired_error(path: str) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        path,
+        "retired by retention while being opened (its writer keeps fewer checkpoints and "
+        "reuses the retired files); restore a newer checkpoint (latest_checkpoint(directory) "
+        "names the newest)",
+    )
+
+
+def _hold_against_recycling(fd: int, path: str) -> None:
+    """Take a shared flock on the checkpoint open at ``fd``, then check that ``path`` still
+    names that file: from now on its writer deletes it rather than overwriting it.
+
+    Raises:
+        CheckpointNotFoundError: the writer is recycling it, or has (the name is gone or
+            names another file).
+        CheckpointReadError: the name cannot be looked at any more.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # the writer holds LOCK_EX: it is renaming the file to a spare
+        raise _retired_error(path) from None
+    except OSError:  # pragma: no cover - ENOLCK, EINVAL: a file system without flock
+        pass  # safe all the same: the writer cannot lock either, so it never recycles here
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        raise _retired_error(path) from None
+    except OSError as exc:  # pragma: no cover - the directory became unsearchable meanwhile
+        raise _read_error(path, exc) from exc
+    opened = os.fstat(fd)
+    if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+        raise _retired_error(path)
 
 
 class PosixDirectoryLock:
@@ -634,11 +696,14 @@ class LocalStorage(Storage):
     def remove_files(self, paths: Sequence[str], *, keep_spare: bool = False) -> str | None:
         """Delete checkpoint files (retention, prune); already-missing files are fine.
 
-        With ``keep_spare``, the first file is renamed to a temporary name instead, and that name
-        returned: the next save overwrites it in place (``self.write_atomic(reuse=...)``). Its pages
-        stay in the page cache and its blocks allocated, where a new file would need fresh
-        memory (which these virtual machines hand back to the host after about 2 s, and which
-        costs about 2.7 s per GiB to touch again) and a delete would free every extent.
+        With ``keep_spare``, the first file that no reader holds is renamed to a temporary name
+        instead, and that name returned: the next save overwrites it in place
+        (``self.write_atomic(reuse=...)``). Its pages stay in the page cache and its blocks
+        allocated, where a new file would need fresh memory (which these virtual machines
+        hand back to the host after about 2 s, and which costs about 2.7 s per GiB to touch
+        again) and a delete would free every extent. A file that a reader has open or mapped
+        (its shared flock) is deleted instead, and the reader keeps it intact; when every
+        file is held, there is no spare (None) and the next save writes a new file.
 
         Every file is tried, even after one fails, so one stuck file does not keep the others.
 
@@ -648,14 +713,12 @@ class LocalStorage(Storage):
         """
         errors: list[CheckpointWriteError] = []
         spare: str | None = None
-        for index, path in enumerate(paths):
+        for path in paths:
             try:
-                if keep_spare and index == 0:
-                    temp_path = _temp_name(path)
-                    self._probe("rename", temp_path)
-                    os.rename(path, temp_path)
-                    spare = temp_path
-                    continue
+                if keep_spare and spare is None:
+                    spare = self._retire_as_spare(path)
+                    if spare is not None:
+                        continue
                 self._probe("unlink", path)
                 os.unlink(path)
             except FileNotFoundError:
@@ -677,6 +740,38 @@ class LocalStorage(Storage):
                 errors[0].add_note(f"also failed: {[str(e) for e in errors[1:]]}")
             raise errors[0]
         return spare
+
+    def _retire_as_spare(self, path: str) -> str | None:
+        """Rename ``path`` to a temporary name, under an exclusive flock, and return that name;
+        None when a reader holds it (or it cannot be locked): it must be deleted instead.
+
+        The protocol, and why a reader never sees the file change, is above
+        ``_hold_against_recycling``: the exclusive lock is held across the rename.
+
+        Raises:
+            OSError: the file is missing (``FileNotFoundError``), or the rename failed.
+        """
+        try:
+            # Registered like a lock file's descriptor, so that a child forked meanwhile closes
+            # its copy: holding LOCK_EX, it would lock readers out of the file once reused.
+            fd = _open_lock_fd(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError:  # a symlink (ELOOP), an unreadable file: nothing to reuse, delete it
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: a reader has it open or mapped
+                return None
+            temp_path = _temp_name(path)
+            self._probe("rename", temp_path)
+            os.rename(path, temp_path)
+            return temp_path
+        finally:
+            _close_lock_fd(fd)  # after the rename: drops LOCK_EX
 
     def remove_spare(self, path: str) -> None:
         """Delete a spare file that no save will reuse; one left behind is a temporary file,
@@ -769,6 +864,13 @@ class LocalStorage(Storage):
         return offset
 
     def _open_read_sync(self, path: str) -> tuple[BinaryIO, int]:
+        """Open a checkpoint, holding it against recycling for as long as it is open.
+
+        Raises:
+            CheckpointNotFoundError: nothing is there, something other than a regular file
+                is, or its writer retired it while it was being opened.
+            CheckpointReadError: it cannot be opened (``__cause__``: the OSError).
+        """
         try:
             self._probe("open", path)
             raw, size = _open_regular(path, buffering=0)
@@ -778,16 +880,23 @@ class LocalStorage(Storage):
             raise CheckpointNotFoundError(path, "no such checkpoint") from None
         except OSError as exc:
             raise _read_error(path, exc) from exc
+        try:
+            _hold_against_recycling(raw.fileno(), path)
+        except BaseException:
+            raw.close()
+            raise
         return raw, size
 
     @contextlib.asynccontextmanager
     async def open_for_read(
         self, path: str, *, limiter: anyio.CapacityLimiter | None = None
     ) -> AsyncIterator[LocalReadFile]:
-        """Open a checkpoint for reading (no symlinks, regular files only).
+        """Open a checkpoint for reading (no symlinks, regular files only); while it is open
+        the writer deletes the file rather than recycling it.
 
         Raises:
-            CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointNotFoundError: there is no regular file at ``path``, or its writer
+                retired it while it was being opened.
             CheckpointReadError: it cannot be opened or read (``__cause__``: the OSError).
         """
         file, size = await anyio.to_thread.run_sync(self._open_read_sync, path, limiter=limiter)
@@ -800,10 +909,12 @@ class LocalStorage(Storage):
                 await (async_file.close() if _on_asyncio() else async_file.aclose())
 
     def open_mmap(self, path: str) -> mmap.mmap:
-        """Map a checkpoint read-only; the mapping outlives the descriptor and the file's name.
+        """Map a checkpoint read-only; the mapping outlives the descriptor and the file's name,
+        and while it lives the writer deletes the file rather than recycling it.
 
         Raises:
-            CheckpointNotFoundError: there is no regular file at ``path``.
+            CheckpointNotFoundError: there is no regular file at ``path``, or its writer
+                retired it while it was being opened.
             CheckpointCorruptedError: the file is empty.
             CheckpointReadError: it cannot be opened or mapped (``__cause__``: the OSError).
         """
@@ -812,6 +923,11 @@ class LocalStorage(Storage):
             if not size:  # mmap cannot map nothing; report it as the streaming reader does
                 raise CheckpointCorruptedError(path, "prelude", "file is only 0 bytes")
             try:
+                # The shared flock that keeps the writer from recycling the file outlives this
+                # descriptor: CPython's mmap dup()s it (trackfd, the default) and closes the
+                # duplicate only when the map is closed or collected, and a flock belongs to the
+                # open file description, which the duplicate shares. So the lock lives exactly
+                # as long as the mapping (and arrays viewing it keep the mapping alive).
                 return mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
             except OSError as exc:
                 raise _read_error(path, exc) from exc
