@@ -577,6 +577,7 @@ class CheckpointManager:
     ) -> bool:
         rounds = 0
         while True:
+            self._writable_queue()  # still open after the last round's await
             if self._full():
                 if self.policy == "skip":
                     self._skipped += 1
