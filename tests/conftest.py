@@ -3,13 +3,11 @@
 Hypothesis runs are reproducible: derandomized, without an example database or a deadline
 (the ``asyncckpt`` profile, loaded here); each test sets only its size and health checks.
 ``storage`` is a ``FaultyStorage`` over local files for the test to pass as ``storage=``.
-Also the service example as a module, for the tests that drive it in-process.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,9 +17,6 @@ from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from types import ModuleType
-
-_EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 settings.register_profile("asyncckpt", deadline=None, derandomize=True, database=None)
 settings.load_profile("asyncckpt")
@@ -46,19 +41,6 @@ def storage() -> Iterator[FaultyStorage]:
     """
     with FaultyStorage() as faults:
         yield faults
-
-
-@pytest.fixture
-def service_example() -> ModuleType:
-    """``examples/service_snapshot.py`` loaded afresh (examples are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "example_service_snapshot", _EXAMPLES_DIR / "service_snapshot.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

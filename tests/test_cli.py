@@ -6,7 +6,6 @@ installed console script and ``python -m asyncckpt`` as subprocesses.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import errno
 import io
@@ -33,7 +32,6 @@ from asyncckpt.cli import main
 
 if TYPE_CHECKING:
     import mmap
-    from types import ModuleType
 
     from asyncckpt.testing import FaultyStorage
 
@@ -174,25 +172,7 @@ def test_ls_empty_directory(tmp_path: Path) -> None:
     }
 
 
-def test_ls_of_a_service_directory(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], service_example: ModuleType
-) -> None:
-    directory = tmp_path / "svc"
-    final = asyncio.run(service_example.serve(str(directory), 40, 10))
-    assert final["requests"] == 40
-    capsys.readouterr()
-    status, out = run("ls", "--json", str(directory))
-    assert status == 0
-    listing = json.loads(out)
-    state = get_checkpoint_state(directory)
-    assert state is not None
-    assert [row["name"] for row in listing["checkpoints"]] == list(state.names)
-    assert listing["latest"] == "model.ckpt-40"
-    assert listing["checkpoints"][-1]["step"] == 40
-    assert len(listing["checkpoints"]) <= 3  # the example keeps three
-    status, out = run("ls", str(directory))
-    assert out.splitlines()[-1].split()[0] == "40"
-    assert out.splitlines()[-1].endswith("model.ckpt-40  (latest)")
+# The ls of a real service's directory: tests/test_service_example.py (its SIGTERM test).
 
 
 # -- inspect --------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Every ``examples/*.py`` runs as a user runs it, in a fresh directory, with small arguments."""
+"""Every ``examples/*.py`` runs as a user runs it, in a fresh directory, with small arguments.
+
+A service runs until it is stopped: its own tests start, drive and stop it (``SERVICES``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -17,23 +19,20 @@ from support import checkpoint_files
 
 from asyncckpt import Saver, get_checkpoint_state, latest_checkpoint
 from asyncckpt.cli import main as cli_main
-from asyncckpt.testing import FaultyStorage
-
-if TYPE_CHECKING:
-    from types import ModuleType
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
 
 # Small arguments for each example; a new example must add its own here.
 ARGS: dict[str, list[str]] = {
-    "service_snapshot.py": ["--dir", "svc", "--requests", "60", "--every", "10"],
     "train_numpy.py": ["--dir", "train", "--last-step", "60", "--save-steps", "20"],
     "listener_upload.py": ["--dir", "up", "--remote", "remote", "--max-steps", "300"],
     "resume_input.py": ["--dir", "inp", "--items", "30", "--kill-at", "9"],
     "train_torch.py": ["--dir", "torch", "--last-step", "30", "--save-steps", "10"],
     "train_jax.py": ["--dir", "jax", "--last-step", "30", "--save-steps", "10"],
 }
+# Services run until they are stopped; each has its own tests, which start, drive and stop it.
+SERVICES: dict[str, str] = {"service_snapshot.py": "tests/test_service_example.py"}
 
 
 def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -49,63 +48,20 @@ def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_every_example_has_arguments() -> None:
     assert EXAMPLES, "no examples found"
-    assert sorted(ARGS) == [path.name for path in EXAMPLES]
+    assert not set(ARGS) & set(SERVICES)
+    assert sorted([*ARGS, *SERVICES]) == [path.name for path in EXAMPLES]
+    root = EXAMPLES_DIR.parent
+    assert all((root / tests).is_file() for tests in SERVICES.values())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "example", [path for path in EXAMPLES if path.name in ARGS], ids=lambda path: path.name
+)
 def test_example_runs(example: Path, tmp_path: Path) -> None:
     result = run_example(example.name, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-
-
-@pytest.mark.slow
-def test_service_snapshot_second_run_continues_the_first(tmp_path: Path) -> None:
-    first = run_example("service_snapshot.py", tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "restored" not in first.stdout
-    assert "served up to request 60;" in first.stdout
-    assert first.stdout.rstrip().endswith("latest 60")
-
-    second = run_example("service_snapshot.py", tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.splitlines()[0] == "restored 60 requests from step 60"
-    assert "served up to request 120;" in second.stdout
-    assert second.stdout.rstrip().endswith("latest 120")
-
-    directory = tmp_path / "svc"
-    latest = latest_checkpoint(directory)
-    assert latest == str(directory / "model.ckpt-120")
-    state = anyio.run(Saver().restore, latest)
-    assert state["requests"] == 120
-    assert int(state["histogram"].sum()) == 120  # every request landed in one bucket
-    assert cli_main(["verify", str(directory)], out=io.StringIO()) == 0
-
-
-@pytest.mark.asyncio  # the example is an asyncio program (signal handlers, asyncio.sleep)
-async def test_service_last_snapshot_is_never_skipped(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], service_example: ModuleType
-) -> None:
-    result: dict[str, Any] = {}
-
-    async def serve() -> None:
-        result["state"] = await service_example.serve(str(tmp_path), 30, 10, storage=faults)
-
-    with FaultyStorage() as faults:
-        stall = faults.stall("fsync", match="model.ckpt-10")
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(serve)
-                await stall.wait_reached()
-                # Served all 30 requests: 10 is being written, 20 waits, 30 was skipped.
-                await anyio.wait_all_tasks_blocked()
-                stall.release()
-        finally:
-            stall.release()
-    assert result["state"]["requests"] == 30
-    assert latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-30")
-    assert "(1 skipped while a write was busy); latest 30" in capsys.readouterr().out
 
 
 def run_with(name: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
