@@ -20,6 +20,7 @@ import pytest
 from support import all_tasks_blocked, checkpoint_files
 
 from asyncckpt import CheckpointManager, CheckpointNotFoundError, CheckpointWriteError
+from asyncckpt._checkpoint._snapshot import SnapshotPool, make_buffers
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
@@ -115,6 +116,28 @@ async def test_a_callable_step_makes_missing_buffers_while_the_loop_serves(
     assert version_at_call < step <= version_after
     assert_consistent(restored, step)
     assert stats.bytes_allocated == state_bytes(state)
+
+
+def test_buffers_made_while_a_set_came_back_are_kept_beside_it() -> None:
+    # A save with a callable step found no free set (one is being written) and made its
+    # buffers in a thread; the write finished meanwhile and gave its warm set back. Both
+    # sets stay: merging would drop the warm one and cost a fresh set every such save.
+    pool = SnapshotPool(max_free_sets=3)
+    tree = {"a": np.ones(1000), "b": [np.zeros(10)]}
+    writing = pool.take(tree)
+    missing: list[Any] = []
+    assert pool.take_warm(tree, missing) is None
+    assert len(missing) == 2
+    assert pool.free_sets == 0  # the attempt left no empty set behind to be taken next
+    writing.release()
+    made = make_buffers(missing)
+    pool.count_made(made)
+    pool.stock(made)
+    assert pool.free_sets == 2
+    first, second = pool.take_warm(tree, []), pool.take_warm(tree, [])
+    assert first is not None
+    assert second is not None
+    assert pool.buffers_allocated == 4  # two sets of two: nothing dropped, nothing remade
 
 
 async def test_an_int_step_is_the_state_at_the_call_even_when_the_save_waits(

@@ -151,6 +151,14 @@ class SnapshotPool:
         end), or by default to the set the next snapshot takes."""
         if index is None:
             index = len(self._free) - 1
+            if index >= 0 and any(
+                _fits(self._free[index].get(path), BufferNeed(path, b.shape, b.dtype))
+                for path, b in buffers.items()
+            ):
+                # A warm set came back while these were made (a write finished): merging
+                # would drop its buffers. Keep them as a set of their own, taken after it.
+                self._free.insert(0, buffers)
+                return
         if 0 <= index < len(self._free):
             self._free[index].update(buffers)
         else:
@@ -210,7 +218,9 @@ class SnapshotPool:
         self.bytes_allocated += sum(buffer.nbytes for buffer in buffers.values())
 
     def _give_back(self, buffers: Buffers) -> None:
-        if len(self._free) < self._max_free_sets:
+        # An empty set (a snapshot with nothing to copy, or one that found no set) would be
+        # taken next in place of a warm one.
+        if buffers and len(self._free) < self._max_free_sets:
             self._free.append(buffers)
 
 
