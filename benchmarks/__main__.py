@@ -15,6 +15,10 @@ torch.save; tensorboardX add_scalar against asyncckpt's SummaryWriter.add_scalar
 The loop: the per-step cost of MonitoredTrainingSession with nothing in flight, over a bare
 loop; and the steps a SIGKILL costs a plain-step trainer against its save interval
 (``benchmarks/crash.py``'s ``run_trainer_kills``, on asyncio and trio in turn).
+
+The service (``benchmarks/service.py``): how long the first save, a warm save and a save made
+while a write runs block a serving event loop (the manager's stall and a 1 ms ticker's lag),
+and the peak RSS, for max_pending 0 and 1, each first save in a fresh process.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import numpy as np
 
 import asyncckpt
 
-from . import _peers
+from . import _peers, service
 from .crash import run_trainer_kills
 
 if TYPE_CHECKING:
@@ -457,6 +461,13 @@ async def _scalars(count: int, repeats: int, workdir: str) -> dict[str, Any]:
     return out
 
 
+async def _service(smoke: bool, workdir: str) -> dict[str, Any]:
+    """Save stalls (first, warm, during a write) and peak RSS of a service (service.py)."""
+    return await anyio.to_thread.run_sync(
+        partial(service.run_service, smoke=smoke, directory=workdir)
+    )
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -542,6 +553,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "met": rate >= 150_000,
         }
     )
+    if "service" in report:
+        out.extend(service.targets(report["service"]))
     return out
 
 
@@ -618,6 +631,8 @@ def _markdown(report: dict[str, Any]) -> str:
         )
         + "."
     )
+    if "service" in report:
+        lines += ["", service.markdown(report["service"], with_targets=False).rstrip("\n")]
     lines += ["", "| case | target | measured | met |", "| --- | --- | --- | --- |"]
     for row in report["targets"]:
         lines.append(
@@ -670,6 +685,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "scalars": await _scalars(scalars, args.repeats, workdir),
             "kills": await _trainer_kills(2 if args.smoke else 20, workdir),
         }
+        if args.service:
+            report["service"] = await _service(args.smoke, workdir)
     report["targets"] = targets(report)
     return report
 
@@ -685,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="steps per overhead run")
     parser.add_argument("--scalars", type=int, default=None, help="scalars per add_scalar run")
+    parser.add_argument(
+        "--service",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the service benchmark (benchmarks/service.py; about 3 min at full size)",
+    )
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--markdown", default=None)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,36 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
             assert 0 < summary["min"] <= summary["median"] <= summary["max"], (figure, summary)
         assert case["ratios"]["durable / write+fsync"] > 0
     assert "| " in table.read_text()
+    _check_service(report["service"])
+    rows = [row for row in report["targets"] if row["case"].startswith("service")]
+    assert {row["case"] for row in rows} == {"service, max_pending=0", "service, max_pending=1"}
+    assert all(isinstance(row["met"], bool) for row in rows), rows
+    assert "save during a write" in table.read_text()
+
+
+def _check_service(service: dict[str, Any]) -> None:
+    """The service figures' shape (benchmarks/service.py): every figure, no speed asserted."""
+    for max_pending in (0, 1):
+        entry = service[f"max_pending={max_pending}"]
+        assert set(entry["children"]) == {"callable", "int", "reserved"}, entry["children"]
+        figures = entry["figures"]
+        for name in (
+            "first_stall_callable",
+            "first_stall_int",
+            "first_stall_reserved",
+            "second_stall",
+            "second_stall_reserved",
+        ):
+            figure = figures[name]
+            assert figure["stall_s"] > 0, (name, figure)
+            assert figure["loop_lag_s"] >= 0, (name, figure)
+            assert entry["ratios"][f"{name} / warm_stall"] > 0, (name, entry["ratios"])
+        for name in ("second_stall", "second_stall_reserved"):
+            assert isinstance(figures[name]["overlapped"], bool), figures[name]
+        warm = figures["warm_stall"]
+        assert warm["saves"] > 0
+        assert 0 < warm["stall_s"]["min"] <= warm["stall_s"]["median"] <= warm["stall_s"]["max"]
+        assert figures["reserve"]["secs"] > 0
+        rss = figures["peak_rss"]
+        assert rss["limit_MiB"] > rss["snapshot_MiB"] > 0, rss
+        assert set(rss["over_state_MiB"]) == {"callable", "int", "reserved"}, rss
