@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TextIO
@@ -35,7 +36,7 @@ from ._core._errors import (
     CheckpointNotFoundError,
     CheckpointReadError,
 )
-from ._storage import TEMP_MARKER, LocalStorage
+from ._storage import TEMP_MARKER, is_url, resolve_storage
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -119,9 +120,18 @@ def _temporary_files(storage: Storage, directory: str) -> dict[str, int]:
     return {"count": len(sizes), "bytes": sum(sizes)}
 
 
+def _is_directory(storage: Storage, path: str) -> bool:
+    """Whether ``path`` is a directory: a local one (symlinks followed), or a URL's prefix
+    that holds objects."""
+    if not is_url(path):
+        return os.path.isdir(path)
+    info = storage.file_info(path)
+    return info is not None and stat.S_ISDIR(info.st_mode)
+
+
 def _cmd_ls(args: argparse.Namespace, out: TextIO, storage: Storage) -> int:
     directory: str = args.directory
-    if not os.path.isdir(directory):
+    if not _is_directory(storage, directory):
         raise UsageError(f"{directory}: not a directory")
     states, damaged = _read_state_files(storage, directory)
     if damaged:
@@ -203,7 +213,7 @@ def _resolve(path: str, storage: Storage) -> str:
         CheckpointNotFoundError: its state file names a latest checkpoint that is missing.
         CheckpointCorruptedError, CheckpointFormatError: its state file is damaged.
     """
-    if not os.path.isdir(path):
+    if not _is_directory(storage, path):
         return path
     state = get_checkpoint_state(path, storage=storage)
     if state is None or state.latest is None:
@@ -445,7 +455,7 @@ _FAILURE_LABELS: Final = {
 
 def _cmd_verify(args: argparse.Namespace, out: TextIO, storage: Storage) -> int:
     target: str = args.path
-    if os.path.isdir(target):
+    if _is_directory(storage, target):
         report = _verify_directory(storage, target)
     else:
         report = _verify_file(storage, target)
@@ -487,7 +497,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, storage: Storage) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace, out: TextIO, storage: Storage) -> int:
-    if not os.path.isdir(args.directory):
+    if not _is_directory(storage, args.directory):
         raise UsageError(f"{args.directory}: not a directory")
     kept, deleted = prune(storage, args.directory, args.keep)
     if args.json:
@@ -539,7 +549,8 @@ def main(
     Args:
         argv: the arguments (``sys.argv[1:]`` by default).
         out: where the output goes (standard output by default).
-        storage: where the checkpoints are (local files by default).
+        storage: where the checkpoints are (by default local files for a path, the object
+            store of a URL: ``asyncckpt ls s3://bucket/prefix``).
 
     Raises:
         SystemExit: the arguments are wrong (status 2, with argparse's usage message).
@@ -547,7 +558,7 @@ def main(
     args = _parser().parse_args(argv)
     stream = out or sys.stdout
     try:
-        status = _run(args, stream, storage or LocalStorage())
+        status = _run(args, stream, storage)
         stream.flush()  # a reader that went away shows up here, not at interpreter exit
     except BrokenPipeError:
         # `asyncckpt ls --json DIR | head -1`: stop quietly as Unix tools do, with the status
@@ -558,9 +569,9 @@ def main(
     return status
 
 
-def _run(args: argparse.Namespace, stream: TextIO, storage: Storage) -> int:
+def _run(args: argparse.Namespace, stream: TextIO, storage: Storage | None) -> int:
     try:
-        return _COMMANDS[args.command](args, stream, storage)
+        return _COMMANDS[args.command](args, stream, resolve_storage(_target(args), storage))
     except UsageError as exc:
         return _fail(args, stream, exc, 2)
     except CheckpointError as exc:

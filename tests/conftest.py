@@ -3,11 +3,15 @@
 Hypothesis runs are reproducible: derandomized, without an example database or a deadline
 (the ``asyncckpt`` profile, loaded here); each test sets only its size and health checks.
 ``storage`` is a ``FaultyStorage`` over local files for the test to pass as ``storage=``.
+``s3_url`` is a bucket on a local S3 server (moto's, on 127.0.0.1), started once per session.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
@@ -50,3 +54,48 @@ def _patient_abandonment(monkeypatch: pytest.MonkeyPatch) -> None:
     slow or loaded machine. tests/test_loop.py tests the real abandonment with its own value.
     """
     monkeypatch.setattr("asyncckpt._checkpoint._manager._ABANDON_AFTER_SECS", 30.0)
+
+
+@pytest.fixture(scope="session")
+def s3_url() -> Iterator[str]:
+    """A fresh bucket on a local S3 server: ``s3://asyncckpt-test-<random>``.
+
+    The server is moto's (``ThreadedMotoServer`` on 127.0.0.1, a free port), started once for
+    the session and stopped at its end. For that time the standard variables point every
+    client of the process (and of its subprocesses) at it: ``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` ("testing"), ``AWS_REGION``
+    (us-east-1) and ``AWS_ALLOW_HTTP``, so a URL alone reaches the bucket. Tests share the
+    bucket: each writes under its own prefix.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    werkzeug = logging.getLogger("werkzeug")
+    level = werkzeug.level
+    werkzeug.setLevel(logging.CRITICAL)  # a line per request, and tracebacks of aborted parts
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        bucket = f"asyncckpt-test-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket=bucket
+        )
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        werkzeug.setLevel(level)

@@ -219,6 +219,20 @@ class CheckpointDirectory:
         """Whether this writer holds the directory's lock."""
         return self._lock.held
 
+    @property
+    def renew_every(self) -> float | None:
+        """How often a holder that saves nothing must ``renew()`` its lock (None: never)."""
+        return self._lock.renew_every
+
+    def renew(self) -> None:
+        """Extend the lock's lease (blocking; a no-op for a lock that never expires).
+
+        Raises:
+            CheckpointLockedError: the lease was lost to another writer.
+            CheckpointWriteError: it could not be renewed (it is held until it expires).
+        """
+        self._lock.renew()
+
     # -- blocking calls (worker threads) ------------------------------------------------------
 
     def load_state(self) -> CheckpointState:

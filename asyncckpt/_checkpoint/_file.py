@@ -594,6 +594,10 @@ def _decode_mapped(path: str, mapped: mmap.mmap) -> _format.Header:
 
 def read_header_sync(storage: Storage, path: str) -> _format.Header:
     """Read and validate a checkpoint's header (a blocking call: the CLI, worker threads)."""
+    if not storage.supports_mmap:
+        # Ranged reads, on an event loop of this thread's own (it runs none: the CLI's, or a
+        # worker thread's).
+        return anyio.run(read_header, storage, path)
     mapped = storage.open_mmap(path)
     try:
         return _decode_mapped(path, mapped)
@@ -674,5 +678,10 @@ def verify_file(storage: Storage, path: str) -> _format.Header:
         CheckpointCorruptedError, CheckpointFormatError, CheckpointNotFoundError.
     """
     # Checking bytes needs no dtype: ml_dtypes' arrays are viewed as raw ints.
+    if not storage.supports_mmap:  # read into fresh arrays instead, as read_header_sync does
+        header, _tree = anyio.run(
+            functools.partial(read_checkpoint, storage, path, verify=True, raw_dtypes=True)
+        )
+        return header
     header, _arrays = read_mapped(storage, path, verify=True, raw_dtypes=True)
     return header

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
 import anyio
 import anyio.abc
 
-from .._core._errors import CheckpointError, CheckpointNotFoundError
+from .._core._errors import CheckpointError, CheckpointLockedError, CheckpointNotFoundError
 from .._core._lifecycle import BackgroundTask
 from .._core._sync import EvictingQueue
 from .._core._util import check_int
-from .._storage import LocalStorage
+from .._storage import resolve_storage
 from .._tree import check_selection
 from . import _format
 from ._directory import CheckpointDirectory
@@ -37,7 +37,7 @@ from ._state_file import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
 
     from .._core._types import StateTree
@@ -173,7 +173,11 @@ class CheckpointManager:
         latest_filename: the state file's name. Managers with different state files (and
             basenames) may share a directory: each holds only its own state file's lock and
             cleans up only its own temporary files.
-        storage: where checkpoints live (local files by default).
+        storage: where checkpoints live; by default local files for a path, an object store
+            for a URL (``s3://bucket/prefix``, ``gs://``, ``az://``, ``memory://``:
+            docs/STORAGE.md).
+        storage_options: the object store's configuration, for a URL (instead of or over
+            the environment's ``AWS_*``... variables).
         on_write_error: ``"raise"`` or ``"log"`` (see above).
         read_only: open a directory that another process writes, to restore from it: no
             lock is taken and nothing is written (``save()`` raises); ``restore()`` and
@@ -195,6 +199,7 @@ class CheckpointManager:
         on_corrupt: OnCorrupt = "raise",
         on_write_error: OnWriteError = "raise",
         read_only: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_int("max_pending", max_pending, minimum=0)
         if policy not in _POLICIES:
@@ -221,7 +226,7 @@ class CheckpointManager:
         # The writer's commits and a restore's unlisting both replace the state file.
         self._state_file_lock = anyio.Lock()
         self.latest_filename = check_latest_filename(latest_filename)
-        self.storage: Storage = storage or LocalStorage()
+        self.storage = resolve_storage(self.directory, storage, storage_options)
         self._directory = CheckpointDirectory(
             self.directory,
             latest_filename=latest_filename,
@@ -434,6 +439,18 @@ class CheckpointManager:
         while len(self._unacknowledged) >= _UNACKNOWLEDGED_LIMIT and not self._closed:
             await queue.changes.changed()
         await self._retire_unpinned()
+        every = self._directory.renew_every
+        while every is not None:
+            # An idle writer keeps its lease (an object store's lock) alive between saves.
+            with anyio.move_on_after(every):
+                return await queue.get()
+            try:
+                await anyio.to_thread.run_sync(self._directory.renew, limiter=self._limiter)
+            except CheckpointLockedError as exc:
+                self._write_failed(exc)
+                every = None  # lost: the next commit is refused, and says so again
+            except CheckpointError as exc:
+                self._write_failed(exc)  # a network error: try again in a while
         return await queue.get()
 
     async def _retire_unpinned(self) -> None:

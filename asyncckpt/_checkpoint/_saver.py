@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._core._errors import CheckpointError
-from .._storage import LocalStorage
+from .._storage import is_url, resolve_storage, url_root
 from . import _format
 from ._directory import CheckpointDirectory
 from ._directory import get_checkpoint_state as _get_checkpoint_state
@@ -28,7 +28,7 @@ from ._state_file import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     import numpy as np
 
@@ -44,15 +44,21 @@ def get_checkpoint_state(
     latest_filename: str | None = None,
     *,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> CheckpointState | None:
-    """Read the state file of ``checkpoint_dir``; None when there is none.
+    """Read the state file of ``checkpoint_dir`` (a path or a URL); None when there is none.
 
     Raises:
         CheckpointCorruptedError: the state file fails its checksum.
         CheckpointFormatError: the state file names files outside the directory.
         CheckpointReadError: the state file cannot be read (the OSError is its cause).
     """
-    return _get_checkpoint_state(checkpoint_dir, latest_filename, storage=storage or LocalStorage())
+    directory = os.fspath(checkpoint_dir)
+    return _get_checkpoint_state(
+        directory,
+        latest_filename,
+        storage=resolve_storage(directory, storage, storage_options),
+    )
 
 
 def latest_checkpoint(
@@ -60,15 +66,22 @@ def latest_checkpoint(
     latest_filename: str | None = None,
     *,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str | None:
-    """Return the path of the newest checkpoint in ``checkpoint_dir``, or None if none exists.
+    """Return the path of the newest checkpoint in ``checkpoint_dir`` (a path or a URL), or
+    None if none exists.
 
     Raises:
         CheckpointNotFoundError: the state file names a checkpoint that is missing; the
             directory was changed by hand.
         CheckpointCorruptedError, CheckpointFormatError: the state file is damaged.
     """
-    return _latest_checkpoint(checkpoint_dir, latest_filename, storage=storage or LocalStorage())
+    directory = os.fspath(checkpoint_dir)
+    return _latest_checkpoint(
+        directory,
+        latest_filename,
+        storage=resolve_storage(directory, storage, storage_options),
+    )
 
 
 class Saver:
@@ -86,7 +99,10 @@ class Saver:
         keep_checkpoint_every_n_hours: additionally keep one checkpoint per this many hours.
         latest_filename: the state file's name (TensorFlow's ``checkpoint``).
         clock: wall-clock source for timestamps (``time.time``), injectable for tests.
-        storage: where checkpoints live (local files by default).
+        storage: where checkpoints live; by default local files for paths, and an object
+            store for URLs (``s3://bucket/prefix/model.ckpt``: docs/STORAGE.md).
+        storage_options: the object store's configuration, for URLs (instead of or over
+            the environment's ``AWS_*``... variables).
     """
 
     def __init__(
@@ -97,12 +113,17 @@ class Saver:
         latest_filename: str = STATE_FILENAME,
         clock: Callable[[], float] = time.time,
         storage: Storage | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.retention = Retention(
             max_to_keep=max_to_keep, keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours
         )
         self.latest_filename = check_latest_filename(latest_filename)
-        self.storage: Storage = storage or LocalStorage()
+        if storage is not None and storage_options is not None:
+            raise ValueError("pass storage= or storage_options=, not both")
+        self.storage = storage
+        self.storage_options = storage_options
+        self._storages: dict[str, Storage] = {}
         self._clock = clock
         self._created = clock()
         self._directories: dict[str, CheckpointDirectory] = {}
@@ -125,6 +146,19 @@ class Saver:
             f"{self.keep_checkpoint_every_n_hours}, directories={sorted(self._directories)})"
         )
 
+    def storage_for(self, path: str) -> Storage:
+        """The storage of ``path``: ``storage=`` if given, else local files or the object
+        store of the URL (one per store, kept: it remembers the state files it read)."""
+        if self.storage is not None:
+            return self.storage
+        key = url_root(path) if is_url(path) else ""
+        found = self._storages.get(key)
+        if found is None:
+            found = self._storages[key] = resolve_storage(
+                path, storage_options=self.storage_options
+            )
+        return found
+
     def _directory(self, path: str) -> CheckpointDirectory:
         directory = self._directories.get(path)
         if directory is None:
@@ -132,7 +166,7 @@ class Saver:
                 path,
                 latest_filename=self.latest_filename,
                 retention=self.retention,
-                storage=self.storage,
+                storage=self.storage_for(path),
                 clock=self._clock,
                 created=self._created,
             )
@@ -254,7 +288,7 @@ class Saver:
         if check_on_corrupt(on_corrupt) == "fallback":
             candidates += await anyio.to_thread.run_sync(self._older_listed, path)
         _header, tree, _skipped = await read_first_intact(
-            self.storage,
+            self.storage_for(path),
             candidates,
             on_corrupt=on_corrupt,
             into=into,
@@ -274,13 +308,14 @@ class Saver:
             CheckpointNotFoundError, CheckpointCorruptedError, CheckpointFormatError,
             CheckpointReadError: the header cannot be found, trusted or read.
         """
-        return await read_metadata(self.storage, os.fspath(save_path))
+        path = os.fspath(save_path)
+        return await read_metadata(self.storage_for(path), path)
 
     def _older_listed(self, path: str) -> list[str]:
         """The checkpoints listed before ``path`` in its directory's state file, newest first."""
         try:
             state = _get_checkpoint_state(
-                os.path.dirname(path) or ".", self.latest_filename, storage=self.storage
+                os.path.dirname(path) or ".", self.latest_filename, storage=self.storage_for(path)
             )
         except CheckpointError:
             return []  # the state file is damaged too: nothing older can be trusted from it
@@ -294,6 +329,9 @@ class Saver:
         latest_filename: str | None = None,
         *,
         storage: Storage | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> str | None:
         """Return the newest checkpoint's path in ``checkpoint_dir``, or None."""
-        return latest_checkpoint(checkpoint_dir, latest_filename, storage=storage)
+        return latest_checkpoint(
+            checkpoint_dir, latest_filename, storage=storage, storage_options=storage_options
+        )

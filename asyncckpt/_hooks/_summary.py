@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from .._storage import is_url
 from .._summary import SessionLog, SummaryValue, SummaryWriter, histogram, scalar, text
 from ._base import (
     CoordinatorLike,
@@ -35,7 +36,9 @@ SummaryOp: TypeAlias = "str | Sequence[str] | Callable[[Mapping[str, Any]], Any]
 
 
 def _directory_key(logdir: str | os.PathLike[str]) -> str:
-    return os.path.normpath(os.fspath(logdir))
+    path = os.fspath(logdir)
+    # normpath would fold a URL's "//" (s3://bucket -> s3:/bucket).
+    return path.rstrip("/") if is_url(path) else os.path.normpath(path)
 
 
 async def summary_writer_for(

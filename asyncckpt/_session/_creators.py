@@ -23,7 +23,7 @@ from .._checkpoint import (
 )
 from .._core._errors import OutOfRangeError
 from .._core._util import call_maybe_async
-from .._storage import LocalStorage
+from .._storage import resolve_storage
 from ._fetches import resolve_fetches
 from ._scaffold import Scaffold
 
@@ -170,7 +170,7 @@ class ChiefSessionCreator:
         self.step_fn = step_fn
         self.scaffold = scaffold or Scaffold()
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
-        self.storage: Storage = storage or LocalStorage()
+        self.storage = resolve_storage(self.checkpoint_dir or "", storage)
         self.on_corrupt = check_on_corrupt(on_corrupt)
         self.checkpoint_filename_with_path = (
             None

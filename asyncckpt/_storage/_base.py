@@ -1,7 +1,8 @@
 """The ``Storage`` interface: every operation the layers above need, and nothing else.
 
 Knows nothing of trees, headers or hooks. A backend implements it (``LocalStorage`` for
-POSIX files); a wrapper (``asyncckpt.testing.FaultyStorage``) forwards to one.
+POSIX files, ``ObjectStorage`` for object stores, whose paths are URLs); a wrapper
+(``asyncckpt.testing.FaultyStorage``) forwards to one.
 
 Two kinds of method:
 
@@ -130,11 +131,20 @@ class Probe(Protocol):
 
 
 class DirectoryLock(Protocol):
-    """An exclusive, non-blocking lock of one state file's writers on a directory."""
+    """An exclusive, non-blocking lock of one state file's writers on a directory.
+
+    A lock may be a lease that expires unless renewed (``ObjectStorage``): its holder calls
+    ``renew()`` well within the lease; a lock the operating system holds until it is
+    released (``LocalStorage``'s flock) makes ``renew()`` a no-op.
+    """
 
     @property
     def held(self) -> bool:
         """Whether this object holds the lock."""
+
+    @property
+    def renew_every(self) -> float | None:
+        """How often a holder that writes nothing must call ``renew()`` (None: never)."""
 
     def acquire(self) -> None:
         """Take the lock (blocking call). A failed call holds nothing.
@@ -145,12 +155,28 @@ class DirectoryLock(Protocol):
                 file system, permissions, a file where the directory should be).
         """
 
+    def renew(self) -> None:
+        """Extend the lock's lease from now (blocking call); a no-op for a lock that never
+        expires.
+
+        Raises:
+            CheckpointLockedError: the lease was lost: it expired and another writer took it
+                over (this object no longer holds it).
+            CheckpointWriteError: it could not be renewed (a network error); it is still
+                held until it expires.
+            RuntimeError: a lease that is not held (never taken, or released).
+        """
+
     def release(self) -> None:
         """Release the lock (idempotent, blocking call)."""
 
 
 class Storage(abc.ABC):
     """Where checkpoints, state files and event files live (see the module docstring)."""
+
+    supports_mmap: bool = True
+    """Whether ``open_mmap`` can map a checkpoint (False for object stores: the readers
+    that would map, the command line's among them, read ranges instead)."""
 
     @abc.abstractmethod
     def instrumented(self, probe: Probe) -> Storage:

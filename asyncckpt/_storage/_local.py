@@ -50,7 +50,14 @@ if TYPE_CHECKING:
 
     from .._core._types import Buffer
 
-__all__ = ["LocalAppendFile", "LocalReadFile", "LocalStorage", "PosixDirectoryLock", "temp_target"]
+__all__ = [
+    "LocalAppendFile",
+    "LocalReadFile",
+    "LocalStorage",
+    "PosixDirectoryLock",
+    "pid_has_exited",
+    "temp_target",
+]
 
 _CHUNK_BYTES: Final = 64 * 1024 * 1024
 _IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX"), 1024)
@@ -192,8 +199,9 @@ def _in_the_way(directory: str) -> str:
     return path
 
 
-def _has_exited(holder: str) -> bool:
-    """Whether the pid a lock file holds names no process here (False when unsure)."""
+def pid_has_exited(holder: str) -> bool:
+    """Whether the pid a lock holds (decimal text) names no process on this host (False when
+    unsure)."""
     if not holder.isdigit() or int(holder) == 0:
         return False
     try:
@@ -376,7 +384,7 @@ class PosixDirectoryLock:
         held = "this checkpoint directory"
         if self.name != LOCK_NAME:
             held = f"the lock {self.name} of {held}"
-        if _has_exited(holder):
+        if pid_has_exited(holder):
             return CheckpointLockedError(
                 self.directory,
                 f"another process holds {held} (pid {holder}, which has exited: a process it "
@@ -388,6 +396,15 @@ class PosixDirectoryLock:
             f"another writer holds {held} (pid {holder or 'unknown'}); stop it or use another "
             "directory",
         )
+
+    @property
+    def renew_every(self) -> float | None:
+        """None: the kernel holds a flock until it is released, or its holder dies."""
+        return None
+
+    def renew(self) -> None:
+        """Do nothing: a flock is held until it is released (or its process dies), it has
+        no lease to extend."""
 
     def release(self) -> None:
         """Release the lock (idempotent)."""

@@ -27,13 +27,13 @@ from .._core._errors import CheckpointWriteError
 from .._core._lifecycle import BackgroundTask
 from .._core._sync import Broadcast
 from .._core._util import check_int
-from .._storage import LocalStorage
+from .._storage import resolve_storage
 from . import _proto
 from ._records import frame
 from ._scalars import ScalarRecords
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
 
     from .._storage import AppendFile, Storage
@@ -224,7 +224,9 @@ class SummaryWriter:
         filename_suffix: appended to the file name.
         stop_grace_period_secs: how long an exceptional exit keeps writing accepted events.
         clock: wall-clock source for event times (``time.time``).
-        storage: where the event file lives (local files by default).
+        storage: where the event file lives; by default local files for a path, an object
+            store for a URL (docs/STORAGE.md).
+        storage_options: the object store's configuration, for a URL.
     """
 
     def __init__(
@@ -237,6 +239,7 @@ class SummaryWriter:
         stop_grace_period_secs: float = 120.0,
         clock: Callable[[], float] = time.time,
         storage: Storage | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_int("max_queue", max_queue, minimum=1)
         if not flush_secs > 0:
@@ -244,7 +247,7 @@ class SummaryWriter:
         if os.sep in filename_suffix:
             raise ValueError("filename_suffix must not contain a path separator")
         self.logdir = os.fspath(logdir)
-        self.storage: Storage = storage or LocalStorage()
+        self.storage = resolve_storage(self.logdir, storage, storage_options)
         self.max_queue = max_queue
         self.flush_secs = flush_secs
         self._grace = stop_grace_period_secs

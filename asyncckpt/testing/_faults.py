@@ -234,6 +234,7 @@ class FaultyStorage(Storage):
         self._stalls: list[StorageStall] = []
         self._lock = threading.Lock()
         self._inner = (storage or LocalStorage()).instrumented(self.check)
+        self.supports_mmap = self._inner.supports_mmap
 
     def __repr__(self) -> str:
         return f"FaultyStorage({self._inner!r}, calls={len(self.calls)})"
