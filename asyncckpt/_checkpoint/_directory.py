@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("asyncckpt")
+
+UNLISTED_GRACE_SECS = 3600.0
+"""How old an unlisted checkpoint object must be before a new writer sweeps it: a writer
+that lost its lease (a long network partition) may still be uploading one for a while."""
 
 
 def get_checkpoint_state(
@@ -249,8 +254,11 @@ class CheckpointDirectory:
         Only those are ours: another writer sharing the directory under its own lock (the
         input pipeline's) may be writing the others.
 
+        On a storage that writes in place (an object store), the unlisted checkpoints of
+        these prefixes older than ``UNLISTED_GRACE_SECS`` are removed too.
+
         Returns:
-            The names of the temporary files removed.
+            The names of the temporary files (and unlisted checkpoints) removed.
 
         Raises:
             CheckpointLockedError: another writer holds the directory.
@@ -260,12 +268,38 @@ class CheckpointDirectory:
         try:
             # Another writer may have saved here since this one last held the lock.
             self.load_state()
-            return self._storage.remove_temp_files(
-                self.path, owned_by(self.latest_filename, prefixes)
-            )
+            owns = owned_by(self.latest_filename, prefixes)
+            removed = self._storage.remove_temp_files(self.path, owns)
+            if self._storage.writes_in_place:
+                removed += self._remove_unlisted(prefixes)
+            return removed
         except BaseException:
             self._lock.release()
             raise
+
+    def _remove_unlisted(self, prefixes: Iterable[str]) -> list[str]:
+        """Delete checkpoints of these prefixes that the state file does not list and that
+        are older than ``UNLISTED_GRACE_SECS``: what a writer that crashed between a
+        checkpoint's upload and the state file (or before retiring old ones) left behind."""
+        known = frozenset(prefixes)
+        listed = frozenset(self.state.names)
+        doomed = []
+        for name in self._storage.list_names(self.path):
+            prefix, step = split_step(name)
+            if prefix not in known or step is None or name in listed:
+                continue
+            path = os.path.join(self.path, name)
+            info = self._storage.file_info(path)
+            if (
+                info is not None
+                and stat.S_ISREG(info.st_mode)
+                and self._clock() - info.st_mtime > UNLISTED_GRACE_SECS
+            ):
+                doomed.append(path)
+        if doomed:
+            logger.info("%s: removing unlisted checkpoints %s", self.path, doomed)
+            self._storage.remove_files(doomed)
+        return [os.path.basename(path) for path in doomed]
 
     def release(self) -> None:
         """Delete the spare file, stop the checksum thread and release the lock (idempotent)."""

@@ -178,6 +178,11 @@ class Storage(abc.ABC):
     """Whether ``open_mmap`` can map a checkpoint (False for object stores: the readers
     that would map, the command line's among them, read ranges instead)."""
 
+    writes_in_place: bool = False
+    """Whether ``write_atomic`` writes under the final name (an object store, which has no
+    rename): a writer that crashed then leaves an unlisted checkpoint rather than a
+    temporary file, and the next writer sweeps it (``CheckpointDirectory.hold``)."""
+
     @abc.abstractmethod
     def instrumented(self, probe: Probe) -> Storage:
         """Return a storage over the same place whose primitive operations pass ``probe``."""

@@ -336,7 +336,8 @@ class ObjectStorage(Storage):
         TypeError: ``part_bytes`` or ``max_concurrency`` is not an int.
     """
 
-    supports_mmap = False  # objects are read in ranges; open_mmap refuses
+    supports_mmap = False
+    writes_in_place = True  # objects are read in ranges; open_mmap refuses
 
     def __init__(
         self,

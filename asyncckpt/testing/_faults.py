@@ -235,6 +235,7 @@ class FaultyStorage(Storage):
         self._lock = threading.Lock()
         self._inner = (storage or LocalStorage()).instrumented(self.check)
         self.supports_mmap = self._inner.supports_mmap
+        self.writes_in_place = self._inner.writes_in_place
 
     def __repr__(self) -> str:
         return f"FaultyStorage({self._inner!r}, calls={len(self.calls)})"
