@@ -146,7 +146,8 @@ def _nothing_new(old: CheckpointState) -> str:
 def _failed_save(exc: CheckpointWriteError, old: CheckpointState) -> CheckpointWriteError:
     """``exc`` (a storage error, which knows files, not checkpoints) with what it means for
     the directory."""
-    error = CheckpointWriteError(exc.path, f"{exc.detail}; {_nothing_new(old)}")
+    # Its own class kept: a state file another writer changed is a CheckpointLockedError.
+    error = type(exc)(exc.path, f"{exc.detail}; {_nothing_new(old)}")
     for note in getattr(exc, "__notes__", ()):
         error.add_note(note)
     error.__cause__ = exc.__cause__
