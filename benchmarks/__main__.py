@@ -19,6 +19,10 @@ loop; and the steps a SIGKILL costs a plain-step trainer against its save interv
 The service (``benchmarks/service.py``): how long the first save, a warm save and a save made
 while a write runs block a serving event loop (the manager's stall and a 1 ms ticker's lag),
 and the peak RSS, for max_pending 0 and 1, each first save in a fresh process.
+
+Object stores (``benchmarks/remote.py``): save and restore on a local S3 server (moto's, on
+127.0.0.1, started for the run) against obstore's raw put / get of the same bytes and DCP's
+FsspecWriter / FsspecReader, with each figure's requests and the server's time per request.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import numpy as np
 
 import asyncckpt
 
-from . import _peers, service
+from . import _peers, remote, service
 from .crash import run_trainer_kills
 
 if TYPE_CHECKING:
@@ -461,6 +465,16 @@ async def _scalars(count: int, repeats: int, workdir: str) -> dict[str, Any]:
     return out
 
 
+async def _remote(smoke: bool, repeats: int) -> dict[str, Any] | str:
+    """Save and restore on a local S3 server against obstore's raw requests (remote.py)."""
+    reason = remote.unavailable()
+    if reason:
+        return f"skipped: {reason}"
+    return await remote.run_remote(
+        smoke=smoke, repeats=remote.SMOKE_REPEATS if smoke else min(repeats, remote.REPEATS)
+    )
+
+
 async def _service(smoke: bool, workdir: str) -> dict[str, Any]:
     """Save stalls (first, warm, during a write) and peak RSS of a service (service.py)."""
     return await anyio.to_thread.run_sync(
@@ -555,6 +569,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     )
     if "service" in report:
         out.extend(service.targets(report["service"]))
+    if isinstance(report.get("remote"), dict):
+        out.extend(remote.targets(report["remote"]))
     return out
 
 
@@ -633,6 +649,10 @@ def _markdown(report: dict[str, Any]) -> str:
     )
     if "service" in report:
         lines += ["", service.markdown(report["service"], with_targets=False).rstrip("\n")]
+    if isinstance(report.get("remote"), dict):
+        lines += ["", remote.markdown(report["remote"], with_targets=False).rstrip("\n")]
+    elif "remote" in report:
+        lines += ["", f"Object stores: {report['remote']}."]
     lines += ["", "| case | target | measured | met |", "| --- | --- | --- | --- |"]
     for row in report["targets"]:
         lines.append(
@@ -687,6 +707,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         }
         if args.service:
             report["service"] = await _service(args.smoke, workdir)
+        if args.remote:
+            report["remote"] = await _remote(args.smoke, args.repeats)
     report["targets"] = targets(report)
     return report
 
@@ -707,6 +729,13 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the service benchmark (benchmarks/service.py; about 3 min at full size)",
+    )
+    parser.add_argument(
+        "--remote",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the object-store benchmark (benchmarks/remote.py, a local S3 server; about "
+        "3.5 min at full size)",
     )
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", dest="json_path", default=None)

@@ -18,10 +18,19 @@ Then the child is started again on the same directory and resumes.
 ``run_trainer_kills`` does the same to a plain-step trainer (a ``MonitoredTrainingSession``
 whose ``def`` step never yields, saving every few steps) and counts the steps each kill
 loses: the last step the trainer finished minus the step the next start resumes from. The
-goal is at most one save interval plus the write. Usage::
+goal is at most one save interval plus the write. Each start must resume from the latest
+checkpoint the previous kill left.
+
+The directory may be an object-store URL (``s3://bucket/prefix``): the children and the
+checks then reach it by the URL alone, configured by the standard variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...), which each child gets from this process's
+environment. On an object store there are no temporary files to count (a checkpoint is
+uploaded under its final name and is valid once listed). Usage::
 
     python -m benchmarks.crash --kills 200   # prints a JSON summary; exit 1 on any failure
     python -m benchmarks.crash --trainer --kills 20
+    AWS_ENDPOINT_URL=http://127.0.0.1:9000 ... python -m benchmarks.crash --trainer \
+        --kills 20 --dir s3://bucket/crash   # the same against an S3 server
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import io
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -45,7 +55,7 @@ import numpy as np
 
 from asyncckpt import CheckpointManager, cli, latest_checkpoint
 from asyncckpt._checkpoint import read_header_sync
-from asyncckpt._storage import TEMP_MARKER, LocalStorage
+from asyncckpt._storage import TEMP_MARKER, Storage, is_url, resolve_storage
 
 __all__ = [
     "CHILD",
@@ -60,6 +70,8 @@ __all__ = [
 ]
 
 MAX_TO_KEEP = 3
+STARTUP_TIMEOUT = 120.0
+"""Seconds a child may take to report its start (imports, the lock, the restore)."""
 
 CHILD = textwrap.dedent(
     """
@@ -205,22 +217,29 @@ def _leaves(tree: object) -> list[np.ndarray[Any, Any]]:
     return [tree]
 
 
-def _temp_names(directory: str) -> list[str]:
-    return [name for name in os.listdir(directory) if TEMP_MARKER in name]
+def _temp_names(storage: Storage, directory: str) -> list[str]:
+    return [name for name in storage.list_names(directory) if TEMP_MARKER in name]
+
+
+def _child_environment() -> dict[str, str]:
+    """The environment of a child: this process's, so that a URL reaches the same store
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``... and their GCS and Azure equivalents)."""
+    return dict(os.environ)
 
 
 def _inspect(directory: str) -> tuple[int | None, int, list[str]]:
     """Count temporary files, run ``asyncckpt verify``, read the latest checkpoint's step."""
-    if not os.path.isdir(directory):
-        return None, 0, []  # killed before the first start created it
+    storage = resolve_storage(directory)
+    if storage.file_info(directory) is None:
+        return None, 0, []  # killed before the first start created it (or saved anything)
     problems: list[str] = []
-    temps = len(_temp_names(directory))
+    temps = len(_temp_names(storage, directory))
     out = io.StringIO()
     if cli.main(["verify", directory], out=out) != 0:
         problems.append(f"verify failed: {out.getvalue().strip()}")
     try:
         path = latest_checkpoint(directory)
-        step = None if path is None else read_header_sync(LocalStorage(), path).step
+        step = None if path is None else read_header_sync(storage, path).step
     except Exception as exc:
         problems.append(f"latest_checkpoint failed: {exc!r}")
         step = None
@@ -231,13 +250,14 @@ async def check_directory(directory: str) -> tuple[int | None, int, list[str]]:
     """Check a directory as a crash left it; return (latest step, temp files, problems).
 
     Opens a ``CheckpointManager`` on it (as the next start does), which must remove every
-    temporary file.
+    temporary file. ``directory`` may be an object-store URL.
     """
-    header_step, temps, problems = _inspect(directory)
+    header_step, temps, problems = await anyio.to_thread.run_sync(_inspect, directory)
     if any(p.startswith("latest_checkpoint") for p in problems):
         return None, temps, problems
     async with CheckpointManager(directory, max_to_keep=MAX_TO_KEEP) as manager:
-        left = _temp_names(directory)
+        storage = resolve_storage(directory)
+        left = await anyio.to_thread.run_sync(_temp_names, storage, directory)
         if left:
             problems.append(f"temporary files left after the manager opened: {left}")
         step = manager.latest_step()
@@ -273,6 +293,7 @@ def _kill_once(
         [sys.executable, *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=_child_environment(),
     )
     assert process.stdout is not None
     assert process.stderr is not None
@@ -280,7 +301,9 @@ def _kill_once(
         head = b""
         if not during_startup:
             # Wait until it has restored and started saving, then give it a random time.
-            head = process.stdout.readline()
+            ready, _, _ = select.select([process.stdout], [], [], STARTUP_TIMEOUT)
+            if ready:
+                head = process.stdout.readline()
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -319,7 +342,8 @@ def run_crashes(
         startup_fraction: this share of kills lands during startup instead (imports, lock,
             temp cleanup, restore), uniformly within ``startup_window`` of the spawn.
         backends: the child's event loops, used in turn.
-        directory: where to work (a new temporary directory when None).
+        directory: where to work (a new temporary directory when None): a local directory
+            or an object-store URL (``s3://bucket/prefix``).
     """
     rng = random.Random(seed)
     summary = CrashSummary()
@@ -394,6 +418,9 @@ def run_trainer_kills(
 ) -> TrainerKills:
     """SIGKILL the plain-step trainer ``kills`` times, each at a random instant within five
     save intervals of its start; check the directory each kill left and count the steps lost.
+
+    ``directory`` (a new temporary directory when None) may be an object-store URL
+    (``s3://bucket/prefix``); the checkpoints go to ``<directory>/ckpt``.
     """
     rng = random.Random(seed)
     result = TrainerKills(kills=kills, save_steps=save_steps, step_secs=step_secs)
@@ -403,6 +430,7 @@ def run_trainer_kills(
         with open(script, "w") as file:
             file.write(TRAINER)
         ckpt = os.path.join(directory or scratch, "ckpt")
+        previous: int | None = None
         for index in range(kills):
             backend = backends[index % len(backends)]
             command = [script, ckpt, backend, str(save_steps), str(step_secs)]
@@ -410,7 +438,15 @@ def run_trainer_kills(
             latest, _temps, problems = anyio.run(check_directory, ckpt, backend=backend)
             if stderr:
                 problems.append(f"the trainer failed: {stderr.strip()}")
-            finished = reports.get("step", reports.get("start"))
+            start = reports.get("start")
+            if start is None:
+                problems.append("the trainer never reported its start")
+            elif start != (previous or 0):
+                problems.append(f"the trainer resumed from step {start}, not {previous or 0}")
+            if previous is not None and (latest is None or latest < previous):
+                problems.append(f"the latest checkpoint went back from {previous} to {latest}")
+            previous = latest if latest is not None else previous
+            finished = reports.get("step", start)
             if finished is not None:
                 result.steps_lost.append(max(0, finished - (latest or 0)))
             result.problems.extend(f"kill {index + 1}: {problem}" for problem in problems)
@@ -453,10 +489,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trainer", action="store_true", help="kill the plain-step trainer; count steps lost"
     )
+    parser.add_argument(
+        "--dir",
+        help="where to work: a local directory or an object-store URL (s3://bucket/prefix, "
+        "configured by the AWS_* variables); a new temporary directory by default",
+    )
     args = parser.parse_args(argv)
+    if args.dir is not None and not is_url(args.dir):
+        os.makedirs(args.dir, exist_ok=True)
     if args.trainer:
         trainer = run_trainer_kills(
-            args.kills, seed=args.seed, backends=tuple(args.backends.split(","))
+            args.kills,
+            seed=args.seed,
+            backends=tuple(args.backends.split(",")),
+            directory=args.dir,
         )
         figures = {"max_lost": trainer.max_lost, "median_lost": trainer.median_lost}
         json.dump({"ok": not trainer.problems, **figures, **asdict(trainer)}, sys.stdout, indent=2)
@@ -467,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         window=args.window,
         backends=tuple(args.backends.split(",")),
+        directory=args.dir,
     )
     json.dump({"ok": summary.ok, **asdict(summary)}, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -36,6 +36,11 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert {row["case"] for row in rows} == {"service, max_pending=0", "service, max_pending=1"}
     assert all(isinstance(row["met"], bool) for row in rows), rows
     assert "save during a write" in table.read_text()
+    _check_remote(report["remote"])
+    rows = [row for row in report["targets"] if row["case"].startswith("s3 ")]
+    assert {row["case"] for row in rows} == {"s3 smoke-10MiB", "s3 smoke-small"}, rows
+    assert all(isinstance(row["met"], bool) for row in rows), rows
+    assert "obstore put (floor of save)" in table.read_text()
 
 
 def _check_service(service: dict[str, Any]) -> None:
@@ -64,3 +69,34 @@ def _check_service(service: dict[str, Any]) -> None:
         rss = figures["peak_rss"]
         assert rss["limit_MiB"] > rss["snapshot_MiB"] > 0, rss
         assert set(rss["over_state_MiB"]) == {"callable", "int", "reserved"}, rss
+
+
+def _check_remote(remote: dict[str, Any] | str) -> None:
+    """The object-store figures' shape (benchmarks/remote.py): every figure, the requests
+    behind them, no speed asserted."""
+    if isinstance(remote, str):  # obstore or moto missing
+        assert remote.startswith("skipped: "), remote
+        return
+    assert [case["case"] for case in remote["cases"]] == ["smoke-10MiB", "smoke-small"]
+    for case in remote["cases"]:
+        figures = ["raw_put", "save", "stall", "restore_into", "restore", "raw_get"]
+        figures += ["raw_get_ranges", "ranged_gets", "memory_save", "memory_raw_put"]
+        if case["dcp"] == "measured":
+            figures += ["dcp_save", "dcp_load"]
+        else:
+            assert case["dcp"].startswith("skipped: "), case["dcp"]
+        for figure in figures:
+            summary = case["seconds"][figure]
+            assert 0 < summary["min"] <= summary["median"] <= summary["max"], (figure, summary)
+        for key in ("save / raw_put", "restore_into / raw_get", "restore / raw_get"):
+            assert case["ratios"][key] > 0, (key, case["ratios"])
+        requests = case["requests"]
+        # The 10 MiB case is over one part: a multipart upload; the small one a single PUT.
+        upload = "upload part" if case["bytes"] > case["part_bytes"] else "put"
+        assert requests["raw_put"]["requests"][upload] > 0, requests["raw_put"]
+        assert requests["save"]["requests"][upload] > 0, requests["save"]
+        assert requests["raw_get"]["requests"] == {"get": 1}, requests["raw_get"]
+        assert requests["restore_into"]["requests"]["ranged get"] > 0, requests["restore_into"]
+        for profile in requests.values():
+            assert profile["busy_s"]["median"] >= 0
+            assert all(latency >= 0 for latency in profile["latency_s"].values()), profile

@@ -146,9 +146,9 @@ def read_on_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_file, "_read_threads", lambda: 2)
 
 
-# The awaits of a streaming restore of two_reader_state(): open, prelude, header, then each thread's
-# read (and check) of its arrays.
-_RESTORE_POINTS = ["open", "read", "read", "arrays", "arrays"]
+# The awaits of a streaming restore of two_reader_state(): open, the prelude and header (one
+# read), then each thread's read (and check) of its arrays.
+_RESTORE_POINTS = ["open", "read", "arrays", "arrays"]
 
 
 async def _saved(directory: Path, steps: tuple[int, ...] = (1,)) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._core._errors import (
+    CheckpointError,
     CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointReadError,
@@ -533,13 +534,43 @@ class CheckpointDirectory:
                 "loss may bring back the previous state file; no old checkpoint was deleted",
             ) from exc.__cause__
         except BaseException as exc:
-            # A failed save leaves the directory as it was.
-            if path is not None:
+            landed = (
+                self._landed(new_state)
+                if isinstance(exc, CheckpointWriteError) and self._storage.writes_in_place
+                else False
+            )
+            if landed:
+                logger.warning(
+                    "%s: the state file was written although its write failed (%s): the store "
+                    "applied it and its answer was lost",
+                    state_file,
+                    exc,
+                )
+                return  # self.state is new_state, read back
+            # A failed save leaves the directory as it was; one that may have landed (the
+            # state file cannot be read to tell) keeps its file, which may be listed.
+            if path is not None and landed is False:
                 self._discard_unlisted(path, old)
             if isinstance(exc, CheckpointWriteError):
-                raise _failed_save(exc, old) from exc.__cause__
+                error = _failed_save(exc, old)
+                if landed is None:
+                    error.add_note(
+                        "the state file could not be read back: the store may have applied "
+                        "the write; the next writer reads what it holds"
+                    )
+                raise error from exc.__cause__
             raise
         self.state = new_state
+
+    def _landed(self, new_state: CheckpointState) -> bool | None:
+        """After a state-file write that failed: whether the store applied it all the same
+        (its answer lost: a reset or a timeout after the request arrived), read back; None
+        when the state file cannot be read either."""
+        try:
+            found = self.load_state()
+        except CheckpointError:
+            return None
+        return found.names == new_state.names and found.timestamps == new_state.timestamps
 
     def _retire(self, retired: list[str], name: str) -> None:
         doomed = [os.path.join(self.path, n) for n in retired]
@@ -562,8 +593,11 @@ class CheckpointDirectory:
     def _discard_unlisted(self, path: str, old: CheckpointState) -> None:
         """Remove a checkpoint file this save wrote but did not list (best effort: a file
         left behind is unlisted, never taken for a checkpoint, and ``ls`` shows it)."""
-        if os.path.basename(path) in old.names:
-            return  # re-saving a listed step: the listed file is the new one now
+        name = os.path.basename(path)
+        if name in old.names or name in self.state.names:
+            # Re-saving a listed step: the listed file is the new one now (or, when another
+            # writer's commit won, read back into self.state, it lists a file of that name).
+            return
         with contextlib.suppress(CheckpointWriteError):
             self._storage.remove_files([path])
 

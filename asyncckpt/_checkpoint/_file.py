@@ -188,10 +188,19 @@ async def read_metadata(
     )
 
 
+_HEADER_READ_AHEAD: Final = 64 * 1024
+"""Bytes read with the prelude: most headers come with it, in one request (a round trip
+of an object store) instead of two."""
+
+
 async def _read_header(file: ReadFile) -> _format.Header:
-    prelude = await file.read(0, _format.PRELUDE_SIZE)
-    header_len, header_crc = _format.decode_prelude(prelude, file.size, file.path)
-    header = await file.read(_format.PRELUDE_SIZE, header_len)
+    first = await file.read(0, _format.PRELUDE_SIZE + _HEADER_READ_AHEAD)
+    header_len, header_crc = _format.decode_prelude(
+        first[: _format.PRELUDE_SIZE], file.size, file.path
+    )
+    header = first[_format.PRELUDE_SIZE : _format.PRELUDE_SIZE + header_len]
+    if len(header) < header_len and len(first) == _format.PRELUDE_SIZE + _HEADER_READ_AHEAD:
+        header += await file.read(len(first), header_len - len(header))
     if len(header) != header_len:
         raise CheckpointCorruptedError(file.path, "size", "file shrank while being read")
     return _format.decode_header(header, header_crc, file.size, file.path)

@@ -181,7 +181,10 @@ class Storage(abc.ABC):
     writes_in_place: bool = False
     """Whether ``write_atomic`` writes under the final name (an object store, which has no
     rename): a writer that crashed then leaves an unlisted checkpoint rather than a
-    temporary file, and the next writer sweeps it (``CheckpointDirectory.hold``)."""
+    temporary file, and the next writer sweeps it (``CheckpointDirectory.hold``). Such a
+    store is reached over a network, where a write reported failed may have been applied
+    (its answer lost): a failed state-file write is read back before anything is
+    discarded. A local file's failed write never landed."""
 
     @abc.abstractmethod
     def instrumented(self, probe: Probe) -> Storage:

@@ -710,18 +710,25 @@ class ObjectStorage(Storage):
         self, path: str, views: list[memoryview], aborted: Callable[[], bool] | None
     ) -> Iterator[memoryview]:
         """Yield the views in stretches of at most one part, asking ``aborted()`` (and the
-        probe) before each, and once more before the upload may complete.
+        probe, and the leases) once per part's worth of bytes, and once more before the
+        upload may complete.
 
         obstore pulls this from the thread that called ``put``; what it raises there aborts
-        the multipart upload and propagates unchanged.
+        the multipart upload and propagates unchanged. The checks are per part, not per
+        piece: thousands of small arrays would pay them thousands of times.
         """
         step = self.part_bytes
+        since_check = step  # checked before the first piece
         for view in views:
             for start in range(0, len(view), step):
-                _check_aborted(aborted)
-                self._keep_leases()
-                self._probe("write", path)
-                yield view[start : start + step]
+                if since_check >= step:
+                    _check_aborted(aborted)
+                    self._keep_leases()
+                    self._probe("write", path)
+                    since_check = 0
+                piece = view[start : start + step]
+                since_check += len(piece)
+                yield piece
         _check_aborted(aborted)
         self._probe("rename", path)
 
@@ -989,6 +996,8 @@ class ObjectLease:
         self._key = storage.key(self.path)
         self._owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
         self._version: UpdateVersion | None = None
+        self._lost: CheckpointLockedError | None = None
+        """Why the lease is no longer held, once it was lost (renewals raise it again)."""
         self.expires: float | None = None
         """When the lease held runs out (wall-clock seconds), None when not held."""
         # One request at a time: a renewal from a write (ObjectStorage._keep_leases) and one
@@ -1084,6 +1093,7 @@ class ObjectLease:
                 self._acquire()
             except (BaseError, OSError) as exc:
                 raise _write_error(self.path, exc, "cannot take the lease") from exc
+            self._lost = None
             self._storage._leases.add(self)
 
     def _acquire(self) -> None:
@@ -1142,10 +1152,13 @@ class ObjectLease:
                 or it was deleted); this object holds nothing any more.
             CheckpointWriteError: it could not be renewed (``__cause__``: the client's
                 error); it is still held until it expires.
-            RuntimeError: it is not held.
+            RuntimeError: it was never taken, or was released.
         """
         with self._lock:
             version = self._version
+            if version is None and self._lost is not None:
+                # A renewal from the holder's timer after one from a write lost it.
+                raise CheckpointLockedError(self._lost.path, self._lost.detail)
             if version is None:
                 raise RuntimeError(f"renew() of a lease not held: acquire() it first ({self.path})")
             try:
@@ -1164,13 +1177,14 @@ class ObjectLease:
             ):
                 self._version = self.expires = None
                 self._storage._leases.discard(self)
-                raise CheckpointLockedError(
+                self._lost = CheckpointLockedError(
                     self.directory,
                     f"this writer lost the lease of {self._held_error()}: it expired and another "
                     "writer took it over (renew it more often than every "
                     f"{self._storage.lease_secs:g} s); stop the other writer or use another "
                     "directory",
-                ) from None
+                )
+                raise self._lost from None
             except (BaseError, OSError) as exc:
                 raise _write_error(self.path, exc, "cannot renew the lease") from exc
 
