@@ -50,6 +50,7 @@ import numpy as np
 import asyncckpt
 
 from . import _peers, remote, service
+from ._report import write_report
 from .crash import run_trainer_kills
 
 if TYPE_CHECKING:
@@ -742,15 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
     report = anyio.run(_main, args)
-    text = json.dumps(report, indent=2)
-    if args.json_path:
-        with open(args.json_path, "w") as file:
-            file.write(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
-    if args.markdown:
-        with open(args.markdown, "w") as file:
-            file.write(_markdown(report))
+    write_report(report, args.json_path, args.markdown, _markdown)
     return 0
 
 

@@ -64,7 +64,6 @@ import contextlib
 import importlib
 import inspect
 import itertools
-import json
 import logging
 import os
 import statistics
@@ -82,6 +81,7 @@ import numpy as np
 from asyncckpt import CheckpointManager, latest_checkpoint
 
 from . import _peers
+from ._report import targets_table, write_report
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -756,12 +756,7 @@ def markdown(report: dict[str, Any], *, with_targets: bool = True) -> str:
             )
     if not with_targets:
         return "\n".join(lines) + "\n"
-    lines += ["", "| case | target | measured | met |", "| --- | --- | --- | --- |"]
-    for row in targets(report):
-        lines.append(
-            f"| {row['case']} | {row['target']} | {row['value']:.2f} | "
-            f"{'met' if row['met'] else 'MISSED'} |"
-        )
+    lines += targets_table(targets(report))
     return "\n".join(lines) + "\n"
 
 
@@ -781,15 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = args.cases.split(",") if args.cases else None
     report = anyio.run(lambda: run_remote(smoke=args.smoke, repeats=args.repeats, cases=cases))
     report["targets"] = targets(report)
-    text = json.dumps(report, indent=2)
-    if args.json_path:
-        with open(args.json_path, "w") as file:
-            file.write(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
-    if args.markdown:
-        with open(args.markdown, "w") as file:
-            file.write(markdown(report))
+    write_report(report, args.json_path, args.markdown, markdown)
     return 0
 
 

@@ -65,6 +65,8 @@ import numpy as np
 
 from asyncckpt import CheckpointManager, SaveOutcome
 
+from ._report import targets_table, write_report
+
 __all__ = [
     "FIRST_SAVES",
     "FULL",
@@ -625,12 +627,7 @@ def markdown(report: dict[str, Any], *, with_targets: bool = True) -> str:
     ]
     if not with_targets:
         return "\n".join(lines) + "\n"
-    lines += ["", "| case | target | measured | met |", "| --- | --- | --- | --- |"]
-    for row in targets(report):
-        lines.append(
-            f"| {row['case']} | {row['target']} | {row['value']:.2f} | "
-            f"{'met' if row['met'] else 'MISSED'} |"
-        )
+    lines += targets_table(targets(report))
     return "\n".join(lines) + "\n"
 
 
@@ -649,15 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = run_service(smoke=args.smoke, directory=args.workdir)
     report["targets"] = targets(report)
-    text = json.dumps(report, indent=2)
-    if args.json_path:
-        with open(args.json_path, "w") as file:
-            file.write(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
-    if args.markdown:
-        with open(args.markdown, "w") as file:
-            file.write(markdown(report))
+    write_report(report, args.json_path, args.markdown, markdown)
     return 0
 
 

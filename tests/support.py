@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from asyncckpt._storage import ReadFile
     from asyncckpt.testing import FaultyStorage
 
 # Part of every temporary file's name, ``.<final name>.asyncckpt-tmp-<random>`` (spelled out
@@ -178,3 +179,34 @@ def signal_when_ready(argv: list[str], ready: str, signum: int, timeout: float =
     assert process.returncode == 0, stderr
     assert stderr == ""
     return stdout
+
+
+class WrappedReadFile:
+    """An open checkpoint that forwards to another, awaiting ``before(what)`` first at each
+    of its awaits: ``"read"`` (a positional read) and ``"arrays"`` (a thread's pass over its
+    arrays). Tests override ``before`` to count, cancel or pause a restore there."""
+
+    def __init__(self, file: ReadFile) -> None:
+        self._file = file
+
+    @property
+    def path(self) -> str:
+        return self._file.path
+
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    async def before(self, what: str) -> None:
+        """Runs before each await of the restore (no checkpoint of its own)."""
+
+    def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
+        return self._file.read_into_sync(offset, views)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        await self.before("read")
+        return await self._file.read(offset, size)
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        await self.before("arrays")
+        return await self._file.run_sync(fn, *args)

@@ -21,7 +21,14 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
-from support import SAVE_OPS, STATE_FILE_FIRST_CALL, task_ids, temp_files, verify_exit
+from support import (
+    SAVE_OPS,
+    STATE_FILE_FIRST_CALL,
+    WrappedReadFile,
+    task_ids,
+    temp_files,
+    verify_exit,
+)
 
 from asyncckpt import (
     CheckpointManager,
@@ -89,31 +96,15 @@ async def directory_is_sound(directory: Path, step: int) -> None:
 # -- restore ------------------------------------------------------------------------------------
 
 
-class CountedReadFile:
+class CountedReadFile(WrappedReadFile):
     """An open checkpoint whose awaits (positional reads, blocking work) first call ``point``."""
 
     def __init__(self, file: ReadFile, point: Callable[[str], None]) -> None:
-        self._file = file
+        super().__init__(file)
         self._point = point
 
-    @property
-    def path(self) -> str:
-        return self._file.path
-
-    @property
-    def size(self) -> int:
-        return self._file.size
-
-    def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
-        return self._file.read_into_sync(offset, views)
-
-    async def read(self, offset: int, size: int) -> bytes:
-        self._point("read")
-        return await self._file.read(offset, size)
-
-    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self._point("arrays")
-        return await self._file.run_sync(fn, *args)
+    async def before(self, what: str) -> None:
+        self._point(what)
 
 
 class CancelAtPoint(FaultyStorage):

@@ -17,7 +17,6 @@ import fcntl
 import gc
 import os
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,7 +24,7 @@ import anyio.abc
 import numpy as np
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from support import TEMP_MARKER, checkpoint_files, temp_files, until
+from support import TEMP_MARKER, WrappedReadFile, checkpoint_files, temp_files, until
 
 from asyncckpt import CheckpointManager, CheckpointNotFoundError, Saver
 from asyncckpt._storage import LocalStorage
@@ -86,28 +85,14 @@ class Gate(FaultyStorage):
             yield _GatedFile(file, self)
 
 
-@dataclass(slots=True)
-class _GatedFile:
-    _file: ReadFile
-    _gate: Gate
+class _GatedFile(WrappedReadFile):
+    def __init__(self, file: ReadFile, gate: Gate) -> None:
+        super().__init__(file)
+        self._gate = gate
 
-    @property
-    def path(self) -> str:
-        return self._file.path
-
-    @property
-    def size(self) -> int:
-        return self._file.size
-
-    def read_into_sync(self, offset: int, views: list[memoryview]) -> int:
-        return self._file.read_into_sync(offset, views)
-
-    async def read(self, offset: int, size: int) -> bytes:
-        return await self._file.read(offset, size)
-
-    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        await self._gate.pause()  # the arrays' reads (and checks) run on threads through here
-        return await self._file.run_sync(fn, *args)
+    async def before(self, what: str) -> None:
+        if what == "arrays":  # the arrays' reads (and checks) run on threads through here
+            await self._gate.pause()
 
 
 # -- a mapping in this process -------------------------------------------------------------------
