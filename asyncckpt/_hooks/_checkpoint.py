@@ -284,7 +284,10 @@ class CheckpointSaverHook(SessionRunHook):
             raise RuntimeError("call open_manager() (or after_create_session()) before save()")
         for listener in self._listeners:
             await call_maybe_async(listener.before_save, session, step)
-        if await self._manager.save(session.state, step):
+        # A callable step: nothing changes the state while the loop waits here, so the save
+        # may wait for room first and make missing buffers off the loop, and holds no
+        # snapshot beyond max_pending while it waits.
+        if await self._manager.save(session.state, lambda: step):
             self._saved_step = step
             self._coord.pending_started()
 
