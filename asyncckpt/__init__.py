@@ -14,6 +14,8 @@ from ._checkpoint import CheckpointMetadata as CheckpointMetadata
 from ._checkpoint import CheckpointState as CheckpointState
 from ._checkpoint import SaveOutcome as SaveOutcome
 from ._checkpoint import Saver as Saver
+from ._checkpoint import StorageCoordinator as StorageCoordinator
+from ._checkpoint import TorchDistributedCoordinator as TorchDistributedCoordinator
 from ._checkpoint import get_checkpoint_state as get_checkpoint_state
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._core._errors import CheckpointCorruptedError as CheckpointCorruptedError
@@ -107,9 +109,11 @@ __all__ = [
     "StepCounterHook",
     "StepSession",
     "StopAtStepHook",
+    "StorageCoordinator",
     "SummarySaverHook",
     "SummaryWriter",
     "SupportsStateDict",
+    "TorchDistributedCoordinator",
     "get_checkpoint_state",
     "latest_checkpoint",
     "stop_on_signals",

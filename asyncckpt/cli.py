@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from ._checkpoint import (
     CheckpointState,
+    FoundCheckpoint,
+    Manifest,
     _format,
     get_checkpoint_state,
     is_state_file_name,
@@ -144,7 +146,11 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO, storage: Storage) -> int:
         name: stamp for st in states for name, stamp in zip(st.names, st.timestamps, strict=True)
     }
     rows: list[dict[str, Any]] = []
-    for found in scan_directory(storage, directory, listed=listed):
+    scanned = scan_directory(storage, directory, listed=listed)
+    owners = {
+        shard: (found.name, rank) for found in scanned for rank, shard in enumerate(_shards(found))
+    }
+    for found in scanned:
         if found.retired:
             continue  # a writer deleted it since the directory was listed: it is not there
         header = found.header
@@ -155,6 +161,7 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO, storage: Storage) -> int:
                 "bytes": found.size,
                 "time": stamps.get(found.name, header.time if header else found.mtime),
                 "listed": found.name in listed,
+                "shard_of": owners[found.name][0] if found.name in owners else None,
                 "latest": found.name in latests,
                 "arrays": len(header.arrays) if header else None,
                 "error": _error_json(found.error) if found.error else None,
@@ -183,7 +190,9 @@ def _cmd_ls(args: argparse.Namespace, out: TextIO, storage: Storage) -> int:
         marks = []
         if row["latest"]:
             marks.append("latest")
-        if not row["listed"]:
+        if row["shard_of"] is not None:
+            marks.append(f"rank {owners[row['name']][1]}'s shard of {row['shard_of']}")
+        elif not row["listed"]:
             marks.append("unlisted")
         if row["error"]:
             marks.append(f"unreadable: {row['error']['message']}")
@@ -404,6 +413,17 @@ def _still_missing(storage: Storage, directory: str, names: set[str]) -> set[str
     }
 
 
+def _shards(found: FoundCheckpoint) -> tuple[str, ...]:
+    """The shards a sharded checkpoint's manifest names (none for any other file)."""
+    if found.header is None:
+        return ()
+    try:
+        manifest = Manifest.from_metadata(found.header.metadata, found.path)
+    except CheckpointFormatError:
+        return ()  # verify reports the manifest itself as damaged
+    return manifest.shards if manifest is not None and manifest.world_size > 1 else ()
+
+
 def _verify_directory(storage: Storage, directory: str) -> _Verification:
     report = _Verification()
     # The state files first: a checkpoint saved after this read is not listed in it, and one
@@ -421,6 +441,20 @@ def _verify_directory(storage: Storage, directory: str) -> _Verification:
     for name in sorted(missing):
         path = os.path.join(directory, name)
         report.fail(path, CheckpointNotFoundError(path, "listed in the state file but missing"))
+    present = {f.name for f in found if not f.retired}
+    for checkpoint in found:
+        if checkpoint.name not in listed:
+            continue
+        for rank, shard in enumerate(_shards(checkpoint)):
+            if shard not in present and storage.file_info(os.path.join(directory, shard)) is None:
+                path = os.path.join(directory, shard)
+                report.fail(
+                    path,
+                    CheckpointNotFoundError(
+                        path, f"rank {rank}'s shard of {checkpoint.name} is missing"
+                    ),
+                )
+                missing.add(shard)
     retired = {f.name for f in found if f.retired} | not_found
     report.retired = sorted(os.path.join(directory, name) for name in retired - missing)
     if damaged or missing:

@@ -28,6 +28,10 @@ For each case (the state: ``(count, bytes per array)`` groups of float32 arrays)
   ``ranged_gets_x8``: the same at 8 at once; ``ranged_gets_merged``: the same bytes in one
   ranged GET per reader. Not floors: they split a restore's time into what its requests cost
   on this server and what asyncckpt adds, and show what a plan of fewer requests would cost;
+- ``restore_into_<plan>``: ``restore(into=...)`` with its read plan forced (``READ_PLANS``):
+  16 MiB per ranged GET (the library's), 64 MiB, one ranged GET per reader (a reader's whole
+  share), and one reader making one ranged GET; how a restore's time follows its request
+  count on this server, and what a larger range would buy;
 - ``memory_raw_put`` / ``memory_save`` / ``memory_restore_into``: obstore's put and
   asyncckpt's save and restore on an in-memory store (``memory://``, obstore's
   ``MemoryStore``): the client's own cost, without a server;
@@ -37,6 +41,12 @@ For each case (the state: ``(count, bytes per array)`` groups of float32 arrays)
   descriptor DCP's fsync falls back to ``os.sync()`` of the whole machine, which an S3 PUT
   does not need); "skipped: <reason>" where torch.distributed.checkpoint or s3fs does not
   import.
+
+Then, once per run (``api``; on asyncio only), obstore's asyncio API (``put_async``,
+``get_async``) against its sync API with one worker-thread hop per call, the path
+ObjectStorage takes on asyncio and trio: a 256 MiB object (the 256MiB case's arrays) put
+in parts and got whole, and 1,000 objects of 4 KiB put and got 8 at a time (ObjectStorage's
+``max_concurrency``), on the server and on an in-memory store; ratios ``sync / async``.
 
 Every request the server answers is logged (a WSGI wrapper around moto's application):
 its kind (PUT, upload part, ranged GET...), when it began and ended, its bytes. For each
@@ -53,12 +63,15 @@ Usage::
 
     python -m benchmarks.remote                   # 256 MiB in 64 arrays; many small arrays
     python -m benchmarks.remote --smoke           # tiny sizes, a few seconds
+    python -m benchmarks.remote --cases '' --repeats 3   # the API comparison alone
+    python -m benchmarks.remote --cases 256MiB --no-api  # one case, no API comparison
     python -m benchmarks.remote --json out.json --markdown out.md
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import importlib
@@ -119,11 +132,49 @@ REPEATS: Final = 3
 SMOKE_REPEATS: Final = 1
 RATIO_TARGET: Final = 1.2
 """Issue 16: save at most this times obstore's raw put, restore at most this times its get."""
+API_SIZES: Final = {"big": (64, 256 * MiB // 64), "small": (1000, 4096)}
+"""The ``api`` comparison: one object of ``count x bytes`` (the 256MiB case's arrays, as
+one multipart upload), and ``count`` objects of ``bytes``."""
+SMOKE_API_SIZES: Final = {"big": (5, 2 * MiB), "small": (100, 4096)}
+APIS: Final = ("async", "sync")
+"""obstore's asyncio API (``put_async``, ``get_async``) and its sync API in worker threads."""
 BUCKET: Final = "asyncckpt-bench"
 MOTO_BUFFER_BYTES: Final = 4 * 1024 * MiB
 """Objects up to this size stay in moto's memory (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``)."""
 WIDE: Final = 8
 """The concurrency of the ``ranged_gets_x8`` replay (ObjectStorage's parts at once)."""
+READ_PLANS: Final[dict[str, tuple[int | None, int | None]]] = {
+    "16MiB": (16 * MiB, None),
+    "64MiB": (64 * MiB, None),
+    "per_reader": (None, None),
+    "one_reader": (None, 1),
+}
+"""The ``restore_into_<plan>`` figures: (bytes per ranged GET, None: a reader's whole share;
+readers, None: the default, one per core)."""
+
+
+@contextlib.contextmanager
+def _read_plan(batch_bytes: int | None, readers: int | None) -> Iterator[None]:
+    """Make restores in this block read ``batch_bytes`` per ranged GET (None: each reader's
+    whole share in one) with ``readers`` readers (None: the default).
+
+    The plan is not an option of the library (no user should need one), so the benchmark
+    sets the module's globals for the length of one figure; restores are the only thing
+    running then.
+    """
+    from asyncckpt._checkpoint import _file
+
+    values: dict[str, Any] = {"_READ_BATCH_BYTES": batch_bytes or sys.maxsize}
+    if readers is not None:
+        values["_read_threads"] = lambda: readers
+    saved = {name: getattr(_file, name) for name in values}
+    for name, value in values.items():
+        setattr(_file, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_file, name, value)
 
 
 def _object_storage_defaults() -> tuple[int, int]:
@@ -485,6 +536,13 @@ async def _case(
         async def memory_restore_into() -> None:
             await mem.restore(into=into_memory)
 
+        def planned(plan: str) -> Callable[[], Awaitable[None]]:
+            async def restore_into_planned() -> None:
+                with _read_plan(*READ_PLANS[plan]):
+                    await manager.restore(into=into)
+
+            return restore_into_planned
+
         def dcp_url(round_: int) -> str:
             return f"s3://{s3.bucket}/dcp/{name}/{round_}"
 
@@ -502,6 +560,7 @@ async def _case(
             "memory_raw_put": lambda: put(memory),
             "memory_save": memory_save,
             "memory_restore_into": memory_restore_into,
+            **{f"restore_into_{plan}": planned(plan) for plan in READ_PLANS},
         }
         writes = ["raw_put", "save", "memory_raw_put", "memory_save", "dcp_save"]
         reads = [
@@ -511,6 +570,7 @@ async def _case(
             "raw_get_ranges",
             "memory_restore_into",
             "dcp_load",
+            *(f"restore_into_{plan}" for plan in READ_PLANS),
         ]
         replays = ["ranged_gets", "ranged_gets_x8", "ranged_gets_merged"]
         if dcp is not None:
@@ -525,6 +585,10 @@ async def _case(
             for op in order:
                 if op not in ops:  # DCP, after it failed
                     continue
+                checked = not round_no and op.startswith("restore_into")
+                if checked:  # each read plan must fill every array: start from zeros
+                    for array in into.values():
+                        array.fill(0)
                 start = time.perf_counter()
                 try:
                     result = ops[op]()
@@ -541,6 +605,8 @@ async def _case(
                         windows.pop(key, None)
                     continue
                 end = time.perf_counter()
+                if checked and not all(np.array_equal(into[k], state[k]) for k in state):
+                    raise RuntimeError(f"{op} did not restore the state saved")
                 if round_no:
                     samples.setdefault(op, []).append(end - start)
                     windows.setdefault(op, []).append((start, end))
@@ -585,6 +651,10 @@ async def _case(
         "ranged_gets_merged / raw_get": ratio("ranged_gets_merged", "raw_get"),
         "raw_get_ranges / raw_get": ratio("raw_get_ranges", "raw_get"),
         "memory_save / memory_raw_put": ratio("memory_save", "memory_raw_put"),
+        **{
+            f"restore_into_{plan} / raw_get": ratio(f"restore_into_{plan}", "raw_get")
+            for plan in READ_PLANS
+        },
     }
     if dcp is not None:
         ratios |= {
@@ -604,6 +674,161 @@ async def _case(
         "dcp": "measured" if dcp is not None else f"skipped: {dcp_reason}",
         "seconds": seconds,
         "requests": requests,
+        "ratios": ratios,
+    }
+
+
+async def _api(sizes: dict[str, tuple[int, int]], repeats: int, s3: LocalS3) -> dict[str, Any]:
+    """obstore's asyncio API against its sync API called in worker threads (ObjectStorage's
+    path on every backend), on asyncio, in one run: one large object put (multipart, with
+    ObjectStorage's part size and parts at once) and got whole, and many small objects put
+    and got ``max_concurrency`` at a time (ObjectStorage's bound on requests at once), on
+    the local server and, for the small ones, on an in-memory store (the client's cost per
+    call, without a server).
+
+    Both APIs get the same loop of calls: ``max_concurrency`` tasks, each taking its share
+    of the keys one call at a time; the sync one makes one ``anyio.to_thread.run_sync`` hop
+    per call, as ObjectStorage does, under a limiter of that many threads.
+    """
+    obstore = importlib.import_module("obstore")
+    stores = importlib.import_module("obstore.store")
+    part_bytes, max_concurrency = _object_storage_defaults()
+    targets = {"s3": stores.from_url(f"s3://{s3.bucket}"), "memory": stores.MemoryStore()}
+    big_count, big_bytes = sizes["big"]
+    big = _views(_state([(big_count, big_bytes)]))
+    big_total = sum(len(v) for v in big)
+    small_count, small_bytes = sizes["small"]
+    small = np.random.default_rng(1).bytes(small_bytes)
+    limiter = anyio.CapacityLimiter(max_concurrency)
+    got: dict[str, list[Any]] = {}
+
+    def keys(api: str) -> list[str]:
+        return [f"api/small-{api}/{i:05d}" for i in range(small_count)]
+
+    async def spread(call: Callable[[str], Awaitable[Any]], names: list[str]) -> None:
+        async def worker(mine: list[str]) -> None:
+            for name in mine:
+                await call(name)
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(max_concurrency):
+                tasks.start_soon(worker, names[i::max_concurrency])
+
+    def big_put(api: str) -> Callable[[], Awaitable[Any]]:
+        store, key = targets["s3"], f"api/big-{api}"
+        options = {
+            "use_multipart": big_total > part_bytes,
+            "chunk_size": part_bytes,
+            "max_concurrency": max_concurrency,
+        }
+        if api == "async":
+            return lambda: obstore.put_async(store, key, big, **options)
+        return lambda: anyio.to_thread.run_sync(
+            lambda: obstore.put(store, key, big, **options), limiter=limiter
+        )
+
+    def big_get(api: str) -> Callable[[], Awaitable[Any]]:
+        store, key = targets["s3"], f"api/big-{api}"
+
+        async def get_async() -> None:
+            got[f"{api}_get_big"] = [await (await obstore.get_async(store, key)).bytes_async()]
+
+        async def get_sync() -> None:
+            got[f"{api}_get_big"] = [
+                await anyio.to_thread.run_sync(
+                    lambda: obstore.get(store, key).bytes(), limiter=limiter
+                )
+            ]
+
+        return get_async if api == "async" else get_sync
+
+    def small_put(api: str, where: str) -> Callable[[], Awaitable[Any]]:
+        store = targets[where]
+
+        async def put_async(key: str) -> None:
+            await obstore.put_async(store, key, small)
+
+        async def put_sync(key: str) -> None:
+            await anyio.to_thread.run_sync(obstore.put, store, key, small, limiter=limiter)
+
+        return lambda: spread(put_async if api == "async" else put_sync, keys(api))
+
+    def small_get(api: str, where: str) -> Callable[[], Awaitable[Any]]:
+        store = targets[where]
+        out: list[Any] = []
+        got[f"{where}_{api}_get_small"] = out
+
+        async def get_async(key: str) -> None:
+            out.append(await (await obstore.get_async(store, key)).bytes_async())
+
+        def get_one(key: str) -> Any:
+            return obstore.get(store, key).bytes()
+
+        async def get_sync(key: str) -> None:
+            out.append(await anyio.to_thread.run_sync(get_one, key, limiter=limiter))
+
+        async def run() -> None:
+            out.clear()
+            await spread(get_async if api == "async" else get_sync, keys(api))
+
+        return run
+
+    ops: dict[str, Callable[[], Awaitable[Any]]] = {}
+    for api in APIS:
+        ops[f"{api}_put_big"] = big_put(api)
+        ops[f"{api}_put_small"] = small_put(api, "s3")
+        ops[f"memory_{api}_put_small"] = small_put(api, "memory")
+    writes = list(ops)
+    for api in APIS:
+        ops[f"{api}_get_big"] = big_get(api)
+        ops[f"{api}_get_small"] = small_get(api, "s3")
+        ops[f"memory_{api}_get_small"] = small_get(api, "memory")
+    reads = [op for op in ops if op not in writes]
+    samples: dict[str, list[float]] = {}
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for round_no in range(repeats + 1):
+        for op in _rotate(writes, round_no) + _rotate(reads, round_no):
+            start = time.perf_counter()
+            await ops[op]()
+            end = time.perf_counter()
+            if round_no:
+                samples.setdefault(op, []).append(end - start)
+                windows.setdefault(op, []).append((start, end))
+        if round_no == 0:
+            whole = b"".join(big)
+            for api in APIS:
+                if bytes(got[f"{api}_get_big"][0]) != whole:
+                    raise RuntimeError(f"obstore's {api} get did not return the bytes put")
+                for where in targets:
+                    found = got[f"{where}_{api}_get_small"]
+                    if len(found) != small_count or any(bytes(b) != small for b in found):
+                        raise RuntimeError(f"obstore's {api} gets ({where}) did not return them")
+        got.clear()
+    await anyio.to_thread.run_sync(_delete_prefix, targets["s3"], "api/")
+
+    await anyio.sleep(0.2)  # the last responses are logged
+    seconds = {op: _summary(samples[op]) for op in ops}
+    med = {op: statistics.median(samples[op]) for op in ops}
+    ratios = {
+        f"sync_{what} / async_{what}": med[f"sync_{what}"] / med[f"async_{what}"]
+        for what in ("put_big", "get_big", "put_small", "get_small")
+    } | {
+        f"memory_sync_{what} / memory_async_{what}": (
+            med[f"memory_sync_{what}"] / med[f"memory_async_{what}"]
+        )
+        for what in ("put_small", "get_small")
+    }
+    return {
+        "big": {"count": big_count, "bytes": big_total},
+        "small": {"count": small_count, "bytes": small_bytes},
+        "max_concurrency": max_concurrency,
+        "part_bytes": part_bytes,
+        "seconds": seconds,
+        "requests": {
+            op: _profile([(s, e, s3.log.between(s, e)) for s, e in windows[op]])
+            for op in ops
+            if not op.startswith("memory_")
+        },
         "ratios": ratios,
     }
 
@@ -635,23 +860,41 @@ def unavailable() -> str | None:
     return None
 
 
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 async def run_remote(
-    *, smoke: bool = False, repeats: int | None = None, cases: list[str] | None = None
+    *,
+    smoke: bool = False,
+    repeats: int | None = None,
+    cases: list[str] | None = None,
+    api: bool = True,
 ) -> dict[str, Any]:
-    """Start the local S3 server, measure every case, stop it; return the report.
+    """Start the local S3 server, measure every case (``cases=[]``: none) and, with ``api``,
+    obstore's asyncio API against its sync one; stop it; return the report.
 
     Raises:
         ValueError: an unknown case name.
     """
     table = SMOKE_CASES if smoke else CASES
-    names = cases or list(table)
+    names = list(table) if cases is None else cases
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown cases {unknown}; choose from {sorted(table)}")
     repeats = repeats or (SMOKE_REPEATS if smoke else REPEATS)
     began = time.monotonic()
+    api_report: dict[str, Any] | str = "not measured"
     with local_s3() as s3:
         results = [await _case(name, table[name], repeats, s3) for name in names]
+        if api and _on_asyncio():
+            api_report = await _api(SMOKE_API_SIZES if smoke else API_SIZES, repeats, s3)
+        elif api:
+            api_report = "skipped: obstore's async API needs an asyncio loop"
     return {
         "server": "moto ThreadedMotoServer on 127.0.0.1, in this process",
         "versions": {
@@ -659,6 +902,7 @@ async def run_remote(
         },
         "repeats": repeats,
         "cases": results,
+        "api": api_report,
         "seconds": round(time.monotonic() - began, 2),
     }
 
@@ -709,8 +953,60 @@ _LABELS: Final = {
     "memory_restore_into": "asyncckpt restore(into=), memory://",
     "restore_into": "asyncckpt restore(into=)",
     "restore": "asyncckpt restore() (fresh arrays)",
+    "restore_into_16MiB": "restore(into=), 16 MiB per ranged GET",
+    "restore_into_64MiB": "restore(into=), 64 MiB per ranged GET",
+    "restore_into_per_reader": "restore(into=), one ranged GET per reader",
+    "restore_into_one_reader": "restore(into=), one reader, one ranged GET",
     "dcp_load": "DCP FsspecReader load (into tensors)",
 }
+
+
+_API_LABELS: Final = {
+    "put_big": "put, one object (multipart)",
+    "get_big": "get, one object, whole",
+    "put_small": "put, small objects",
+    "get_small": "get, small objects",
+}
+
+
+def _api_markdown(api: dict[str, Any] | str) -> list[str]:
+    """The async-against-sync table: each figure's seconds and sync / async."""
+    if isinstance(api, str):
+        return ["", f"obstore's asyncio API against its sync API in threads: {api}."]
+    big, small = api["big"], api["small"]
+    sizes = {
+        "big": f"{big['bytes'] / MiB:.0f} MiB",
+        "small": f"{small['count']} x {small['bytes'] / 1024:.0f} KiB, "
+        f"{api['max_concurrency']} at once",
+    }
+    lines = [
+        "",
+        "obstore's asyncio API (`put_async`, `get_async`) against its sync API, one worker-"
+        "thread hop per call (ObjectStorage's path on asyncio and trio), on asyncio. Seconds; "
+        "sync / async above 1: the threads are slower. Client: median time no request was at "
+        "the server (the client's own work, async / sync).",
+        "",
+        "| store | figure | async | sync in threads | sync / async | client |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for where, prefix in (("s3", ""), ("memory://", "memory_")):
+        for what, label in _API_LABELS.items():
+            key = f"{prefix}async_{what}"
+            if key not in api["seconds"]:
+                continue
+            size = sizes["big" if what.endswith("big") else "small"]
+            ratio = api["ratios"][f"{prefix}sync_{what} / {prefix}async_{what}"]
+            client = "-"
+            if key in api["requests"]:
+                client = " / ".join(
+                    f"{api['requests'][f'{side}_{what}']['client_s']['median']:.3f}"
+                    for side in APIS
+                )
+            lines.append(
+                f"| {where} | {label} ({size}) | {_fmt(api['seconds'][key])} | "
+                f"{_fmt(api['seconds'][f'{prefix}sync_{what}'])} | {ratio:.2f} | {client} |"
+            )
+    return lines
 
 
 def markdown(report: dict[str, Any], *, with_targets: bool = True) -> str:
@@ -754,6 +1050,7 @@ def markdown(report: dict[str, Any], *, with_targets: bool = True) -> str:
                 f"{profile['busy_s']['median']:.3f} | {profile['client_s']['median']:.3f} | "
                 f"{profile['most_at_once']} |"
             )
+    lines += _api_markdown(report.get("api", "not measured"))
     if not with_targets:
         return "\n".join(lines) + "\n"
     lines += targets_table(targets(report))
@@ -770,11 +1067,19 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated: {', '.join(CASES)} (smoke: {', '.join(SMOKE_CASES)})",
     )
     parser.add_argument("--repeats", type=int, default=None, help=f"rounds (default {REPEATS})")
+    parser.add_argument(
+        "--no-api",
+        action="store_true",
+        help="skip obstore's asyncio API against its sync API in threads",
+    )
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
-    cases = args.cases.split(",") if args.cases else None
-    report = anyio.run(lambda: run_remote(smoke=args.smoke, repeats=args.repeats, cases=cases))
+    # --cases '' runs none (with the API comparison alone)
+    cases = None if args.cases is None else [c for c in args.cases.split(",") if c]
+    report = anyio.run(
+        lambda: run_remote(smoke=args.smoke, repeats=args.repeats, cases=cases, api=not args.no_api)
+    )
     report["targets"] = targets(report)
     write_report(report, args.json_path, args.markdown, markdown)
     return 0

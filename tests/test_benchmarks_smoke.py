@@ -100,3 +100,35 @@ def _check_remote(remote: dict[str, Any] | str) -> None:
         for profile in requests.values():
             assert profile["busy_s"]["median"] >= 0
             assert all(latency >= 0 for latency in profile["latency_s"].values()), profile
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_prints_one_json_line(tmp_path: Path) -> None:
+    # On the project's machines (no GPU) it says why it skipped; on one with CUDA the smoke
+    # sizes run every figure.
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--smoke", "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    report = json.loads(lines[0])
+    if "skipped" in report:
+        assert set(report) == {"skipped"}, report
+        assert report["skipped"].startswith("no CUDA device: "), report
+        return
+    (case,) = report["cases"]
+    if "skipped" in case:  # the smoke case did not fit this machine's memory
+        assert case["skipped"].startswith("needs "), case
+        return
+    figures = ["pinned_d2h", "asyncckpt_stall", "asyncckpt_durable", "asyncckpt_restore_into"]
+    figures += ["torch_save", "torch_load_into"]
+    if "dcp" not in case:
+        figures += ["dcp_stall", "dcp_durable", "dcp_load_into"]
+    for figure in figures:
+        summary = case["seconds"][figure]
+        assert 0 < summary["min"] <= summary["median"] <= summary["max"], (figure, summary)
+    assert case["ratios"]["asyncckpt_stall / pinned_d2h"] > 0
+    assert isinstance(case["target"]["met"], bool)
+    assert case["asyncckpt"]["restored_matches"] is True

@@ -26,12 +26,15 @@ LAYER_RANKS = {
 # the saver below the manager); a module may import only those before it.
 CHECKPOINT_ORDER = [
     "_format",
+    "_shards",
     "_state_file",
     "_snapshot",
     "_file",
+    "_coordination",
     "_directory",
     "_saver",
     "_maintenance",
+    "_sharded",
     "_manager",
 ]
 

@@ -31,6 +31,8 @@ from .._core._errors import (
 from .._core._util import usable_cores
 from .._storage import DirectorySyncError, WriteAborted
 from ._file import write_snapshot
+from ._shards import shard_checkpoint, shards_of
+from ._snapshot import Snapshot
 from ._state_file import (
     CheckpointState,
     Retention,
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
     from .._storage import Storage
-    from ._snapshot import Snapshot
 
 __all__ = [
     "CheckpointDirectory",
@@ -184,6 +185,8 @@ class CheckpointDirectory:
         retention: what to keep.
         storage: where the files live.
         recycle: reuse retired files (only for a writer that holds the lock across saves).
+        sharded: its checkpoints are manifests with shards (``_shards``), which retention
+            retires with them.
         clock: wall-clock time for the state file's timestamps.
         created: when the writer was made (``clock()`` by default): the first period of
             ``keep_checkpoint_every_n_hours`` starts then.
@@ -197,6 +200,7 @@ class CheckpointDirectory:
         retention: Retention,
         storage: Storage,
         recycle: bool = False,
+        sharded: bool = False,
         clock: Callable[[], float] = time.time,
         created: float | None = None,
     ) -> None:
@@ -207,6 +211,7 @@ class CheckpointDirectory:
         self._retention = retention
         self._storage = storage
         self._recycle = recycle
+        self._sharded = sharded
         self._clock = clock
         # TensorFlow's Saver counts keep_checkpoint_every_n_hours from its creation.
         self._created = clock() if created is None else created
@@ -257,7 +262,8 @@ class CheckpointDirectory:
         input pipeline's) may be writing the others.
 
         On a storage that writes in place (an object store), the unlisted checkpoints of
-        these prefixes older than ``UNLISTED_GRACE_SECS`` are removed too.
+        these prefixes older than ``UNLISTED_GRACE_SECS`` are removed too, and in a sharded
+        directory the shards of checkpoints never listed (a save that failed on a rank).
 
         Returns:
             The names of the temporary files (and unlisted checkpoints) removed.
@@ -272,12 +278,22 @@ class CheckpointDirectory:
             self.load_state()
             owns = owned_by(self.latest_filename, prefixes)
             removed = self._storage.remove_temp_files(self.path, owns)
-            if self._storage.writes_in_place:
+            if self._storage.writes_in_place or self._sharded:
                 removed += self._remove_unlisted(prefixes)
             return removed
         except BaseException:
             self._lock.release()
             raise
+
+    def remove_own_shard_temp_files(self, prefixes: Iterable[str], rank: int) -> list[str]:
+        """Remove the temporary files of rank ``rank``'s crashed shard writes (blocking; for
+        a rank that does not hold the directory: it alone writes its shards)."""
+        owns = owned_by(None, prefixes, rank=rank)
+
+        def own_shard(name: str) -> bool:
+            return shard_checkpoint(name) is not None and owns(name)
+
+        return self._storage.remove_temp_files(self.path, own_shard)
 
     def _remove_unlisted(self, prefixes: Iterable[str]) -> list[str]:
         """Delete checkpoints of these prefixes that the state file does not list and that
@@ -287,8 +303,11 @@ class CheckpointDirectory:
         listed = frozenset(self.state.names)
         doomed = []
         for name in self._storage.list_names(self.path):
-            prefix, step = split_step(name)
-            if prefix not in known or step is None or name in listed:
+            checkpoint = shard_checkpoint(name)
+            if checkpoint is None and not self._storage.writes_in_place:
+                continue  # a local file is put in place by rename: only shards are orphans
+            prefix, step = split_step(checkpoint or name)
+            if prefix not in known or step is None or (checkpoint or name) in listed:
                 continue
             path = os.path.join(self.path, name)
             info = self._storage.file_info(path)
@@ -409,6 +428,75 @@ class CheckpointDirectory:
         Raises:
             CheckpointWriteError: the message says what the directory holds now.
         """
+        return await self._abandonable(
+            lambda aborted: self._commit_sync(snapshot, path, step, metadata, aborted),
+            path,
+            limiter=limiter,
+            abandon_after=abandon_after,
+        )
+
+    async def write_shard(
+        self,
+        snapshot: Snapshot,
+        path: str,
+        *,
+        step: int,
+        metadata: dict[str, Any],
+        limiter: anyio.CapacityLimiter | None = None,
+        abandon_after: float = math.inf,
+    ) -> int:
+        """Write one rank's shard of a sharded checkpoint: the file alone, listed nowhere
+        (the chief's manifest will name it). Need not be held: only this rank writes it.
+
+        Cancelled as ``commit`` is. Returns its size in bytes.
+
+        Raises:
+            CheckpointWriteError: it was not written.
+        """
+
+        def write(aborted: Callable[[], bool]) -> int:
+            # The error is the file's alone: what the directory holds is the chief's to say.
+            return write_snapshot(
+                self._storage,
+                snapshot,
+                path,
+                step=step,
+                metadata=metadata,
+                wall_time=self._clock(),
+                crc_thread=self._crc_thread(),
+                aborted=aborted,
+            )
+
+        return await self._abandonable(write, path, limiter=limiter, abandon_after=abandon_after)
+
+    def commit_manifest(
+        self,
+        path: str,
+        *,
+        step: int,
+        metadata: dict[str, Any],
+    ) -> int:
+        """List a sharded checkpoint whose every shard is durable: write its manifest (a
+        checkpoint file without arrays, ``metadata`` naming the shards), then the state file,
+        then retire what retention drops, shards included (blocking; must be held).
+
+        Raises:
+            CheckpointWriteError: as for ``commit``; the shards are left for the caller.
+        """
+        manifest = Snapshot(spec=["d", []], leaves=[], nbytes=0)
+        size = self._commit_sync(manifest, path, step, metadata, lambda: False)
+        return size
+
+    async def _abandonable(
+        self,
+        work: Callable[[Callable[[], bool]], int],
+        path: str,
+        *,
+        limiter: anyio.CapacityLimiter | None,
+        abandon_after: float,
+    ) -> int:
+        """Run ``work(aborted)`` in a worker thread; a cancellation sets ``aborted`` and
+        waits for the thread up to ``abandon_after`` seconds (see ``commit``)."""
         abandoned = threading.Event()
         finished = threading.Event()
         # Whether the thread began: a cancellation can land before it does (anyio checks
@@ -422,7 +510,7 @@ class CheckpointDirectory:
                     raise WriteAborted("the writer abandoned this save before it began")
                 started.append(True)
             try:
-                return self._commit_sync(snapshot, path, step, metadata, abandoned.is_set)
+                return work(abandoned.is_set)
             finally:
                 finished.set()
 
@@ -574,6 +662,10 @@ class CheckpointDirectory:
 
     def _retire(self, retired: list[str], name: str) -> None:
         doomed = [os.path.join(self.path, n) for n in retired]
+        if self._sharded:
+            present = self._storage.list_names(self.path)
+            for checkpoint in retired:
+                doomed += [os.path.join(self.path, s) for s in shards_of(checkpoint, present)]
         try:
             spare = self._storage.remove_files(
                 doomed, keep_spare=self._recycle and self._spare is None

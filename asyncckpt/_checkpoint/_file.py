@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
@@ -38,6 +39,7 @@ from .._tree import (
     select,
 )
 from . import _format
+from ._shards import Manifest
 
 if TYPE_CHECKING:
     import mmap
@@ -58,6 +60,7 @@ __all__ = [
     "read_header_sync",
     "read_mapped",
     "read_metadata",
+    "refuse_manifest",
     "verify_file",
     "write_snapshot",
 ]
@@ -381,12 +384,14 @@ async def read_checkpoint(
             functools.partial(read_mapped, storage, path, verify, raw_dtypes=raw_dtypes),
             limiter=limiter,
         )
+        refuse_manifest(header, path)
         _into_targets(header, into, path)  # the mapped arrays are then copied into into=
         return header, build(header.tree, arrays, into)
     async with storage.open_for_read(path, limiter=limiter) as file:
         header = _format.dtypes_for_restore(
             await _read_header(file), raw_dtypes=raw_dtypes, source=path
         )
+        refuse_manifest(header, path)
         targets = _into_targets(header, into, path)
         arrays = [
             targets[index] if index in targets else np.empty(entry.shape, entry.dtype)
@@ -433,6 +438,7 @@ async def _read_parts(
     parts: list[Part] = []
 
     def choose(header: _format.Header) -> list[int]:
+        refuse_manifest(header, path)
         parts[:] = select(header.tree, paths=paths, into=into, partial=partial, source=path)
         return array_indices(parts)
 
@@ -550,6 +556,22 @@ async def read_first_intact(
             + "; ".join(str(exc) for _, exc in skipped[1:])
         )
     raise first
+
+
+def refuse_manifest(header: _format.Header, path: str) -> None:
+    """Refuse to read a sharded checkpoint's manifest as if it were the checkpoint.
+
+    Raises:
+        ValueError: it is a manifest; the message says how to restore it.
+    """
+    manifest = Manifest.from_metadata(header.metadata, path)
+    if manifest is not None:
+        directory = os.path.dirname(path) or "."
+        raise ValueError(
+            f"{path} is a checkpoint sharded over {manifest.world_size} ranks: restore it on "
+            "each rank with CheckpointManager(..., coordinator=...), or read one rank's "
+            f"shard by its path ({os.path.join(directory, manifest.shards[0])} is rank 0's)"
+        )
 
 
 def _into_targets(

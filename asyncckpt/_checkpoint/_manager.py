@@ -24,8 +24,11 @@ from .._core._util import check_int
 from .._storage import resolve_storage
 from .._tree import check_selection
 from . import _format
+from ._coordination import check_coordinator
 from ._directory import CheckpointDirectory
 from ._file import CheckpointMetadata, OnCorrupt, check_on_corrupt, read_first_intact, read_metadata
+from ._sharded import ShardedSaves
+from ._shards import check_user_metadata
 from ._snapshot import BufferNeed, Snapshot, SnapshotPool, make_buffers
 from ._state_file import (
     STATE_FILENAME,
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
     from .._core._types import StateTree
     from .._storage import Storage
+    from ._coordination import ShardCoordinator
 
 __all__ = ["CheckpointManager", "CheckpointManagerStatistics", "Policy", "SaveOutcome"]
 
@@ -126,6 +130,37 @@ class _SaveJob:
     metadata: dict[str, Any]
 
 
+def _check_sharding(
+    coordinator: object,
+    replicated: Sequence[str],
+    policy: str,
+    on_corrupt: str,
+    read_only: bool,
+) -> None:
+    if coordinator is None:
+        if replicated:
+            raise ValueError("replicated= names what rank 0 alone saves: pass coordinator= too")
+        return
+    check_coordinator(coordinator)
+    if isinstance(replicated, str):
+        raise TypeError(f"replicated= takes a list of tree paths: replicated=[{replicated!r}]")
+    if policy != "block":
+        raise ValueError(
+            f"policy={policy!r} would let one rank drop a save that the others write: every "
+            'rank must write every save; use policy="block" with coordinator='
+        )
+    if on_corrupt != "raise":
+        raise ValueError(
+            'on_corrupt="fallback" could restore different steps on different ranks: use '
+            'on_corrupt="raise" with coordinator='
+        )
+    if read_only:
+        raise ValueError(
+            "read_only=True reads checkpoints and coordinator= saves them: to read a sharded "
+            "checkpoint on each rank, open the manager with coordinator= and only restore"
+        )
+
+
 class CheckpointManager:
     """Save a service's or trainer's state in the background, keeping the newest few.
 
@@ -182,6 +217,16 @@ class CheckpointManager:
         read_only: open a directory that another process writes, to restore from it: no
             lock is taken and nothing is written (``save()`` raises); ``restore()`` and
             ``metadata()`` of the latest, and ``reload()``, read the state file afresh.
+        coordinator: save one shard per rank of a job with several processes
+            (``TorchDistributedCoordinator()``, ``StorageCoordinator(rank, world_size)``;
+            docs/DISTRIBUTED.md): every rank saves its own tree at the same steps, rank 0
+            commits a checkpoint once every rank's shard of it is durable, and a save that is
+            not committed raises ``CheckpointWriteError`` on every rank, naming the ranks
+            at fault. Needs ``policy="block"`` (every rank must save every step it is asked
+            to) and ``on_corrupt="raise"`` (every rank must restore the same step).
+        replicated: with ``coordinator``, the tree paths (``"model"``, ``"a/b"``) whose
+            values every rank holds alike: rank 0 alone saves them, and every rank restores
+            them from rank 0's shard (also in a job with another number of ranks).
     """
 
     def __init__(
@@ -200,8 +245,11 @@ class CheckpointManager:
         on_write_error: OnWriteError = "raise",
         read_only: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        coordinator: ShardCoordinator | None = None,
+        replicated: Sequence[str] = (),
     ) -> None:
         check_int("max_pending", max_pending, minimum=0)
+        _check_sharding(coordinator, replicated, policy, on_corrupt, read_only)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, not {policy!r}")
         if policy == "replace" and max_pending == 0:
@@ -235,8 +283,24 @@ class CheckpointManager:
                 keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
             ),
             storage=self.storage,
-            recycle=True,
+            # A retired manifest's shards are other ranks' files: none is kept as a spare.
+            recycle=coordinator is None,
+            sharded=coordinator is not None,
         )
+        self._sharded = (
+            None
+            if coordinator is None
+            else ShardedSaves(
+                coordinator,
+                self._directory,
+                self.storage,
+                replicated=replicated,
+                state_file_lock=self._state_file_lock,
+            )
+        )
+        # Rank 0 holds the directory; the other ranks of a sharded manager write their
+        # shards only, and read the state file as a read-only manager does.
+        self._holds = not read_only and (self._sharded is None or self._sharded.chief)
         # One set per snapshot the manager may hold: being written, max_pending waiting, and
         # one taken at the call by a save with an int step that waits for room (or whose
         # snapshot replaces a waiting one).
@@ -281,8 +345,13 @@ class CheckpointManager:
                     # First: a cancellation that lands just after the lock was taken (in a
                     # worker thread, which finishes first) must still release it.
                     stack.push_async_callback(self._release_directory)
-                    await anyio.to_thread.run_sync(self._hold, limiter=self._limiter)
+                    hold = self._hold if self._holds else self._open_shards
+                    await anyio.to_thread.run_sync(hold, limiter=self._limiter)
                     self._latest_step = self._listed_latest_step()
+                    if self._sharded is not None:
+                        await anyio.to_thread.run_sync(
+                            self._sharded.bind, self.basename, limiter=self._limiter
+                        )
                     await self._task.open(stack, self._serve)
                 self._stack = stack.pop_all()
         except BaseException:
@@ -314,6 +383,12 @@ class CheckpointManager:
             missing,
         )
         self._directory.unlist(missing)
+
+    def _open_shards(self) -> None:
+        """A rank other than 0: read the state file, remove this rank's own crashed writes."""
+        assert self._sharded is not None
+        self._directory.load_state()
+        self._directory.remove_own_shard_temp_files([self.basename], self._sharded.rank)
 
     async def __aexit__(
         self,
@@ -358,6 +433,8 @@ class CheckpointManager:
                     queue.close()
                     await self._wait_idle()  # every accepted snapshot (the caller may cancel)
                     await self._retire_unpinned()
+                    if self._sharded is not None:
+                        await self._sharded.close(self._limiter)
             finally:
                 # An exception, a cancellation of the owner, or a cancelled drain: keep
                 # writing the snapshots already taken for up to the grace period. Only a
@@ -396,22 +473,15 @@ class CheckpointManager:
                 logger.info("saving checkpoint for step %d into %s", job.step, job.path)
                 began = time.monotonic()
                 try:
-                    async with self._state_file_lock:
-                        size = await self._directory.commit(
-                            job.snapshot,
-                            job.path,
-                            step=job.step,
-                            metadata=job.metadata,
-                            limiter=self._limiter,
-                            abandon_after=_ABANDON_AFTER_SECS,
-                        )
+                    size = await self._write(job)
                 except CheckpointError as exc:
                     self._last_write = time.monotonic() - began
                     self._write_failed(exc)
                     # A failure after the state file was replaced (deleting old checkpoints)
                     # leaves the new checkpoint listed as the latest: follow the state
                     # file, or restore() would read an unlisted old file.
-                    self._latest_step = self._listed_latest_step()
+                    if self._holds:
+                        self._latest_step = self._listed_latest_step()
                     listed = self._latest_step == job.step
                     outcome = replace(outcome, written=listed, error=exc)
                 else:
@@ -435,11 +505,32 @@ class CheckpointManager:
         finally:
             queue.changes.notify()  # waiters see the writer gone
 
+    async def _write(self, job: _SaveJob) -> int:
+        """Write one job: the checkpoint, or this rank's shard of it."""
+        if self._sharded is not None:
+            return await self._sharded.save(
+                job.snapshot,
+                job.path,
+                step=job.step,
+                metadata=job.metadata,
+                limiter=self._limiter,
+                abandon_after=_ABANDON_AFTER_SECS,
+            )
+        async with self._state_file_lock:
+            return await self._directory.commit(
+                job.snapshot,
+                job.path,
+                step=job.step,
+                metadata=job.metadata,
+                limiter=self._limiter,
+                abandon_after=_ABANDON_AFTER_SECS,
+            )
+
     async def _next_job(self, queue: EvictingQueue[_SaveJob]) -> _SaveJob | None:
         while len(self._unacknowledged) >= _UNACKNOWLEDGED_LIMIT and not self._closed:
             await queue.changes.changed()
         await self._retire_unpinned()
-        every = self._directory.renew_every
+        every = self._directory.renew_every if self._holds else None
         while every is not None:
             # An idle writer keeps its lease (an object store's lock) alive between saves.
             with anyio.move_on_after(every):
@@ -457,7 +548,7 @@ class CheckpointManager:
         # The common case, nothing to retire, costs no await: the writer calls this before
         # every job. Then under the state file's lock (a restore's fallback may be unlisting,
         # and the writer's and the close's calls must not both retire), checked again.
-        if not self._directory.has_unpinned_surplus():
+        if not self._holds or not self._directory.has_unpinned_surplus():
             return
         async with self._state_file_lock:
             if not self._directory.has_unpinned_surplus():
@@ -571,13 +662,16 @@ class CheckpointManager:
         self._writable_queue()
         self._raise_unreported()
         meta = _format.check_metadata(metadata) if metadata is not None else {}
+        check_user_metadata(meta)
+        if self._sharded is not None:
+            state = self._sharded.own_part(state)
         if callable(step):
             return await self._save_when_ready(state, step, meta)
         path, step_value = self._label(step)
         if self._full() and self.policy == "skip":
             self._skipped += 1
             return False
-        snapshot = self._snapshot(state, None)
+        snapshot = await self._snapshot(state, None)
         assert snapshot is not None
         job = _SaveJob(snapshot, step_value, path, meta)
         try:
@@ -586,6 +680,10 @@ class CheckpointManager:
         except BaseException:
             job.snapshot.release()
             raise
+        if self._full() and self.policy == "skip":  # filled while tensors came off a device
+            job.snapshot.release()
+            self._skipped += 1
+            return False
         self._enqueue(job)
         return True
 
@@ -604,8 +702,13 @@ class CheckpointManager:
             # No await from here to the snapshot: the label is the state's at that instant.
             path, step_value = self._label(step())
             missing: list[BufferNeed] | None = [] if rounds < _WARM_ROUNDS else None
-            snapshot = self._snapshot(state, missing)
+            snapshot = await self._snapshot(state, missing)
             if snapshot is not None:
+                if self._full() and self.policy != "replace":
+                    # Another save filled the queue while tensors came off a device: the
+                    # policy decides again, and a later snapshot gets a label of its own.
+                    snapshot.release()
+                    continue
                 self._enqueue(_SaveJob(snapshot, step_value, path, meta))
                 return True
             assert missing
@@ -614,14 +717,22 @@ class CheckpointManager:
             self._pool.count_made(buffers)
             self._pool.stock(buffers)
 
-    def _snapshot(self, state: StateTree, missing: list[BufferNeed] | None) -> Snapshot | None:
-        """Take the snapshot on the loop, timed (the stall that ``statistics()`` reports);
-        with ``missing``, only into warm buffers (None, and what is missing, if not)."""
+    async def _snapshot(
+        self, state: StateTree, missing: list[BufferNeed] | None
+    ) -> Snapshot | None:
+        """Take the snapshot on the loop and wait for its copies off devices, timed (the stall
+        that ``statistics()`` reports); with ``missing``, only into warm buffers (None, and
+        what is missing, if not)."""
         began = time.perf_counter()
         snapshot = (
             self._pool.take(state) if missing is None else self._pool.take_warm(state, missing)
         )
         if snapshot is not None:
+            try:
+                await snapshot.staged()
+            except BaseException:
+                snapshot.release()
+                raise
             stall = time.perf_counter() - began
             self._last_stall = stall
             self._max_stall = max(self._max_stall, stall)
@@ -649,6 +760,8 @@ class CheckpointManager:
             RuntimeError: the manager is not open, or is read-only.
         """
         self._writable_queue()
+        if self._sharded is not None:
+            state = self._sharded.own_part(state)
         for _ in range(self.max_pending + 1 + _WARM_ROUNDS):
             plans = self._pool.plan_reserve(state, self.max_pending + 1)
             index = next((i for i, plan in enumerate(plans) if plan), None)
@@ -735,6 +848,11 @@ class CheckpointManager:
         policy = self.on_corrupt if on_corrupt is None else check_on_corrupt(on_corrupt)
         if step is not None:
             policy = "raise"
+        if self._sharded is not None:
+            return await self._restore_shard(
+                step, into, paths=paths, partial=partial,
+                read={"use_mmap": mmap, "verify": verify, "raw_dtypes": raw_dtypes},
+            )  # fmt: skip
         # A read-only manager's latest may be retired by its writer between the state file
         # and the open (the storage then refuses it): read the state file again and retry.
         attempts_left = _READ_ONLY_ATTEMPTS if self.read_only and step is None else 1
@@ -766,6 +884,25 @@ class CheckpointManager:
                 await self._unlist([os.path.basename(p) for p in skipped])
             return tree
 
+    async def _restore_shard(
+        self,
+        step: int | None,
+        into: StateTree,
+        *,
+        paths: Sequence[str] | None,
+        partial: bool,
+        read: dict[str, Any],
+    ) -> StateTree:
+        assert self._sharded is not None
+        await self.reload()
+        step = self._latest_step if step is None else step
+        if step is None:
+            raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
+        path = os.path.join(self.directory, f"{self.basename}-{step}")
+        return await self._sharded.restore(
+            path, into=into, paths=paths, partial=partial, read=read, limiter=self._limiter
+        )
+
     async def reload(self) -> None:
         """Read the state file again, to see the checkpoints that another process wrote
         since (a read-only manager; the writing manager's view is always current, and this
@@ -776,7 +913,7 @@ class CheckpointManager:
                 file cannot be trusted or read.
         """
         self._open_queue()
-        if self.read_only:
+        if not self._holds:
             await anyio.to_thread.run_sync(self._directory.load_state, limiter=self._limiter)
             self._latest_step = self._listed_latest_step()
 
@@ -801,6 +938,10 @@ class CheckpointManager:
             if step is None:
                 raise CheckpointNotFoundError(self.directory, "no checkpoint has been saved here")
         path = os.path.join(self.directory, f"{self.basename}-{step}")
+        if self._sharded is not None:
+            manifest = await self._sharded.manifest(path, self._limiter)
+            if manifest.world_size == self._sharded.world_size:
+                path = os.path.join(self.directory, manifest.shards[self._sharded.rank])
         return await read_metadata(self.storage, path, limiter=self._limiter)
 
     def add_done_callback(

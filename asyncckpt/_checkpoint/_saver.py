@@ -216,6 +216,7 @@ class Saver:
         snapshot = self._pool.take(state)
         self._busy.add(directory.path)
         try:
+            await snapshot.staged()
             await anyio.to_thread.run_sync(directory.hold, [prefix])
             try:
                 await directory.commit(snapshot, path, step=step, metadata=meta)

@@ -1,7 +1,9 @@
 """Snapshots: a state tree frozen at a step boundary, in buffers reused from save to save.
 
-Owns the buffer pool and the copy threads. Flattening (what a tree may hold) belongs to the
-tree layer; what a snapshot becomes on disk, to ``_file``.
+Owns the buffer pool, the copy threads, and the staging of device tensors: which are copied
+into which pinned buffers, and the wait for those copies. Flattening (what a tree may hold)
+and the torch calls that copy off a device belong to the tree layer; what a snapshot becomes
+on disk, to ``_file``.
 """
 
 from __future__ import annotations
@@ -9,19 +11,38 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeAlias
 
+import anyio
+import anyio.lowlevel
 import numpy as np
 
 from .._core._util import usable_cores
-from .._tree import ArrayLeaf, Spec, TreePath, byte_view, flatten
+from .._tree import (
+    ArrayLeaf,
+    CudaCopier,
+    DeviceLeaves,
+    DeviceTensor,
+    Spec,
+    TreePath,
+    byte_view,
+    flatten,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from .._core._types import StateTree
 
-__all__ = ["BufferNeed", "CopyThreads", "Snapshot", "SnapshotPool", "make_buffers"]
+__all__ = [
+    "BufferNeed",
+    "CopyThreads",
+    "DeviceCopier",
+    "PinnedBuffer",
+    "Snapshot",
+    "SnapshotPool",
+    "make_buffers",
+]
 
 _PARALLEL_COPY_BYTES: Final = 16 * 1024 * 1024
 """Below this a snapshot is copied on the caller's thread alone: a hand-off costs more."""
@@ -30,25 +51,70 @@ _PAGE_BYTES: Final = 4096
 
 _CopyPair = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 Buffers = dict[TreePath, np.ndarray[Any, Any]]
+Wait: TypeAlias = "Callable[[], None]"
+"""Blocks until the copies off a device it was returned for have landed."""
 
 
 class BufferNeed(NamedTuple):
-    """A snapshot buffer that does not exist yet: where in the tree, and of what array."""
+    """A snapshot buffer that does not exist yet: where in the tree, and of what array;
+    ``pinned`` when a device copies into it (a tensor on a CUDA device)."""
 
     path: TreePath
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
+    pinned: bool = False
 
 
-def make_buffers(needs: Sequence[BufferNeed]) -> Buffers:
-    """Allocate and touch the buffers ``needs`` asks for (blocking: for a worker thread).
+class PinnedBuffer(np.ndarray[Any, Any]):
+    """A pooled buffer in pinned host memory, which a device copies into: a view of what
+    ``DeviceCopier.pinned`` made, which its chain of bases keeps alive.
+
+    Its own type, so that a free set says which of its buffers a device copy may reuse.
+    """
+
+
+class DeviceCopier(Protocol):
+    """The device operations a snapshot makes: ``CudaCopier`` (the tree layer's torch module,
+    the only one that may import torch), or a stand-in in tests."""
+
+    @property
+    def device_types(self) -> frozenset[str]:
+        """The device types (``"cuda"``) whose tensors it copies."""
+        ...
+
+    def pinned(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+        """A host array a device copies into asynchronously (blocking: for a worker thread)."""
+        ...
+
+    def start(self, copies: Sequence[tuple[np.ndarray[Any, Any], DeviceTensor]]) -> Wait:
+        """Enqueue the copy of each tensor into its buffer (one ``pinned`` made), after the
+        work its device was given so far and before any it is given later; return the
+        blocking wait for them all (for a worker thread)."""
+        ...
+
+
+def make_buffers(
+    needs: Sequence[BufferNeed],
+    allocate_pinned: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]] | None = None,
+) -> Buffers:
+    """Allocate and touch the buffers ``needs`` asks for (blocking: for a worker thread);
+    pinned ones through ``allocate_pinned`` (by default ``CudaCopier.pinned``).
 
     Every page is written once here, so the snapshot that copies into them later costs no
     more than one into warm buffers (fresh memory costs about 2.7 s per GiB to touch on
     these machines). Zeroed, so a structured array's padding carries no stale heap bytes.
+
+    Raises:
+        RuntimeError: a pinned buffer is asked for and torch sees no CUDA device.
     """
     buffers: Buffers = {}
+    pinned = CudaCopier.pinned if allocate_pinned is None else allocate_pinned
     for need in needs:
+        if need.pinned:
+            # Page-locked memory is resident from its allocation on: nothing to touch, and a
+            # device copy overwrites every byte (tensors have no padding).
+            buffers[need.path] = pinned(need.shape, need.dtype).view(PinnedBuffer)
+            continue
         buffer = np.zeros(need.shape, need.dtype)
         # np.zeros of a large array maps pages it has not touched yet: write one byte of each.
         np.frombuffer(byte_view(buffer), np.uint8)[::_PAGE_BYTES] = 0
@@ -61,8 +127,10 @@ class Snapshot:
     """A tree frozen at one instant: its spec plus C-contiguous arrays.
 
     Arrays someone could still change were copied into pooled buffers; arrays nobody can
-    write (bytes, read-only arrays that own their memory) are referenced. ``release()``
-    hands the buffers back to the pool once they are written.
+    write (bytes, read-only arrays that own their memory) are referenced. Tensors on a device
+    are copied into pooled pinned buffers by the device itself: the snapshot is complete once
+    ``staged()`` returns. ``release()`` hands the buffers back to the pool once they are
+    written.
     """
 
     spec: Spec
@@ -70,12 +138,46 @@ class Snapshot:
     nbytes: int
     _pool: SnapshotPool | None = None
     _buffers: Buffers = field(default_factory=dict)
+    # Copies off a device may still write the pinned buffers (from before they are enqueued
+    # until they are seen to land); _wait waits for them.
+    _in_flight: bool = False
+    _wait: Wait | None = None
+
+    async def staged(self) -> None:
+        """Wait until the copies of device tensors have landed in the snapshot's buffers;
+        return at once when it holds none (without a checkpoint: no other task runs).
+
+        The wait runs in a worker thread, never on the event loop's.
+
+        Raises:
+            Exception: whatever the device reports for the copies (a CUDA error); the
+                snapshot's pinned buffers are then dropped, never reused.
+        """
+        wait = self._wait
+        if wait is None:
+            return
+        # Shielded (and one worker-thread call, which a cancellation waits for anyway): the
+        # copies are ours, already on the device and bounded by their bytes over the bus.
+        # Returning before they land would either hand the pool buffers the device is still
+        # writing, or throw away pinned memory that is slow to allocate again.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(wait)
+        self._wait = None
+        self._in_flight = False
+        # A save cancelled meanwhile is not taken: its buffers, now safe, go back to the pool.
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     def release(self) -> None:
         """Return the buffers to the pool; the snapshot must not be used afterwards."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool._give_back(self._buffers)
+            buffers = self._buffers
+            if self._in_flight:
+                # Released before its copies off a device were seen to land (or after they
+                # failed): the device may still write its pinned buffers, so they are dropped.
+                # torch frees pinned memory for reuse only once the copies into it are done.
+                buffers = {p: b for p, b in buffers.items() if not isinstance(b, PinnedBuffer)}
+            pool._give_back(buffers)
 
 
 class SnapshotPool:
@@ -89,12 +191,17 @@ class SnapshotPool:
     ``take`` allocates what is missing on the caller's thread; ``take_warm`` instead says
     what is missing, for the caller to ``make_buffers`` in a worker thread, ``stock`` them,
     and take again: an event loop is then blocked only for copies into warm buffers.
+
+    Tensors on a device (CUDA) are always copied, into pinned buffers pooled like the others,
+    by ``copier`` (one side stream per device, kept with the pool); a snapshot that holds
+    such copies is complete once ``Snapshot.staged()`` returns.
     """
 
-    def __init__(self, max_free_sets: int = 2) -> None:
+    def __init__(self, max_free_sets: int = 2, *, copier: DeviceCopier | None = None) -> None:
         self._free: list[Buffers] = []
         self._max_free_sets = max_free_sets
         self._copy_threads = CopyThreads()
+        self._copier: DeviceCopier = CudaCopier() if copier is None else copier
         self.buffers_allocated = 0
         self.bytes_allocated = 0
 
@@ -139,7 +246,11 @@ class SnapshotPool:
                 every.append(BufferNeed(path, array.shape, array.dtype))
             return 0
 
-        flatten(tree, add_leaf)
+        def add_device_leaf(path: TreePath, leaf: DeviceTensor) -> int:
+            every.append(BufferNeed(path, leaf.shape, leaf.dtype, pinned=True))
+            return 0
+
+        flatten(tree, add_leaf, DeviceLeaves(self._copier.device_types, add_device_leaf))
         plans = []
         for index in range(min(sets, self._max_free_sets)):
             have = self._free[index] if index < len(self._free) else {}
@@ -152,8 +263,7 @@ class SnapshotPool:
         if index is None:
             index = len(self._free) - 1
             if index >= 0 and any(
-                _fits(self._free[index].get(path), BufferNeed(path, b.shape, b.dtype))
-                for path, b in buffers.items()
+                _fits(self._free[index].get(path), _need_of(path, b)) for path, b in buffers.items()
             ):
                 # A warm set came back while these were made (a write finished): merging
                 # would drop its buffers. Keep them as a set of their own, taken after it.
@@ -171,6 +281,7 @@ class SnapshotPool:
         buffers = snapshot._buffers
         # (buffer, live array): copied once the whole tree was accepted, in parallel.
         copies: list[_CopyPair] = []
+        device_copies: list[tuple[np.ndarray[Any, Any], DeviceTensor]] = []
 
         def add_leaf(path: TreePath, array: np.ndarray[Any, Any]) -> int:
             if _must_copy(array):
@@ -187,10 +298,30 @@ class SnapshotPool:
             snapshot.nbytes += array.nbytes
             return len(leaves) - 1
 
+        def add_device_leaf(path: TreePath, leaf: DeviceTensor) -> int:
+            need = BufferNeed(path, leaf.shape, leaf.dtype, pinned=True)
+            buffer = reusable.pop(path, None)
+            if buffer is None or not _fits(buffer, need):
+                if missing is not None:
+                    missing.append(need)
+                    return len(leaves)
+                buffer = self._allocate_pinned(need)
+            device_copies.append((buffer, leaf))
+            buffers[path] = buffer
+            leaves.append(ArrayLeaf(path, buffer.view(np.ndarray)))
+            snapshot.nbytes += buffer.nbytes
+            return len(leaves) - 1
+
+        devices = DeviceLeaves(self._copier.device_types, add_device_leaf)
         try:
-            snapshot.spec = flatten(tree, add_leaf)
+            snapshot.spec = flatten(tree, add_leaf, devices)
             if missing:
                 raise _Cold
+            if device_copies:
+                # Enqueued first, so that the devices copy while this thread copies the host
+                # arrays; marked first, so that a failure half-way drops their buffers.
+                snapshot._in_flight = True
+                snapshot._wait = self._copier.start(device_copies)
             self._copy_threads.copy(copies)
         except BaseException as exc:
             # Keep the buffers this attempt did not get to, so a rejected tree (or a cold
@@ -208,6 +339,12 @@ class SnapshotPool:
         # fields: zero it once, or the file would carry whatever the heap held there.
         allocate = np.empty if like.dtype.fields is None else np.zeros
         buffer = allocate(like.shape, like.dtype)
+        self.buffers_allocated += 1
+        self.bytes_allocated += buffer.nbytes
+        return buffer
+
+    def _allocate_pinned(self, need: BufferNeed) -> PinnedBuffer:
+        buffer = self._copier.pinned(need.shape, need.dtype).view(PinnedBuffer)
         self.buffers_allocated += 1
         self.bytes_allocated += buffer.nbytes
         return buffer
@@ -233,7 +370,18 @@ def _must_copy(array: np.ndarray[Any, Any]) -> bool:
 
 
 def _fits(buffer: np.ndarray[Any, Any] | None, need: BufferNeed) -> bool:
-    return buffer is not None and buffer.shape == need.shape and buffer.dtype == need.dtype
+    # A pinned buffer serves a host copy too (as a snapshot's take does), not the reverse:
+    # a device copy into pageable memory would block the host.
+    return (
+        buffer is not None
+        and buffer.shape == need.shape
+        and buffer.dtype == need.dtype
+        and (not need.pinned or isinstance(buffer, PinnedBuffer))
+    )
+
+
+def _need_of(path: TreePath, buffer: np.ndarray[Any, Any]) -> BufferNeed:
+    return BufferNeed(path, buffer.shape, buffer.dtype, isinstance(buffer, PinnedBuffer))
 
 
 def _frozen(array: np.ndarray[Any, Any]) -> bool:

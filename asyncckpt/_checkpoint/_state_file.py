@@ -19,6 +19,7 @@ from .._core._crc32c import crc32c
 from .._core._errors import CheckpointCorruptedError, CheckpointFormatError
 from .._core._util import check_int
 from .._storage import LOCK_NAME, MAX_SMALL_FILE
+from ._shards import shard_checkpoint, shard_rank
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable, Sequence
@@ -189,12 +190,21 @@ def split_step(name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def owned_by(latest_filename: str, prefixes: Iterable[str]) -> Callable[[str], bool]:
-    """Return whether a file name belongs to the writers of this state file and prefixes."""
+def owned_by(
+    latest_filename: str | None, prefixes: Iterable[str], *, rank: int = 0
+) -> Callable[[str], bool]:
+    """Return whether a file name belongs to the writers of this state file and prefixes:
+    the state file, a checkpoint of those prefixes, or rank ``rank``'s shard of one (each
+    rank cleans up after its own shard writes alone: another rank may be writing its own)."""
     known = frozenset(prefixes)
 
     def owns(name: str) -> bool:
-        return name == latest_filename or split_step(name)[0] in known
+        if name == latest_filename:
+            return True
+        checkpoint = shard_checkpoint(name)
+        if checkpoint is not None:
+            return shard_rank(name) == rank and split_step(checkpoint)[0] in known
+        return split_step(name)[0] in known
 
     return owns
 

@@ -34,7 +34,7 @@ from ._timer import SecondOrStepTimer
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
 
-    from .._checkpoint import Saver
+    from .._checkpoint import Saver, ShardCoordinator
     from .._core._errors import CheckpointError
     from .._storage import Storage
     from .._summary import SummaryWriter
@@ -93,6 +93,11 @@ class CheckpointSaverHook(SessionRunHook):
         clock: the monotonic clock of the timer (inject a fake in tests).
         storage: where checkpoints (and the event file logging them) live; local files by
             default.
+        coordinator: save one shard per rank of a job with several processes (see
+            ``CheckpointManager``; docs/DISTRIBUTED.md): every rank runs this hook, rank 0
+            alone logs checkpoints to the event file. Needs ``save_steps`` (a schedule in
+            seconds would trigger at another step on each rank).
+        replicated: with ``coordinator``, the tree paths rank 0 alone saves.
 
     Raises:
         ValueError: not exactly one of ``save_steps`` / ``save_secs``; both ``saver`` and
@@ -115,9 +120,17 @@ class CheckpointSaverHook(SessionRunHook):
         on_write_error: Literal["raise", "log"] = "raise",
         clock: Callable[[], float] = time.monotonic,
         storage: Storage | None = None,
+        coordinator: ShardCoordinator | None = None,
+        replicated: Sequence[str] = (),
     ) -> None:
         if (save_secs is None) == (save_steps is None):
             raise ValueError("pass exactly one of save_steps= or save_secs=")
+        if coordinator is not None and save_secs is not None:
+            raise ValueError(
+                "with coordinator=, save by steps (save_steps=N): save_secs= would trigger "
+                "at a different step on each rank, and a checkpoint needs every rank's shard "
+                "of the same step"
+            )
         if on_write_error not in ("raise", "log"):
             raise ValueError(f'on_write_error must be "raise" or "log", not {on_write_error!r}')
         if saver is not None and scaffold is not None:
@@ -145,6 +158,8 @@ class CheckpointSaverHook(SessionRunHook):
             "latest_filename": saver.latest_filename if saver is not None else STATE_FILENAME,
             "storage": storage if storage is not None or saver is None else saver.storage,
             "on_write_error": on_write_error,
+            "coordinator": coordinator,
+            "replicated": replicated,
         }
         # Fail on bad arguments now, not when the session starts.
         CheckpointManager(**self._manager_args)
@@ -224,10 +239,13 @@ class CheckpointSaverHook(SessionRunHook):
             # The manager first: a directory that cannot hold checkpoints (read-only, full)
             # fails here with a CheckpointWriteError about the checkpoints themselves.
             self._manager = await open_in_session(coord, manager, until=self._closing)
-            # TensorFlow's hook logs each checkpoint to its directory's event file.
-            self._summary_writer = await summary_writer_for(
-                coord, self.checkpoint_dir, self._manager_args["storage"]
-            )
+            # TensorFlow's hook logs each checkpoint to its directory's event file (the
+            # chief's alone: one event file per directory, as summaries are the chief's).
+            coordinator = self._manager_args["coordinator"]
+            if coordinator is None or coordinator.rank == 0:
+                self._summary_writer = await summary_writer_for(
+                    coord, self.checkpoint_dir, self._manager_args["storage"]
+                )
             coord.start_soon(self._deliver_outcomes)
         assert self._manager is not None
         self._timer.update_last_triggered_step(session.global_step)

@@ -15,10 +15,12 @@ import anyio
 from .._checkpoint import (
     STATE_FILENAME,
     OnCorrupt,
+    check_coordinator,
     check_on_corrupt,
     get_checkpoint_state,
     latest_checkpoint,
     read_first_intact,
+    read_shards,
     unlist_checkpoints,
 )
 from .._core._errors import OutOfRangeError
@@ -28,6 +30,9 @@ from ._fetches import resolve_fetches
 from ._scaffold import Scaffold
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .._checkpoint import ShardCoordinator
     from .._core._types import StateTree
     from .._storage import Storage
 
@@ -149,6 +154,9 @@ class ChiefSessionCreator:
             one that is intact, with a WARNING naming each one skipped, and drop those from
             the state file (their files stay for ``asyncckpt verify``), so that the run
             continues from the restored step.
+        coordinator: restore this rank's shard of a sharded checkpoint (and, from rank 0's,
+            the ``replicated`` paths): see docs/DISTRIBUTED.md. Needs ``on_corrupt="raise"``.
+        replicated: with ``coordinator``, the tree paths rank 0 alone saves.
     """
 
     def __init__(
@@ -161,7 +169,16 @@ class ChiefSessionCreator:
         *,
         storage: Storage | None = None,
         on_corrupt: OnCorrupt = "raise",
+        coordinator: ShardCoordinator | None = None,
+        replicated: Sequence[str] = (),
     ) -> None:
+        if coordinator is not None:
+            check_coordinator(coordinator)
+            if on_corrupt != "raise":
+                raise ValueError(
+                    'on_corrupt="fallback" could restore different steps on different ranks: '
+                    'use on_corrupt="raise" with coordinator='
+                )
         if not callable(step_fn):
             raise TypeError("step_fn must be callable as step_fn(state, **feeds)")
         if checkpoint_dir is not None and checkpoint_filename_with_path is not None:
@@ -172,6 +189,8 @@ class ChiefSessionCreator:
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.storage = resolve_storage(self.checkpoint_dir or "", storage)
         self.on_corrupt = check_on_corrupt(on_corrupt)
+        self.coordinator = coordinator
+        self.replicated = tuple(replicated)
         self.checkpoint_filename_with_path = (
             None
             if checkpoint_filename_with_path is None
@@ -189,6 +208,17 @@ class ChiefSessionCreator:
             if self.scaffold.init_fn is not None:
                 await call_maybe_async(self.scaffold.init_fn, self.scaffold, session)
             return session
+        if self.coordinator is not None:
+            header, tree = await read_shards(
+                self.storage,
+                paths[0],
+                rank=self.coordinator.rank,
+                world_size=self.coordinator.world_size,
+                replicated=self.replicated,
+                into=self.state,
+            )
+            self.state = tree
+            return StepSession(tree, self.step_fn, header.step or 0)
         header, tree, skipped = await read_first_intact(
             self.storage, paths, on_corrupt=self.on_corrupt, into=self.state
         )

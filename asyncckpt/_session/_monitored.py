@@ -7,6 +7,7 @@ hooks (see ``asyncckpt._hooks._base``), and recovery from recoverable errors.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -22,6 +23,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._checkpoint import check_coordinator
 from .._core._errors import OutOfRangeError, PreemptedError
 from .._core._util import raise_single_exception
 from .._hooks import (
@@ -34,6 +36,7 @@ from .._hooks import (
     SummarySaverHook,
     input_pipeline_listeners,
 )
+from ._agreement import StopAgreement
 from ._coordinator import Coordinator
 from ._creators import (
     ChiefSessionCreator,
@@ -45,10 +48,9 @@ from ._fetches import merge_feeds, resolve_fetches
 from ._scaffold import Scaffold
 
 if TYPE_CHECKING:
-    import os
     from types import TracebackType
 
-    from .._checkpoint import OnCorrupt
+    from .._checkpoint import OnCorrupt, ShardCoordinator
     from .._core._types import StateTree
     from .._storage import Storage
 
@@ -146,6 +148,9 @@ class MonitoredSession:
         self._before_run: tuple[tuple[int, _BeforeRun], ...] = ()
         self._after_run: tuple[tuple[int, _AfterRun], ...] = ()
         self._after_run_calls: tuple[_AfterRun, ...] = ()
+        # Set by MonitoredTrainingSession(coordinator=...): the stop is the ranks' decision.
+        self._agreement: StopAgreement | None = None
+        self._agreed_stop = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._entered else "new"
@@ -215,6 +220,8 @@ class MonitoredSession:
         return self
 
     async def _create(self) -> None:
+        if self._agreement is not None:
+            await self._agreement.open()
         self._raw = await self._creator.create_session()
         for hook in self._hooks:
             if _overrides(hook, "after_create_session"):
@@ -259,7 +266,13 @@ class MonitoredSession:
     # -- stepping -----------------------------------------------------------------------------
 
     def should_stop(self) -> bool:
-        """Whether a hook, a listener or the caller asked to stop (or the session is closed)."""
+        """Whether a hook, a listener or the caller asked to stop (or the session is closed).
+
+        With a coordinator (several ranks), whether the ranks agreed to stop after the last
+        step: a stop asked for on this rank takes effect on every rank after the next step.
+        """
+        if self._agreement is not None:
+            return self._agreed_stop or self._closed
         return self._coord.should_stop() or self._closed
 
     def request_stop(self) -> None:
@@ -276,7 +289,7 @@ class MonitoredSession:
                 ends normally).
         """
         coord = self._coord
-        if coord.should_stop() or self._closed:
+        if self.should_stop():
             raise RuntimeError("Run called even after should_stop requested.")
         raw = self._raw
         if raw is None:
@@ -328,7 +341,7 @@ class MonitoredSession:
                             await done
                 if context.stop_requested:
                     coord.request_stop()
-                if coord.pending:
+                if coord.pending or self._agreement is not None:
                     # Let background work (a save's hand-off to its thread, its completion,
                     # the listeners' after_save) progress even when the step function never
                     # awaits: a few loop turns per step while any is in flight, none
@@ -338,6 +351,9 @@ class MonitoredSession:
                     # seen by the caller's should_stop() before another step can start.
                     for _ in range(_TURNS_PER_STEP_WHILE_PENDING):
                         await anyio.lowlevel.checkpoint()
+                if self._agreement is not None:
+                    # After the turns: a listener's stop asked for during them counts now.
+                    self._agreed_stop = await self._agreement.decide(coord.should_stop())
                 # The caller's fetches are resolved last: a typo there must not hide the
                 # completed step from the hooks (a stop at this step, a save) if the caller
                 # catches the KeyError.
@@ -361,7 +377,7 @@ class MonitoredSession:
         A stop request cancels a pending wait for the next item; it never interrupts a step.
         The input running out ends the iteration normally.
         """
-        if isinstance(source, AsyncIterable):
+        if isinstance(source, AsyncIterable) and self._agreement is None:
             iterator = aiter(source)
             while not self.should_stop():
                 with self._coord.cancelled_on_stop() as scope:
@@ -370,6 +386,17 @@ class MonitoredSession:
                     except StopAsyncIteration:
                         return
                 if scope.cancelled_caught:
+                    return
+                yield item
+            return
+        if isinstance(source, AsyncIterable):
+            # Ranks that agree on their stop: a wait for the next item is never cut short
+            # by this rank's own stop request, which takes effect after the next step.
+            iterator = aiter(source)
+            while not self.should_stop():
+                try:
+                    item = await anext(iterator)
+                except StopAsyncIteration:
                     return
                 yield item
             return
@@ -441,6 +468,18 @@ class MonitoredTrainingSession(MonitoredSession):
         on_corrupt: when the latest checkpoint is corrupted, unreadable or missing:
             ``"raise"``, or ``"fallback"`` to the newest intact one (see
             ``ChiefSessionCreator``).
+        coordinator: one rank of a job with several processes
+            (``TorchDistributedCoordinator()``, ``StorageCoordinator(rank, world_size)``;
+            docs/DISTRIBUTED.md). Rank 0 is the chief (``is_chief`` is not consulted, except
+            that ``is_chief=False`` on rank 0 is an error). Every rank restores and saves its
+            own shard (the checkpoint hook runs on every rank, by steps:
+            ``save_checkpoint_steps`` is required); the chief alone runs
+            ``chief_only_hooks``, the step counter and the summaries. After every step the
+            ranks agree whether to stop: a stop asked for on any rank (a hook, a listener, a
+            signal) stops every rank after the same step, and the final save is one
+            committed checkpoint.
+        replicated: with ``coordinator``, the tree paths whose values every rank holds
+            alike (``["model"]``): rank 0 alone saves them; every rank restores them.
     """
 
     def __init__(
@@ -463,11 +502,26 @@ class MonitoredTrainingSession(MonitoredSession):
         recoverable_errors: tuple[type[BaseException], ...] = (PreemptedError,),
         storage: Storage | None = None,
         on_corrupt: OnCorrupt = "raise",
+        coordinator: ShardCoordinator | None = None,
+        replicated: Sequence[str] = (),
     ) -> None:
         scaffold = scaffold or Scaffold()
         ckpt_steps, ckpt_secs = _interval(
             save_checkpoint_steps, save_checkpoint_secs, 600.0, None, "checkpoint"
         )
+        if coordinator is not None:
+            check_coordinator(coordinator)
+            if coordinator.rank == 0 and not is_chief:
+                raise ValueError(
+                    "with coordinator=, rank 0 is the chief: is_chief=False contradicts it"
+                )
+            is_chief = coordinator.rank == 0
+            if ckpt_secs is not None and checkpoint_dir is not None:
+                raise ValueError(
+                    "with coordinator=, checkpoints are saved by steps: pass "
+                    "save_checkpoint_steps=N (a schedule in seconds would trigger at another "
+                    "step on each rank), or save_checkpoint_secs=None for none"
+                )
         self.save_summaries_steps, self.save_summaries_secs = _interval(
             save_summaries_steps, save_summaries_secs, None, 100, "summaries"
         )
@@ -495,21 +549,25 @@ class MonitoredTrainingSession(MonitoredSession):
                         storage=storage,
                     )
                 )
-            if checkpoint_dir is not None and (ckpt_steps or ckpt_secs):
-                all_hooks.append(
-                    CheckpointSaverHook(
-                        checkpoint_dir,
-                        save_secs=ckpt_secs or None,
-                        save_steps=ckpt_steps or None,
-                        scaffold=scaffold,
-                        # Input pipeline hooks without a schedule save with each checkpoint.
-                        listeners=input_pipeline_listeners(
-                            [*(chief_only_hooks or ()), *(hooks or ())]
-                        ),
-                        stop_grace_period_secs=stop_grace_period_secs,
-                        storage=storage,
-                    )
+        if (is_chief or coordinator is not None) and (
+            checkpoint_dir is not None and (ckpt_steps or ckpt_secs)
+        ):
+            all_hooks.append(
+                CheckpointSaverHook(
+                    checkpoint_dir,
+                    save_secs=ckpt_secs or None,
+                    save_steps=ckpt_steps or None,
+                    scaffold=scaffold,
+                    # Input pipeline hooks without a schedule save with each checkpoint.
+                    listeners=input_pipeline_listeners(
+                        [*((chief_only_hooks or ()) if is_chief else ()), *(hooks or ())]
+                    ),
+                    stop_grace_period_secs=stop_grace_period_secs,
+                    storage=storage,
+                    coordinator=coordinator,
+                    replicated=replicated,
                 )
+            )
         all_hooks.extend(hooks or ())
         creator = ChiefSessionCreator(
             state,
@@ -518,7 +576,13 @@ class MonitoredTrainingSession(MonitoredSession):
             checkpoint_dir=checkpoint_dir,
             storage=storage,
             on_corrupt=on_corrupt,
+            coordinator=coordinator,
+            replicated=replicated,
         )
         super().__init__(
             creator, all_hooks, stop_grace_period_secs, recoverable_errors=recoverable_errors
         )
+        if coordinator is not None:
+            if checkpoint_dir is None:
+                raise ValueError("coordinator= needs checkpoint_dir= (where the ranks' shards go)")
+            self._agreement = StopAgreement(coordinator, creator.storage, os.fspath(checkpoint_dir))

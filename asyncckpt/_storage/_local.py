@@ -615,7 +615,13 @@ class LocalStorage(Storage):
                     raise
                 return self._checked_writer(fd, reuse), reuse
         temp_path = _temp_name(final_path)
-        return self._create_exclusive(temp_path), temp_path
+        try:
+            return self._create_exclusive(temp_path), temp_path
+        except FileNotFoundError:
+            # A directory nobody made yet: a rank's shard may be written before rank 0,
+            # which holds the directory, has created it.
+            os.makedirs(os.path.dirname(final_path) or ".", exist_ok=True)
+            return self._create_exclusive(temp_path), temp_path
 
     def _commit_sync(
         self,

@@ -10,6 +10,7 @@ A part's spec is the checkpoint's own (array indices unchanged), cut to what was
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._containers import live_child, live_keys
@@ -24,7 +25,16 @@ if TYPE_CHECKING:
     from .._core._types import StateTree
     from ._spec import Key, Spec, TreePath
 
-__all__ = ["Part", "array_indices", "build_parts", "check_selection", "select"]
+__all__ = [
+    "Part",
+    "array_indices",
+    "build_parts",
+    "check_selection",
+    "graft",
+    "is_within",
+    "select",
+    "without",
+]
 
 
 class Part(NamedTuple):
@@ -229,3 +239,59 @@ def _prune(node: Spec, live: Any, path: TreePath, extra: list[str]) -> Spec:
             [_prune(child, live[i], (*path, i), extra) for i, child in enumerate(node[1])],
         ]
     return node
+
+
+def _segments(text: str) -> tuple[str, ...]:
+    return tuple(text.strip("/").split("/"))
+
+
+def is_within(text: str, paths: Sequence[str]) -> bool:
+    """Whether the tree path ``text`` is one of ``paths`` or inside one of them."""
+    segments = _segments(text)
+    return any(segments[: len(p)] == p for p in map(_segments, paths))
+
+
+def without(tree: StateTree, paths: Sequence[str], source: str) -> StateTree:
+    """``tree`` without the subtrees at ``paths`` (a rank's own part of a state whose
+    ``paths`` rank 0 alone saves). Containers on the way are copied as dicts; the rest is
+    shared, not copied. A path that is not in ``tree`` is fine (nothing to leave out).
+
+    Raises:
+        TypeError: a container on the way to a path is not a Mapping.
+    """
+    if not paths:
+        return tree
+    return _without(tree, [_segments(p) for p in paths], (), source)
+
+
+def _without(node: Any, cut: list[tuple[str, ...]], at: tuple[str, ...], source: str) -> Any:
+    if not isinstance(node, Mapping):
+        raise TypeError(
+            f"{source}: replicated= names {['/'.join(c) for c in cut]}, but the state at "
+            f"{format_path(at)} is a {type(node).__name__}: replicated paths must lead "
+            "through dicts (or Mappings)"
+        )
+    kept: dict[Any, Any] = {}
+    for key, value in node.items():
+        below = [c[1:] for c in cut if c[0] == str(key)]
+        if any(not c for c in below):
+            continue
+        kept[key] = _without(value, below, (*at, str(key)), source) if below else value
+    return kept
+
+
+def graft(tree: StateTree, parts: Mapping[str, Any]) -> StateTree:
+    """``tree`` (nested dicts at the paths) with each value of ``parts`` put at its path:
+    what ``without`` left out, read back from rank 0's shard."""
+    if not parts:
+        return tree
+    root: Any = dict(tree) if isinstance(tree, Mapping) else {}
+    for text, value in parts.items():
+        *ancestors, last = _segments(text)
+        node = root
+        for segment in ancestors:
+            child = node.get(segment)
+            node[segment] = child = dict(child) if isinstance(child, Mapping) else {}
+            node = child
+        node[last] = value
+    return root

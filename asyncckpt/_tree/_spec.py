@@ -27,7 +27,7 @@ from ._containers import field_items
 from ._dtypes import extension_name
 from ._jax import is_jax_array, jax_to_numpy
 from ._objects import state_access
-from ._torch import is_tensor, tensor_to_numpy
+from ._torch import DeviceTensor, is_tensor, tensor_leaf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 __all__ = [
     "ARRAY_TAGS",
     "MAX_DEPTH",
+    "AddDeviceLeaf",
     "AddLeaf",
     "ArrayLeaf",
+    "DeviceLeaves",
     "Key",
     "Spec",
     "TreePath",
@@ -62,6 +64,7 @@ _INT64_MIN: Final = -(2**63)
 _UINT64_END: Final = 2**64
 _MAX_BIGINT_DIGITS: Final = 4300  # Python's own int/str conversion limit
 _BIGINT_DIGITS: Final = re.compile(rf"-?[0-9]{{1,{_MAX_BIGINT_DIGITS}}}")
+_NONE: Final[frozenset[str]] = frozenset()
 _BUILTIN: Final = 1  # dtype.isbuiltin of numpy's plain dtypes (float32, not '>f8' or 'S3')
 
 Key = str | int
@@ -99,25 +102,40 @@ class ArrayLeaf(NamedTuple):
 
 
 AddLeaf: TypeAlias = "Callable[[TreePath, np.ndarray[Any, Any]], int]"
-"""Receives each array leaf (and bytes, numpy scalars, tensors and jax arrays, as numpy
+"""Receives each array leaf (and bytes, numpy scalars, CPU tensors and jax arrays, as numpy
 arrays) of a tree being flattened; returns the index the spec refers to it by. Arrays that
 view memory someone else may change must be copied by the receiver before it returns."""
 
+AddDeviceLeaf: TypeAlias = "Callable[[TreePath, DeviceTensor], int]"
+"""Receives each tensor in device memory, as ``AddLeaf`` receives arrays; the receiver
+copies it off its device."""
 
-def flatten(tree: StateTree, add_leaf: AddLeaf) -> Spec:
-    """Return the spec of ``tree``, handing each array leaf to ``add_leaf`` in order.
+
+class DeviceLeaves(NamedTuple):
+    """Where ``flatten`` hands tensors that live on a device: the device types (``"cuda"``)
+    whose tensors the receiver copies, and the receiver. Tensors on other devices are
+    refused (CPU tensors go to ``AddLeaf`` unless ``"cpu"`` is listed)."""
+
+    types: frozenset[str]
+    add: AddDeviceLeaf
+
+
+def flatten(tree: StateTree, add_leaf: AddLeaf, devices: DeviceLeaves | None = None) -> Spec:
+    """Return the spec of ``tree``, handing each array leaf to ``add_leaf`` in order, and
+    each tensor on a device of ``devices.types`` to ``devices.add`` (in the same order).
 
     Raises:
         TypeError: a leaf or key cannot be saved; the message names its path.
     """
-    return _Flattener(add_leaf).node(tree, (), set(), 0)
+    return _Flattener(add_leaf, devices).node(tree, (), set(), 0)
 
 
 class _Flattener:
-    __slots__ = ("_add_leaf",)
+    __slots__ = ("_add_leaf", "_devices")
 
-    def __init__(self, add_leaf: AddLeaf) -> None:
+    def __init__(self, add_leaf: AddLeaf, devices: DeviceLeaves | None) -> None:
         self._add_leaf = add_leaf
+        self._devices = devices
 
     def _leaf(self, tag: str, path: TreePath, array: np.ndarray[Any, Any]) -> Spec:
         return [tag, self._add_leaf(path, array)]
@@ -181,9 +199,13 @@ class _Flattener:
         """Flatten what is neither numpy nor a builtin: framework arrays, objects saved
         through their state, Mappings and dataclasses, and objects with ``__array__``."""
         if is_tensor(value):
-            array = tensor_to_numpy(value, format_path(path))
-            _check_dtype(array.dtype, path)
-            return self._leaf("T", path, array)
+            devices = self._devices
+            leaf = tensor_leaf(value, format_path(path), devices.types if devices else _NONE)
+            _check_dtype(leaf.dtype, path)
+            if isinstance(leaf, DeviceTensor):
+                assert devices is not None  # a tensor is a DeviceTensor on a listed device only
+                return ["T", devices.add(path, leaf)]
+            return self._leaf("T", path, leaf)
         if is_jax_array(value):
             array = jax_to_numpy(value, format_path(path))
             _check_dtype(array.dtype, path)

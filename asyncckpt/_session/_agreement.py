@@ -1,0 +1,83 @@
+"""StopAgreement: the ranks of a job agree after every step whether to stop.
+
+A stop asked for on one rank (a hook, a listener, a signal) takes effect on every rank at
+the same step: after each step every rank posts whether it wants to stop and reads every
+other rank's answer (at most the coordinator's timeout), and all stop if any wants to. The
+exchange goes through the coordinator's own channel, never the training group. Knows
+nothing of hooks or checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .._checkpoint import gather, wait_ready
+
+if TYPE_CHECKING:
+    from .._checkpoint import Channel, ShardCoordinator
+    from .._storage import Storage
+
+__all__ = ["StopAgreement"]
+
+_NAMESPACE = "session"
+
+
+class StopAgreement:
+    """One session's agreement on when to stop, on one rank.
+
+    Args:
+        coordinator: the job's ranks and channels.
+        storage, directory: where a ``StorageCoordinator``'s markers go (the checkpoint
+            directory).
+    """
+
+    def __init__(self, coordinator: ShardCoordinator, storage: Storage, directory: str) -> None:
+        self.coordinator = coordinator
+        self._storage = storage
+        self._directory = os.fspath(directory)
+        self._channel: Channel | None = None
+        self._round = 0
+
+    def __repr__(self) -> str:
+        return f"<StopAgreement {self.coordinator!r} round {self._round}>"
+
+    async def open(self) -> None:
+        """Open the channel (every rank, when its session is created)."""
+        self._channel = await anyio.to_thread.run_sync(
+            self.coordinator.channel, self._storage, self._directory, _NAMESPACE
+        )
+        self._round = 0
+
+    async def decide(self, wants_stop: bool) -> bool:
+        """Post this rank's wish and return whether any rank wants to stop after this step.
+
+        Raises:
+            TimeoutError: a rank did not answer within the timeout (named).
+        """
+        channel = self._channel
+        if channel is None:
+            raise RuntimeError("the agreement is not open")
+        round_ = self._round
+        self._round += 1
+        if round_ == 0:
+            await wait_ready(channel)
+        await anyio.to_thread.run_sync(
+            channel.post, f"{round_}.rank{channel.rank}", b"1" if wants_stop else b"0"
+        )
+        keys = [f"{round_}.rank{rank}" for rank in range(channel.world_size)]
+        answers = await gather(channel, keys)
+        missing = [str(rank) for rank, key in enumerate(keys) if key not in answers]
+        if missing:
+            raise TimeoutError(
+                f"rank(s) {', '.join(missing)} did not finish their step {round_ + 1} of this "
+                f"session within {channel.timeout:g} s of rank {channel.rank} (did they stop "
+                "or fail? every rank must run the same steps)"
+            )
+        if round_:
+            # Every rank posted this round, so each has read the last: this rank's answer to
+            # it is read by nobody any more.
+            await anyio.to_thread.run_sync(channel.discard, [f"{round_ - 1}.rank{channel.rank}"])
+        return any(answer == b"1" for answer in answers.values())

@@ -1,0 +1,357 @@
+"""Sharded checkpoints of several ranks, in one process: every rank a CheckpointManager with a
+StorageCoordinator over the same directory, as separate processes would have (the ranks of
+a real job, spawned, are in tests/test_distributed_processes.py).
+
+Each test checks what every rank sees: which saves are committed, which errors name which
+ranks, what each rank restores, and what the directory holds."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import numpy as np
+import pytest
+
+import asyncckpt
+from asyncckpt import (
+    CheckpointManager,
+    CheckpointWriteError,
+    Saver,
+    StorageCoordinator,
+    cli,
+)
+from asyncckpt.testing import FaultyStorage
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+
+def rank_state(rank: int, step: int) -> dict[str, Any]:
+    """What rank ``rank`` holds at ``step``: a model every rank holds alike, and its own
+    optimizer shard."""
+    return {
+        "model": {"w": np.full(8, float(step))},
+        "opt": {"m": np.full(4, step * 10.0 + rank), "rank": rank},
+    }
+
+
+async def run_ranks(world_size: int, rank_main: Callable[[int], Awaitable[Any]]) -> list[Any]:
+    """Run ``rank_main(rank)`` for every rank at once; return their results by rank."""
+    results: list[Any] = [None] * world_size
+
+    async def one(rank: int) -> None:
+        results[rank] = await rank_main(rank)
+
+    async with anyio.create_task_group() as group:
+        for rank in range(world_size):
+            group.start_soon(one, rank)
+    return results
+
+
+def manager(
+    directory: Path, rank: int, world_size: int, timeout: float = 10.0, **kwargs: Any
+) -> CheckpointManager:
+    return CheckpointManager(
+        directory,
+        coordinator=StorageCoordinator(rank, world_size, timeout=timeout),
+        replicated=["model"],
+        **kwargs,
+    )
+
+
+def data_files(directory: Path) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith("model.ckpt"))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+async def test_every_rank_saves_its_shard_and_restores_it(tmp_path: Path, world_size: int) -> None:
+    async def save(rank: int) -> list[int]:
+        async with manager(tmp_path, rank, world_size, max_to_keep=2) as ckpt:
+            for step in (10, 20, 30):
+                await ckpt.save(rank_state(rank, step), step)
+            await ckpt.wait()
+            return ckpt.all_steps() if rank == 0 else [ckpt.statistics().written]
+
+    saved = await run_ranks(world_size, save)
+    assert saved[0] == [20, 30]
+    assert saved[1:] == [[3]] * (world_size - 1)
+    # Retention took step 10's manifest and every one of its shards.
+    names = data_files(tmp_path)
+    assert [n for n in names if "." not in n.removeprefix("model.ckpt")] == [
+        "model.ckpt-20",
+        "model.ckpt-30",
+    ]
+    for step in (20, 30):
+        shards = [n for n in names if n.startswith(f"model.ckpt-{step}.rank")]
+        assert sorted(s.split(".")[2] for s in shards) == [
+            f"rank{r}-of-{world_size}" for r in range(world_size)
+        ]
+    assert not any(n.startswith("model.ckpt-10") for n in names)
+
+    async def restore(rank: int) -> Any:
+        async with manager(tmp_path, rank, world_size) as ckpt:
+            assert ckpt.latest_step() == 30
+            into = rank_state(rank, 0)
+            restored = await ckpt.restore(into=into)
+            older = await ckpt.restore(20)
+            return restored, into, older
+
+    for rank, (restored, into, older) in enumerate(await run_ranks(world_size, restore)):
+        np.testing.assert_array_equal(restored["model"]["w"], np.full(8, 30.0))
+        np.testing.assert_array_equal(restored["opt"]["m"], np.full(4, 300.0 + rank))
+        assert restored["opt"]["rank"] == rank
+        assert into["opt"]["m"] is restored["opt"]["m"]  # filled in place
+        assert into["model"]["w"] is restored["model"]["w"]
+        np.testing.assert_array_equal(older["opt"]["m"], np.full(4, 200.0 + rank))
+        np.testing.assert_array_equal(older["model"]["w"], np.full(8, 20.0))
+
+
+async def test_replicated_paths_are_written_by_rank_zero_alone(tmp_path: Path) -> None:
+    async def save(rank: int) -> None:
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 5), 5)
+
+    await run_ranks(2, save)
+    shards = {n.split(".")[2]: n for n in data_files(tmp_path) if ".rank" in n}
+    paths = {}
+    for rank_name, name in shards.items():
+        metadata = await Saver().metadata(tmp_path / name)
+        paths[rank_name] = sorted(a.path for a in metadata.arrays)
+    assert paths == {"rank0-of-2": ["model/w", "opt/m"], "rank1-of-2": ["opt/m"]}
+
+
+async def test_a_rank_whose_write_fails_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+    faults = FaultyStorage()
+    faults.fail("write", errno.ENOSPC, match="model.ckpt-2.rank1")
+
+    async def rank_main(rank: int) -> tuple[list[str], int | None]:
+        storage = faults if rank == 1 else None
+        errors = []
+        async with manager(tmp_path, rank, 2, storage=storage) as ckpt:
+            await ckpt.save(rank_state(rank, 1), 1)
+            await ckpt.save(rank_state(rank, 2), 2)
+            with pytest.raises(CheckpointWriteError) as raised:
+                await ckpt.wait()
+            errors.append(str(raised.value))
+            await ckpt.save(rank_state(rank, 3), 3)  # and saving goes on
+            await ckpt.wait()
+            return errors, ckpt.latest_step()
+
+    with faults:
+        (chief_errors, chief_latest), (other_errors, other_latest) = await run_ranks(2, rank_main)
+    assert "step 2 was not committed: rank 1 failed" in chief_errors[0]
+    assert "No space left on device" in chief_errors[0]
+    assert "model.ckpt-1" in chief_errors[0]  # the previous checkpoint is still the latest
+    assert "No space left on device" in other_errors[0]
+    assert chief_latest == other_latest == 3
+    # Step 2 left nothing behind: the chief discarded the shard that rank 0 wrote.
+    assert not any(n.startswith("model.ckpt-2") for n in data_files(tmp_path))
+    state = asyncckpt.get_checkpoint_state(tmp_path)
+    assert state is not None
+    assert list(state.names) == [
+        "model.ckpt-1",
+        "model.ckpt-3",
+    ]
+
+
+async def test_mismatched_steps_are_named_and_nothing_is_committed(tmp_path: Path) -> None:
+    async def rank_main(rank: int) -> str:
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 7 + rank), 7 + rank)
+            with pytest.raises(CheckpointWriteError) as raised:
+                await ckpt.wait()
+            return str(raised.value)
+
+    began = time.monotonic()
+    chief, other = await run_ranks(2, rank_main)
+    assert time.monotonic() - began < 5  # both reported: no one waits for the timeout
+    assert "rank 1 saved step 8 where rank 0 saved 7" in chief
+    assert "rank 0 saved step 7 where rank 1 saved 8" in other
+    assert asyncckpt.latest_checkpoint(tmp_path) is None
+    assert not data_files(tmp_path)
+
+
+async def test_a_missing_rank_is_named_within_the_timeout(tmp_path: Path) -> None:
+    async def chief_alone(rank: int) -> str | None:
+        if rank == 2:
+            return None  # never saves
+        async with manager(tmp_path, rank, 3, timeout=0.5) as ckpt:
+            await ckpt.save(rank_state(rank, 1), 1)
+            with pytest.raises(CheckpointWriteError) as raised:
+                await ckpt.wait()
+            return str(raised.value)
+
+    began = time.monotonic()
+    chief, other, _absent = await run_ranks(3, chief_alone)
+    assert time.monotonic() - began < 5
+    for error in (chief, other):
+        assert error is not None
+        assert "rank 2 reported no shard within 0.5 s" in error
+    assert asyncckpt.latest_checkpoint(tmp_path) is None
+
+
+async def test_a_rank_without_its_chief_names_rank_zero(tmp_path: Path) -> None:
+    async with manager(tmp_path, 0, 2, timeout=0.3):
+        pass  # rank 0 opened the directory once, then went away
+    async with manager(tmp_path, 1, 2, timeout=0.3) as ckpt:
+        await ckpt.save(rank_state(1, 1), 1)
+        with pytest.raises(CheckpointWriteError, match=r"rank 0 gave no verdict within 0\.3 s"):
+            await ckpt.wait()
+
+
+async def test_a_crashed_runs_report_is_never_taken_for_this_runs(tmp_path: Path) -> None:
+    # Run 1: rank 1 saves step 1 and reports it; rank 0 dies before its save.
+    async def first_run(rank: int) -> None:
+        if rank == 0:
+            async with manager(tmp_path, 0, 2, timeout=0.3):
+                await anyio.sleep(0.5)  # rank 1 reports meanwhile; then rank 0 is gone
+            return
+        await anyio.sleep(0.1)
+        async with manager(tmp_path, 1, 2, timeout=0.3) as ckpt:
+            await ckpt.save(rank_state(1, 1), 1)
+            with pytest.raises(CheckpointWriteError):
+                await ckpt.wait()
+
+    await run_ranks(2, first_run)
+    # Run 2: rank 0 saves step 1 while rank 1 does not come back: rank 1's report of run 1
+    # must not complete this save.
+    async with manager(tmp_path, 0, 2, timeout=0.3) as ckpt:
+        await ckpt.save(rank_state(0, 1), 1)
+        with pytest.raises(CheckpointWriteError, match="rank 1 reported no shard"):
+            await ckpt.wait()
+    assert asyncckpt.latest_checkpoint(tmp_path) is None
+
+
+async def test_another_world_size_restores_only_the_replicated_paths(tmp_path: Path) -> None:
+    async def save(rank: int) -> None:
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 4), 4)
+
+    await run_ranks(2, save)
+
+    async def restore(rank: int) -> Any:
+        async with manager(tmp_path, rank, 3) as ckpt:
+            with pytest.raises(ValueError, match=r"saved by 2 rank.*this job has 3") as raised:
+                await ckpt.restore(into=rank_state(rank, 0))
+            assert "restore(paths=['model'])" in str(raised.value)
+            return await ckpt.restore(paths=["model"])
+
+    for restored in await run_ranks(3, restore):
+        assert list(restored) == ["model"]
+        np.testing.assert_array_equal(restored["model"]["w"], np.full(8, 4.0))
+
+
+async def test_paths_restore_reads_each_part_from_its_shard(tmp_path: Path) -> None:
+    async def save(rank: int) -> None:
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 6), 6)
+
+    await run_ranks(2, save)
+    async with manager(tmp_path, 1, 2) as ckpt:
+        only_opt = await ckpt.restore(paths=["opt/m"])
+        only_model = await ckpt.restore(paths=["model/w"])
+        metadata = await ckpt.metadata()
+    np.testing.assert_array_equal(only_opt["opt"]["m"], np.full(4, 61.0))
+    assert list(only_opt) == ["opt"]
+    np.testing.assert_array_equal(only_model["model"]["w"], np.full(8, 6.0))
+    assert metadata.step == 6
+    assert [a.path for a in metadata.arrays] == ["opt/m"]  # rank 1's own shard
+
+
+async def test_a_sharded_checkpoint_is_not_read_as_an_empty_one(tmp_path: Path) -> None:
+    async def save(rank: int) -> None:
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 3), 3)
+
+    await run_ranks(2, save)
+    with pytest.raises(ValueError, match="sharded over 2 ranks") as raised:
+        await Saver().restore(tmp_path / "model.ckpt-3")
+    assert "model.ckpt-3.rank0-of-2." in str(raised.value)
+    async with CheckpointManager(tmp_path) as plain:
+        with pytest.raises(ValueError, match="coordinator="):
+            await plain.restore()
+
+
+def test_arguments_that_cannot_work_with_a_coordinator_are_refused(tmp_path: Path) -> None:
+    coordinator = StorageCoordinator(0, 2)
+    with pytest.raises(ValueError, match='policy="block"'):
+        CheckpointManager(tmp_path, policy="skip", coordinator=coordinator)
+    with pytest.raises(ValueError, match='on_corrupt="raise"'):
+        CheckpointManager(tmp_path, on_corrupt="fallback", coordinator=coordinator)
+    with pytest.raises(ValueError, match="read_only"):
+        CheckpointManager(tmp_path, read_only=True, coordinator=coordinator)
+    with pytest.raises(ValueError, match="pass coordinator= too"):
+        CheckpointManager(tmp_path, replicated=["model"])
+    with pytest.raises(TypeError, match="replicated=\\['model'\\]"):
+        CheckpointManager(tmp_path, replicated="model", coordinator=coordinator)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="coordinator= takes"):
+        CheckpointManager(tmp_path, coordinator=object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rank 2 is not below world_size 2"):
+        StorageCoordinator(2, 2)
+    with pytest.raises(ValueError, match="timeout"):
+        StorageCoordinator(0, 2, timeout=0)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        asyncckpt.TorchDistributedCoordinator()
+
+
+async def test_user_metadata_cannot_pass_for_a_manifest(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match="asyncckpt's own"):
+            await ckpt.save({"a": np.zeros(2)}, 1, metadata={"asyncckpt.shards": {}})
+
+
+async def test_a_replicated_path_must_lead_through_mappings(tmp_path: Path) -> None:
+    async with manager(tmp_path, 1, 2, timeout=0.3) as ckpt:
+        with pytest.raises(TypeError, match="replicated paths must lead through dicts"):
+            await ckpt.save([np.zeros(2)], 1)
+
+
+async def test_the_command_line_shows_shards_and_reports_a_missing_one(tmp_path: Path) -> None:
+    async def save(rank: int) -> None:
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 9), 9)
+
+    await run_ranks(2, save)
+    out = io.StringIO()
+    assert cli.main(["ls", str(tmp_path)], out=out) == 0
+    listing = out.getvalue()
+    assert "model.ckpt-9  (latest)" in listing
+    assert "(rank 1's shard of model.ckpt-9)" in listing
+    assert "unlisted" not in listing
+    (lost,) = [n for n in data_files(tmp_path) if ".rank1-of-2." in n]
+    os.unlink(tmp_path / lost)
+    out = io.StringIO()
+    assert cli.main(["verify", str(tmp_path)], out=out) == 1
+    assert (
+        f"MISSING  {tmp_path / lost}: rank 1's shard of model.ckpt-9 is missing" in out.getvalue()
+    )
+
+
+async def test_a_rank_that_reported_before_its_chief_began_reports_again(tmp_path: Path) -> None:
+    async def first_run(rank: int) -> None:
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 1), 1)
+
+    await run_ranks(2, first_run)
+
+    # The restart: rank 1 saves step 2 while the epoch file is still the first run's.
+    async def second_run(rank: int) -> int | None:
+        if rank == 0:
+            await anyio.sleep(0.5)
+        async with manager(tmp_path, rank, 2) as ckpt:
+            await ckpt.save(rank_state(rank, 2), 2)
+            await ckpt.wait()
+            return ckpt.latest_step()
+
+    assert await run_ranks(2, second_run) == [2, 2]
+    async with manager(tmp_path, 0, 2, timeout=0.3) as ckpt:
+        restored = await ckpt.restore()
+    np.testing.assert_array_equal(restored["opt"]["m"], np.full(4, 20.0))
