@@ -2,7 +2,7 @@
 
     python tests/distributed_worker.py DIRECTORY --rank R --world-size N --port P
         [--coordinator torch|storage] [--steps 1,2,3] [--fail-step S] [--stall-step S]
-        [--timeout T]
+        [--timeout T] [--restore-only] [--session [--last-step S] [--step-secs T]]
 
 Initializes torch.distributed (gloo, on 127.0.0.1:P) for ``--coordinator torch``, trains a
 small model whose gradients are all-reduced over the training group each step, and saves
@@ -11,6 +11,8 @@ its state (the replicated model, its own optimizer shard) at each step of ``--st
 ``StorageCoordinator``. ``--fail-step`` makes this rank's write of that step fail (ENOSPC);
 ``--stall-step`` holds it (for a kill -9 mid-save: it prints ``STALLED`` and waits).
 Prints one JSON line: each save's outcome, the latest step, and what a restore gives back.
+With ``--session`` it trains under a ``MonitoredTrainingSession`` (checkpoints every 2 steps)
+until any rank stops it, and prints where it started, where it stopped and its state.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import errno
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -41,6 +44,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--stall-step", type=int)
     parser.add_argument("--timeout", type=float, default=20.0)
     parser.add_argument("--restore-only", action="store_true")
+    parser.add_argument("--session", action="store_true")
+    parser.add_argument("--last-step", type=int, help="with --session: this rank's StopAtStepHook")
+    parser.add_argument("--step-secs", type=float, default=0.0)
     return parser.parse_args()
 
 
@@ -99,6 +105,46 @@ async def main(args: argparse.Namespace, coordinator: Any) -> dict[str, Any]:
     return result
 
 
+async def session_main(args: argparse.Namespace, coordinator: Any) -> dict[str, Any]:
+    """A MonitoredTrainingSession on every rank, stopped by whichever rank asks first (a
+    StopAtStepHook of its own, or a SIGTERM to it alone); prints each step as it ends."""
+    state = rank_state(args.rank, 0)
+
+    def step_fn(state: dict[str, Any]) -> dict[str, Any]:
+        allreduce(1)
+        state["model"]["w"] += 1.0
+        state["opt"]["m"] += 10.0
+        if args.step_secs:
+            time.sleep(args.step_secs)
+        return {}
+
+    hooks = [asyncckpt.StopAtStepHook(last_step=args.last_step)] if args.last_step else []
+    async with (
+        asyncckpt.MonitoredTrainingSession(
+            state,
+            step_fn,
+            checkpoint_dir=args.directory,
+            save_checkpoint_steps=2,
+            hooks=hooks,
+            coordinator=coordinator,
+            replicated=["model"],
+        ) as session,
+        asyncckpt.stop_on_signals(session),
+    ):
+        start = session.global_step
+        while not session.should_stop():
+            await session.run()
+            print(f"STEP {session.global_step}", flush=True)
+        final = session.global_step
+    return {
+        "rank": args.rank,
+        "start": start,
+        "final": final,
+        "w": float(session.state["model"]["w"][0]),
+        "m": float(session.state["opt"]["m"][0]),
+    }
+
+
 def allreduce(step: int) -> None:
     """A training step's collective on the training group, as DDP's gradient sync is."""
     import torch
@@ -125,7 +171,8 @@ if __name__ == "__main__":
             timeout=datetime.timedelta(seconds=60),
         )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    outcome = anyio.run(main, arguments, make_coordinator(arguments))
+    entry = session_main if arguments.session else main
+    outcome = anyio.run(entry, arguments, make_coordinator(arguments))
     print(json.dumps(outcome), flush=True)
     if arguments.coordinator == "torch":
         import torch.distributed as dist

@@ -25,6 +25,7 @@ from asyncckpt import (
     StorageCoordinator,
     cli,
 )
+from asyncckpt._storage._object import ObjectStorage
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
@@ -291,7 +292,7 @@ def test_arguments_that_cannot_work_with_a_coordinator_are_refused(tmp_path: Pat
     with pytest.raises(ValueError, match="pass coordinator= too"):
         CheckpointManager(tmp_path, replicated=["model"])
     with pytest.raises(TypeError, match="replicated=\\['model'\\]"):
-        CheckpointManager(tmp_path, replicated="model", coordinator=coordinator)  # type: ignore[arg-type]
+        CheckpointManager(tmp_path, replicated="model", coordinator=coordinator)
     with pytest.raises(TypeError, match="coordinator= takes"):
         CheckpointManager(tmp_path, coordinator=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rank 2 is not below world_size 2"):
@@ -355,3 +356,224 @@ async def test_a_rank_that_reported_before_its_chief_began_reports_again(tmp_pat
     async with manager(tmp_path, 0, 2, timeout=0.3) as ckpt:
         restored = await ckpt.restore()
     np.testing.assert_array_equal(restored["opt"]["m"], np.full(4, 20.0))
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+def counting_step(state: dict[str, Any]) -> dict[str, Any]:
+    state["model"]["w"] += 1.0
+    state["opt"]["m"] += 10.0
+    return {"loss": float(state["model"]["w"][0])}
+
+
+async def run_session(
+    directory: Path, rank: int, world_size: int, hooks: list[Any], **kwargs: Any
+) -> tuple[int, dict[str, Any]]:
+    state = rank_state(rank, 0)
+    async with asyncckpt.MonitoredTrainingSession(
+        state,
+        counting_step,
+        checkpoint_dir=directory,
+        save_checkpoint_steps=3,
+        hooks=hooks,
+        coordinator=StorageCoordinator(rank, world_size, timeout=10),
+        replicated=["model"],
+        **kwargs,
+    ) as session:
+        while not session.should_stop():
+            await session.run()
+    return session.global_step, session.state
+
+
+async def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    async def rank_main(rank: int) -> tuple[int, dict[str, Any]]:
+        # Only rank 1 knows when to stop.
+        hooks = [asyncckpt.StopAtStepHook(last_step=7)] if rank == 1 else []
+        return await run_session(tmp_path, rank, 2, hooks)
+
+    (chief_step, _), (other_step, _) = await run_ranks(2, rank_main)
+    assert chief_step == other_step == 7
+    # The final save is one committed checkpoint of that step; saves at 0, 3, 6 and 7.
+    async with manager(tmp_path, 0, 2, timeout=0.3) as ckpt:
+        assert ckpt.all_steps() == [0, 3, 6, 7]
+    # The summaries and the step counter are the chief's: one event file.
+    events = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents")]
+    assert len(events) == 1
+
+    # A restart resumes every rank from its own shard of step 7, and stops with the others.
+    async def resume(rank: int) -> tuple[int, dict[str, Any]]:
+        return await run_session(tmp_path, rank, 2, [asyncckpt.StopAtStepHook(last_step=9)])
+
+    for rank, (step, state) in enumerate(await run_ranks(2, resume)):
+        assert step == 9
+        np.testing.assert_array_equal(state["model"]["w"], np.full(8, 9.0))
+        np.testing.assert_array_equal(state["opt"]["m"], np.full(4, 90.0 + rank))
+
+
+async def test_a_resumed_run_that_is_done_stops_every_rank_before_a_step(tmp_path: Path) -> None:
+    async def first(rank: int) -> tuple[int, dict[str, Any]]:
+        return await run_session(tmp_path, rank, 2, [asyncckpt.StopAtStepHook(last_step=4)])
+
+    await run_ranks(2, first)
+
+    async def again(rank: int) -> tuple[int, dict[str, Any]]:
+        hooks = [asyncckpt.StopAtStepHook(last_step=4)] if rank == 0 else []
+        return await run_session(tmp_path, rank, 2, hooks)
+
+    assert [step for step, _ in await run_ranks(2, again)] == [4, 4]
+
+
+async def test_a_session_with_a_coordinator_saves_by_steps(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="save_checkpoint_steps=N"):
+        asyncckpt.MonitoredTrainingSession(
+            rank_state(0, 0), counting_step, checkpoint_dir=tmp_path,
+            coordinator=StorageCoordinator(0, 2),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="is_chief=False contradicts"):
+        asyncckpt.MonitoredTrainingSession(
+            rank_state(0, 0), counting_step, is_chief=False, checkpoint_dir=tmp_path,
+            save_checkpoint_steps=2, coordinator=StorageCoordinator(0, 2),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="save_steps=N"):
+        asyncckpt.CheckpointSaverHook(tmp_path, save_secs=5, coordinator=StorageCoordinator(0, 2))
+
+
+async def test_a_chief_that_lost_its_lease_commits_nothing() -> None:
+    url = f"memory://zombie-{os.getpid()}-{time.monotonic_ns()}/ckpt"
+    # The zombie's clock is an hour behind: the lease it takes has expired for everyone else,
+    # as the lease of a chief cut off by a long network partition has.
+    zombie_storage = ObjectStorage(url, clock=lambda: time.time() - 3600)
+
+    async def rank_main(rank: int) -> str:
+        storage = zombie_storage if rank == 0 else None
+        async with CheckpointManager(
+            url, coordinator=StorageCoordinator(rank, 2, timeout=10), replicated=["model"],
+            storage=storage,
+        ) as ckpt:  # fmt: skip
+            await ckpt.save(rank_state(rank, 1), 1)
+            await ckpt.wait()
+            await new_writer_saved.wait()
+            await ckpt.save(rank_state(rank, 5), 5)
+            with pytest.raises(CheckpointWriteError) as raised:
+                await ckpt.wait()
+            if rank == 0:
+                assert isinstance(raised.value, asyncckpt.CheckpointLockedError)
+            return str(raised.value)
+
+    new_writer_saved = anyio.Event()
+
+    async def new_writer() -> None:
+        await anyio.sleep(0.3)
+        async with CheckpointManager(url) as other:  # takes the expired lease over
+            await other.save({"model": {"w": np.zeros(8)}}, 3)
+        new_writer_saved.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(new_writer)
+        chief, other = await run_ranks(2, rank_main)
+    assert "step 5 was not committed: rank 0 could not commit it" in chief
+    assert "rank 0 could not commit it" in other
+    # The new writer's checkpoint stays the latest: the zombie listed nothing over it.
+    assert asyncckpt.latest_checkpoint(url) == f"{url}/model.ckpt-3"
+
+
+async def test_nested_replicated_paths_are_left_out_and_put_back(tmp_path: Path) -> None:
+    def nested(rank: int, step: int) -> dict[str, Any]:
+        return {
+            "opt": {"shared": {"lr": np.full(2, float(step))}, "own": np.full(3, step + rank)},
+            "data": [np.zeros(1)],
+        }
+
+    async def save(rank: int) -> None:
+        async with CheckpointManager(
+            tmp_path, coordinator=StorageCoordinator(rank, 2, timeout=10),
+            replicated=["opt/shared", "absent/path"],
+        ) as ckpt:  # fmt: skip
+            await ckpt.save(nested(rank, 2), 2)
+
+    await run_ranks(2, save)
+    async with CheckpointManager(
+        tmp_path, coordinator=StorageCoordinator(1, 2, timeout=0.3),
+        replicated=["opt/shared", "absent/path"],
+    ) as ckpt:  # fmt: skip
+        metadata = await ckpt.metadata()
+        restored = await ckpt.restore(into=nested(1, 0))
+        only = await ckpt.restore(paths=["opt/shared/lr", "opt/own"])
+    assert sorted(a.path for a in metadata.arrays) == ["data/0", "opt/own"]
+    np.testing.assert_array_equal(restored["opt"]["shared"]["lr"], np.full(2, 2.0))
+    np.testing.assert_array_equal(restored["opt"]["own"], np.full(3, 3))
+    np.testing.assert_array_equal(only["opt"]["shared"]["lr"], np.full(2, 2.0))
+    np.testing.assert_array_equal(only["opt"]["own"], np.full(3, 3))
+
+
+async def test_a_malformed_manifest_is_a_format_error(tmp_path: Path) -> None:
+    saver = Saver()
+    await saver.save({"a": np.zeros(2)}, tmp_path / "model.ckpt", 1)
+    header = await saver.metadata(tmp_path / "model.ckpt-1")
+    assert header.step == 1
+    from asyncckpt._checkpoint._shards import Manifest, ShardReport
+
+    for raw in ({"world_size": 2, "shards": ["a"], "replicated": []}, {"world_size": 1}, 7):
+        with pytest.raises(asyncckpt.CheckpointFormatError, match="malformed shard manifest"):
+            Manifest.from_metadata({"asyncckpt.shards": raw}, "x")
+    with pytest.raises(ValueError, match="not a shard report"):
+        ShardReport.decode(b"{")
+
+
+async def test_a_rank_that_fails_its_step_is_named_by_the_others(tmp_path: Path) -> None:
+    def failing_step(state: dict[str, Any]) -> None:
+        raise RuntimeError("rank 1's step failed")
+
+    async def rank_main(rank: int) -> str:
+        state = rank_state(rank, 0)
+        try:
+            async with asyncckpt.MonitoredTrainingSession(
+                state, counting_step if rank == 0 else failing_step, checkpoint_dir=tmp_path,
+                save_checkpoint_steps=100,
+                coordinator=StorageCoordinator(rank, 2, timeout=0.5), replicated=["model"],
+            ) as session:  # fmt: skip
+                while not session.should_stop():
+                    await session.run()
+        except (TimeoutError, RuntimeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    chief, other = await run_ranks(2, rank_main)
+    assert chief.startswith("TimeoutError: rank(s) 1 did not reach the end of step 1 within")
+    assert other == "RuntimeError: rank 1's step failed"
+
+
+@pytest.fixture
+def one_rank_job() -> Any:
+    """torch.distributed with a single rank (gloo, loopback), in this process."""
+    dist = pytest.importorskip("torch.distributed")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_one_rank_torch_job_saves_and_restores_sharded(
+    tmp_path: Path, one_rank_job: Any
+) -> None:
+    coordinator = asyncckpt.TorchDistributedCoordinator(timeout=5)
+    assert (coordinator.rank, coordinator.world_size) == (0, 1)
+    assert "rank 0 of 1" in repr(coordinator)
+    for step in (1, 2):
+        async with CheckpointManager(
+            tmp_path, coordinator=coordinator, replicated=["model"]
+        ) as ckpt:  # the second open: a channel of its own in the same store
+            await ckpt.save(rank_state(0, step), step)
+            await ckpt.wait()
+            restored = await ckpt.restore()
+        np.testing.assert_array_equal(restored["opt"]["m"], np.full(4, step * 10.0))
+    with pytest.raises(ValueError, match="timeout"):
+        asyncckpt.TorchDistributedCoordinator(timeout=-1)

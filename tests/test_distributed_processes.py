@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -137,3 +138,72 @@ def test_ranks_sharing_only_a_bucket_save_and_restore(s3_url: str) -> None:
         assert result["restored"] == {"w": 2.0, "m": 20.0 + rank, "rank": rank}
     restarted = run_ranks(url, 2, "--coordinator", "storage", "--restore-only")
     assert [r["opened_latest"] for r in restarted] == [2, 2]
+
+
+def test_a_stop_on_one_rank_of_a_gloo_job_stops_both_after_the_same_step(tmp_path: Path) -> None:
+    results = run_ranks(
+        str(tmp_path), 2, "--session",
+        per_rank=lambda rank: ["--last-step", "5"] if rank == 1 else [],
+    )  # fmt: skip
+    assert [(r["start"], r["final"]) for r in results] == [(0, 5), (0, 5)]
+    # The final save is one committed checkpoint; the restart resumes both ranks there.
+    resumed = run_ranks(
+        str(tmp_path), 2, "--session",
+        per_rank=lambda rank: ["--last-step", "7"] if rank == 0 else [],
+    )  # fmt: skip
+    for rank, result in enumerate(resumed):
+        assert (result["start"], result["final"]) == (5, 7)
+        assert (result["w"], result["m"]) == (7.0, 70.0 + rank)
+
+
+def test_a_sigterm_to_one_rank_stops_both_and_saves_one_checkpoint(tmp_path: Path) -> None:
+    processes = start_ranks(str(tmp_path), 2, "--session", "--step-secs", "0.05")
+    signalled = processes[1]
+    assert signalled.stdout is not None
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while "STEP 3" not in signalled.stdout.readline():
+        assert time.monotonic() < deadline
+        assert signalled.poll() is None
+    os.kill(signalled.pid, signal.SIGTERM)
+    chief, other = results_of(processes)
+    assert chief["final"] == other["final"] >= 3
+    resumed = run_ranks(str(tmp_path), 2, "--session", "--last-step", str(chief["final"] + 1))
+    assert [r["start"] for r in resumed] == [chief["final"]] * 2
+
+
+def test_a_gloo_job_checkpoints_to_a_bucket(s3_url: str) -> None:
+    url = f"{s3_url}/gloo-{os.getpid()}-{time.monotonic_ns()}"
+    for rank, result in enumerate(run_ranks(url, 2, "--steps", "1,2")):
+        assert result["outcomes"] == [{"step": 1, "ok": True}, {"step": 2, "ok": True}]
+        assert result["restored"] == {"w": 2.0, "m": 20.0 + rank, "rank": rank}
+
+
+def test_kill_9_of_every_rank_at_any_instant_leaves_a_consistent_latest(tmp_path: Path) -> None:
+    """The crash harness with 2 ranks: both are SIGKILLed at a random instant of a run that
+    saves every step, again and again; after each kill the latest committed checkpoint
+    verifies and every rank restores the same step from it."""
+    rng = random.Random(17)
+    steps = ",".join(str(s) for s in range(1, 40))
+    for _round in range(4):
+        processes = start_ranks(str(tmp_path), 2, "--steps", steps, "--timeout", "10")
+        time.sleep(rng.uniform(1.0, 3.0))  # torch's import and the first saves
+        for process in processes:
+            os.kill(process.pid, signal.SIGKILL)
+        for process in processes:
+            process.communicate(timeout=PROCESS_TIMEOUT)
+        verify = subprocess.run(
+            [sys.executable, "-m", "asyncckpt", "verify", str(tmp_path)],
+            capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False,
+        )  # fmt: skip
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        restored = run_ranks(str(tmp_path), 2, "--restore-only", "--timeout", "10")
+        latest = {r["opened_latest"] for r in restored}
+        assert len(latest) == 1
+        if None not in latest:
+            (step,) = latest
+            for rank, result in enumerate(restored):
+                assert result["restored"] == {
+                    "w": float(step),
+                    "m": step * 10.0 + rank,
+                    "rank": rank,
+                }

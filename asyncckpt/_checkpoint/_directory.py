@@ -480,9 +480,14 @@ class CheckpointDirectory:
         checkpoint file without arrays, ``metadata`` naming the shards), then the state file,
         then retire what retention drops, shards included (blocking; must be held).
 
+        The lock is renewed first: a chief that lost its lease to another writer (a network
+        partition longer than the lease) must not list a late manifest over that writer's.
+
         Raises:
+            CheckpointLockedError: the lease was taken over.
             CheckpointWriteError: as for ``commit``; the shards are left for the caller.
         """
+        self._lock.renew()
         manifest = Snapshot(spec=["d", []], leaves=[], nbytes=0)
         size = self._commit_sync(manifest, path, step, metadata, lambda: False)
         return size

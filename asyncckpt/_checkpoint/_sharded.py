@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._core._errors import CheckpointError, CheckpointWriteError
-from .._tree import graft, is_within, without
+from .._core._errors import CheckpointError, CheckpointLockedError, CheckpointWriteError
+from .._tree import graft, is_within, present, without
 from ._coordination import gather, wait_ready
 from ._file import read_checkpoint, read_header
 from ._shards import MANIFEST_KEY, Manifest, ShardReport, judge_reports, shard_name
@@ -145,18 +145,23 @@ class ShardedSaves:
         await anyio.to_thread.run_sync(
             self.channel.post, f"{round_}.rank{self.rank}", report.encode(), limiter=limiter
         )
+        cause: CheckpointError | None = None
         if self.chief:
-            reason, size_of_manifest = await self._judge(round_, path, step, metadata, limiter)
+            reason, size_of_manifest, cause = await self._judge(
+                round_, path, step, metadata, limiter
+            )
             size += size_of_manifest
         else:
             reason = await self._verdict(round_, step, limiter)
         if failure is not None:
             raise failure
         if reason is not None:
-            raise CheckpointWriteError(
+            # A chief whose lease was taken over stays a CheckpointLockedError.
+            error = CheckpointLockedError if isinstance(cause, CheckpointLockedError) else None
+            raise (error or CheckpointWriteError)(
                 path,
                 f"step {step} was not committed: {reason}; {self._previous()}",
-            )
+            ) from cause
         return size
 
     def _previous(self) -> str:
@@ -172,14 +177,18 @@ class ShardedSaves:
         step: int,
         metadata: dict[str, Any],
         limiter: anyio.CapacityLimiter | None,
-    ) -> tuple[str | None, int]:
-        """The chief: wait for every report, commit if they all agree, post the verdict."""
+    ) -> tuple[str | None, int, CheckpointError | None]:
+        """The chief: wait for every report, commit if they all agree, post the verdict.
+
+        Returns why it was not committed (None: it was), the manifest's size, and the error
+        that kept it from being committed."""
         channel = self.channel
         keys = [f"{round_}.rank{rank}" for rank in range(self.world_size)]
         found = await gather(channel, keys, limiter=limiter)
         reports = _decode_reports(found)
         reason = judge_reports(reports, self.world_size, step, channel.timeout)
         size = 0
+        cause: CheckpointError | None = None
         if reason is None:
             manifest = Manifest(
                 world_size=self.world_size,
@@ -199,6 +208,7 @@ class ShardedSaves:
             except CheckpointError as exc:
                 if os.path.basename(path) not in self._directory.state.names:
                     reason = f"rank 0 could not commit it: {exc}"
+                    cause = exc
                 else:
                     # Listed (deleting old checkpoints failed, say): it is committed.
                     await self._post_verdict(round_, step, None, limiter)
@@ -212,7 +222,7 @@ class ShardedSaves:
             await anyio.to_thread.run_sync(
                 channel.discard, [*previous, f"{round_ - 1}.commit"], limiter=limiter
             )
-        return reason, size
+        return reason, size, cause
 
     async def _post_verdict(
         self, round_: int, step: int, reason: str | None, limiter: anyio.CapacityLimiter | None
@@ -355,7 +365,11 @@ async def read_shards(
     header, manifest = await read_manifest(storage, path, replicated, limiter)
     directory = os.path.dirname(path)
     first = os.path.join(directory, manifest.shards[0])
-    from_first = list(manifest.replicated) if rank else []
+    from_first: list[str] = []
+    if rank and manifest.replicated:
+        # Only those rank 0's tree held (a replicated path may name nothing, as it may at save).
+        shared_header = await read_header(storage, first, limiter=limiter)
+        from_first = present(shared_header.tree, manifest.replicated)
     if manifest.world_size != world_size:
         if paths is None or not all(is_within(p, manifest.replicated) for p in paths):
             raise ValueError(

@@ -51,8 +51,9 @@ class StopAgreement:
         )
         self._round = 0
 
-    async def decide(self, wants_stop: bool) -> bool:
-        """Post this rank's wish and return whether any rank wants to stop after this step.
+    async def decide(self, wants_stop: bool, step: int) -> bool:
+        """Post this rank's wish and return whether any rank wants to stop after ``step``
+        (the global step just run; the session's first step, before it runs).
 
         Raises:
             TimeoutError: a rank did not answer within the timeout (named).
@@ -71,10 +72,11 @@ class StopAgreement:
         answers = await gather(channel, keys)
         missing = [str(rank) for rank, key in enumerate(keys) if key not in answers]
         if missing:
+            where = f"the end of step {step}" if round_ else f"the start at step {step}"
             raise TimeoutError(
-                f"rank(s) {', '.join(missing)} did not finish their step {round_ + 1} of this "
-                f"session within {channel.timeout:g} s of rank {channel.rank} (did they stop "
-                "or fail? every rank must run the same steps)"
+                f"rank(s) {', '.join(missing)} did not reach {where} within "
+                f"{channel.timeout:g} s of rank {channel.rank} (did they stop or fail? every "
+                "rank must run the same steps)"
             )
         if round_:
             # Every rank posted this round, so each has read the last: this rank's answer to

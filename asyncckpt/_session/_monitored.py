@@ -226,6 +226,11 @@ class MonitoredSession:
         for hook in self._hooks:
             if _overrides(hook, "after_create_session"):
                 await _maybe_await(hook.after_create_session(self._raw, self._coord))
+        if self._agreement is not None:
+            # A stop asked for before any step (a resumed run that is done) stops every rank.
+            self._agreed_stop = await self._agreement.decide(
+                self._coord.should_stop(), self._raw.global_step
+            )
 
     async def __aexit__(
         self,
@@ -353,7 +358,7 @@ class MonitoredSession:
                         await anyio.lowlevel.checkpoint()
                 if self._agreement is not None:
                     # After the turns: a listener's stop asked for during them counts now.
-                    self._agreed_stop = await self._agreement.decide(coord.should_stop())
+                    self._agreed_stop = await self._agreement.decide(coord.should_stop(), step)
                 # The caller's fetches are resolved last: a typo there must not hide the
                 # completed step from the hooks (a stop at this step, a save) if the caller
                 # catches the KeyError.

@@ -27,6 +27,7 @@ from ._select import build_parts as build_parts
 from ._select import check_selection as check_selection
 from ._select import graft as graft
 from ._select import is_within as is_within
+from ._select import present as present
 from ._select import select as select
 from ._select import without as without
 from ._spec import ARRAY_TAGS as ARRAY_TAGS
@@ -79,6 +80,7 @@ __all__ = [
     "iter_array_refs",
     "match_into",
     "name_in_file",
+    "present",
     "raw_dtype",
     "select",
     "without",

@@ -32,6 +32,7 @@ __all__ = [
     "check_selection",
     "graft",
     "is_within",
+    "present",
     "select",
     "without",
 ]
@@ -249,6 +250,22 @@ def is_within(text: str, paths: Sequence[str]) -> bool:
     """Whether the tree path ``text`` is one of ``paths`` or inside one of them."""
     segments = _segments(text)
     return any(segments[: len(p)] == p for p in map(_segments, paths))
+
+
+def present(spec: Spec, paths: Sequence[str]) -> list[str]:
+    """Those of ``paths`` that a checkpoint's spec holds (through objects' state too)."""
+    found = []
+    for text in paths:
+        node: Spec | None = spec
+        for segment in _segments(text):
+            while node is not None and node[0] == "o":
+                node = node[1]
+            if node is None:
+                break
+            node = _child(node, segment)[1]
+        if node is not None:
+            found.append(text)
+    return found
 
 
 def without(tree: StateTree, paths: Sequence[str], source: str) -> StateTree:
