@@ -171,9 +171,10 @@ def test_a_sigterm_to_one_rank_stops_both_and_saves_one_checkpoint(tmp_path: Pat
     assert [r["start"] for r in resumed] == [chief["final"]] * 2
 
 
-def test_a_gloo_job_checkpoints_to_a_bucket(s3_url: str) -> None:
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_gloo_job_checkpoints_to_a_bucket(s3_url: str, world_size: int) -> None:
     url = f"{s3_url}/gloo-{os.getpid()}-{time.monotonic_ns()}"
-    for rank, result in enumerate(run_ranks(url, 2, "--steps", "1,2")):
+    for rank, result in enumerate(run_ranks(url, world_size, "--steps", "1,2")):
         assert result["outcomes"] == [{"step": 1, "ok": True}, {"step": 2, "ok": True}]
         assert result["restored"] == {"w": 2.0, "m": 20.0 + rank, "rank": rank}
 
