@@ -7,6 +7,7 @@ file work; knows nothing of hooks or sessions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -506,25 +507,21 @@ class CheckpointManager:
             queue.changes.notify()  # waiters see the writer gone
 
     async def _write(self, job: _SaveJob) -> int:
-        """Write one job: the checkpoint, or this rank's shard of it."""
+        """Write one job: the checkpoint, or this rank's shard of it (whose commit takes the
+        state file's lock itself, for the commit alone: not while it waits for the ranks)."""
+        write = functools.partial(
+            self._directory.commit if self._sharded is None else self._sharded.save,
+            job.snapshot,
+            job.path,
+            step=job.step,
+            metadata=job.metadata,
+            limiter=self._limiter,
+            abandon_after=_ABANDON_AFTER_SECS,
+        )
         if self._sharded is not None:
-            return await self._sharded.save(
-                job.snapshot,
-                job.path,
-                step=job.step,
-                metadata=job.metadata,
-                limiter=self._limiter,
-                abandon_after=_ABANDON_AFTER_SECS,
-            )
+            return await write()
         async with self._state_file_lock:
-            return await self._directory.commit(
-                job.snapshot,
-                job.path,
-                step=job.step,
-                metadata=job.metadata,
-                limiter=self._limiter,
-                abandon_after=_ABANDON_AFTER_SECS,
-            )
+            return await write()
 
     async def _next_job(self, queue: EvictingQueue[_SaveJob]) -> _SaveJob | None:
         while len(self._unacknowledged) >= _UNACKNOWLEDGED_LIMIT and not self._closed:
