@@ -23,6 +23,11 @@ and the peak RSS, for max_pending 0 and 1, each first save in a fresh process.
 Object stores (``benchmarks/remote.py``): save and restore on a local S3 server (moto's, on
 127.0.0.1, started for the run) against obstore's raw put / get of the same bytes and DCP's
 FsspecWriter / FsspecReader, with each figure's requests and the server's time per request.
+
+Several ranks (``benchmarks/distributed.py``, only with ``--distributed``: off by default, the
+run is long already): 2 gloo ranks on this machine, 256 MiB each, saving to one directory;
+asyncckpt's stall and durable against DCP's ``async_save`` and against a copy and a
+write+fsync of each rank's bytes, all in one run of fresh rank processes.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ import numpy as np
 
 import asyncckpt
 
-from . import _peers, remote, service
+from . import _peers, distributed, remote, service
+from ._floors import copy_all_floor
 from ._report import write_report
 from .crash import run_trainer_kills
 
@@ -107,31 +113,6 @@ def _floor_copy(state: State) -> Callable[[], None]:
     def run() -> None:
         for key, value in state.items():
             np.copyto(buffers[key], value)
-
-    return run
-
-
-def _floor_copy_all(
-    state: State, pool: concurrent.futures.ThreadPoolExecutor
-) -> Callable[[], None]:
-    """Split the arrays into one bin per worker, balanced by bytes; np.copyto releases the GIL."""
-    workers = os.cpu_count() or 1
-    bins: list[list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]] = [
-        [] for _ in range(workers)
-    ]
-    loads = [0] * workers
-    for value in sorted(state.values(), key=lambda v: -v.nbytes):
-        slot = loads.index(min(loads))
-        bins[slot].append((np.empty_like(value), value))
-        loads[slot] += value.nbytes
-
-    def copy_bin(pairs: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> None:
-        for dst, src in pairs:
-            np.copyto(dst, src)
-
-    def run() -> None:
-        for future in [pool.submit(copy_bin, b) for b in bins]:
-            future.result()
 
     return run
 
@@ -246,7 +227,7 @@ async def _case(
     r: dict[str, Any] = {"case": name, "bytes": total, "arrays": len(state)}
     t: dict[str, dict[str, float]] = {}
     t["copy_1t"] = _summary(_time_sync(_floor_copy(state), repeats))
-    t["copy_all"] = _summary(_time_sync(_floor_copy_all(state, pool), repeats))
+    t["copy_all"] = _summary(_time_sync(copy_all_floor(state.values(), pool), repeats))
     t["write+fsync"] = _summary(_time_sync(_floor_write(state, raw_path), repeats))
     read = _floor_read(state, raw_path)
     t["readinto_warm"] = _summary(_time_sync(read, repeats))
@@ -476,6 +457,21 @@ async def _remote(smoke: bool, repeats: int) -> dict[str, Any] | str:
     )
 
 
+async def _distributed(smoke: bool, repeats: int, workdir: str) -> dict[str, Any] | str:
+    """Two gloo ranks against DCP's async_save (distributed.py)."""
+    reason = distributed.unavailable()
+    if reason:
+        return f"skipped: {reason}"
+    return await anyio.to_thread.run_sync(
+        partial(
+            distributed.run_distributed,
+            mib=4 if smoke else distributed.MIB,
+            repeats=1 if smoke else min(repeats, distributed.REPEATS),
+            directory=workdir,
+        )
+    )
+
+
 async def _service(smoke: bool, workdir: str) -> dict[str, Any]:
     """Save stalls (first, warm, during a write) and peak RSS of a service (service.py)."""
     return await anyio.to_thread.run_sync(
@@ -572,6 +568,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         out.extend(service.targets(report["service"]))
     if isinstance(report.get("remote"), dict):
         out.extend(remote.targets(report["remote"]))
+    if isinstance(report.get("distributed"), dict):
+        out.extend(distributed.targets(report["distributed"]))
     return out
 
 
@@ -654,6 +652,11 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += ["", remote.markdown(report["remote"], with_targets=False).rstrip("\n")]
     elif "remote" in report:
         lines += ["", f"Object stores: {report['remote']}."]
+    if isinstance(report.get("distributed"), dict):
+        md = distributed.markdown(report["distributed"], with_targets=False)
+        lines += ["", md.rstrip("\n")]
+    elif "distributed" in report:
+        lines += ["", f"Several ranks: {report['distributed']}."]
     lines += ["", "| case | target | measured | met |", "| --- | --- | --- | --- |"]
     for row in report["targets"]:
         lines.append(
@@ -710,6 +713,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             report["service"] = await _service(args.smoke, workdir)
         if args.remote:
             report["remote"] = await _remote(args.smoke, args.repeats)
+        if args.distributed:
+            report["distributed"] = await _distributed(args.smoke, args.repeats, workdir)
     report["targets"] = targets(report)
     return report
 
@@ -737,6 +742,13 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="run the object-store benchmark (benchmarks/remote.py, a local S3 server; about "
         "3.5 min at full size)",
+    )
+    parser.add_argument(
+        "--distributed",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run 2 gloo ranks x 256 MiB against DCP's async_save "
+        "(benchmarks/distributed.py; off by default; about 30 s at full size)",
     )
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", dest="json_path", default=None)

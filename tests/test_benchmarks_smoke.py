@@ -132,3 +132,41 @@ def test_gpu_benchmark_prints_one_json_line(tmp_path: Path) -> None:
     assert case["ratios"]["asyncckpt_stall / pinned_d2h"] > 0
     assert isinstance(case["target"]["met"], bool)
     assert case["asyncckpt"]["restored_matches"] is True
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_reports_every_ratio(tmp_path: Path) -> None:
+    # Two gloo ranks of 4 MiB each, one round: the report's shape, no speed asserted.
+    pytest.importorskip("torch.distributed.checkpoint")
+    out = tmp_path / "distributed.json"
+    table = tmp_path / "distributed.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.distributed", "--mib", "4", "--repeats", "1",
+         "--workdir", str(tmp_path), "--timeout", "120", "--json", str(out), "--markdown",
+         str(table)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    if "skipped" in report:  # torch without gloo
+        assert set(report) == {"skipped"}, report
+        return
+    for key in (
+        "asyncckpt_stall / dcp_stall",
+        "asyncckpt_durable / dcp_durable",
+        "asyncckpt_stall / copy",
+        "asyncckpt_durable / write+fsync",
+    ):
+        assert report["ratios"][key] > 0, (key, report["ratios"])
+    for figure, entry in report["seconds"].items():
+        assert set(entry) == {"rank0", "rank1", "max"}, (figure, entry)
+        summary = entry["max"]
+        assert 0 < summary["min"] <= summary["median"] <= summary["max"], (figure, summary)
+    for checks in report["checks"].values():
+        restored = [checks[f"{lib}_restored"] for lib in ("asyncckpt", "dcp", "dcp_reused")]
+        assert all(restored), checks
+    # Each rank's own tensors: DCP wrote both ranks' bytes (none deduplicated as replicated).
+    written = report["checks"]["rank0"]["bytes_per_save"]
+    assert written["dcp"] >= 2 * report["state_bytes_per_rank"], written
+    assert all(isinstance(row["met"], bool) for row in report["targets"]), report["targets"]
+    assert "DCP `async_save` stall" in table.read_text()
