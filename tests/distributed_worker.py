@@ -43,6 +43,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--fail-step", type=int)
     parser.add_argument("--stall-step", type=int)
     parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--step-offset", type=int, default=0, help="save step + this")
     parser.add_argument("--restore-only", action="store_true")
     parser.add_argument("--session", action="store_true")
     parser.add_argument("--last-step", type=int, help="with --session: this rank's StopAtStepHook")
@@ -84,16 +85,17 @@ async def main(args: argparse.Namespace, coordinator: Any) -> dict[str, Any]:
             if not args.restore_only:
                 for step in [int(s) for s in args.steps.split(",")]:
                     allreduce(step)
-                    await manager.save(rank_state(args.rank, step), step)
+                    saved = step + args.step_offset
+                    await manager.save(rank_state(args.rank, saved), saved)
                     if stall is not None and step == args.stall_step:
                         await stall.wait_reached()
                         print("STALLED", flush=True)
                         await anyio.sleep(600)
                     try:
                         await manager.wait()
-                        outcomes.append({"step": step, "ok": True})
+                        outcomes.append({"step": saved, "ok": True})
                     except asyncckpt.CheckpointWriteError as exc:
-                        outcomes.append({"step": step, "ok": False, "error": str(exc)})
+                        outcomes.append({"step": saved, "ok": False, "error": str(exc)})
             result["latest"] = manager.latest_step()
             if manager.latest_step() is not None:
                 restored = await manager.restore(into=rank_state(args.rank, 0))

@@ -577,3 +577,26 @@ async def test_a_one_rank_torch_job_saves_and_restores_sharded(
         np.testing.assert_array_equal(restored["opt"]["m"], np.full(4, step * 10.0))
     with pytest.raises(ValueError, match="timeout"):
         asyncckpt.TorchDistributedCoordinator(timeout=-1)
+
+
+async def test_a_chief_that_cannot_list_the_checkpoint_fails_it_everywhere(tmp_path: Path) -> None:
+    faults = FaultyStorage()
+    # The state file's write of step 2 (its temporary file is ".checkpoint<marker>...").
+    faults.fail("write", errno.EIO, match=f"{os.sep}.checkpoint", skip=1)
+
+    async def rank_main(rank: int) -> str:
+        async with manager(tmp_path, rank, 2, storage=faults if rank == 0 else None) as ckpt:
+            await ckpt.save(rank_state(rank, 1), 1)
+            await ckpt.wait()
+            await ckpt.save(rank_state(rank, 2), 2)
+            with pytest.raises(CheckpointWriteError) as raised:
+                await ckpt.wait()
+            return str(raised.value)
+
+    with faults:
+        chief, other = await run_ranks(2, rank_main)
+    for error in (chief, other):
+        assert "step 2 was not committed: rank 0 could not commit it" in error
+    assert "model.ckpt-1" in chief
+    assert asyncckpt.latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-1")
+    assert "model.ckpt-2" not in data_files(tmp_path)  # the manifest was not left behind

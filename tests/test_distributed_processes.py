@@ -98,6 +98,19 @@ def test_a_rank_whose_write_fails_fails_that_step_on_every_rank(tmp_path: Path) 
     assert "step 2 was not committed: rank 1 failed" in results[0]["outcomes"][1]["error"]
 
 
+def test_ranks_that_save_different_steps_commit_nothing(tmp_path: Path) -> None:
+    began = time.monotonic()
+    chief, other = run_ranks(
+        str(tmp_path), 2, "--steps", "1", "--timeout", "60",
+        per_rank=lambda rank: ["--step-offset", "1"] if rank == 1 else [],
+    )  # fmt: skip
+    assert time.monotonic() - began < 60  # named at once, not after the timeout
+    assert "rank 1 saved step 2 where rank 0 saved 1" in chief["outcomes"][0]["error"]
+    assert "rank 0 saved step 1 where rank 1 saved 2" in other["outcomes"][0]["error"]
+    assert chief["latest"] is None
+    assert other["latest"] is None
+
+
 def test_a_rank_killed_mid_save_fails_the_save_within_the_timeout(tmp_path: Path) -> None:
     processes = start_ranks(
         str(tmp_path), 2, "--steps", "1,2", "--timeout", "3",

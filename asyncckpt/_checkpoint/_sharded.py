@@ -214,11 +214,15 @@ class ShardedSaves:
                     await self._post_verdict(round_, step, None, limiter)
                     raise
         await self._post_verdict(round_, step, reason, limiter)
-        if reason is not None:
+        if reason is not None and cause is None:
+            # The ranks' fault: nothing was listed. After a failed commit the store may hold
+            # a state file that lists the manifest all the same (its answer lost): its shards
+            # stay, and the next chief's start sweeps them if it is not listed.
             await self._discard_shards(reports, limiter)
-        if round_:
+        if round_ and len(reports) == self.world_size:
+            # Every rank reported this round, so each has read the previous verdict (a rank
+            # that did not report may still be waiting for it).
             previous = [f"{round_ - 1}.rank{rank}" for rank in range(self.world_size)]
-            # Every rank reported this round, so each has read the previous verdict.
             await anyio.to_thread.run_sync(
                 channel.discard, [*previous, f"{round_ - 1}.commit"], limiter=limiter
             )
