@@ -600,3 +600,28 @@ async def test_a_chief_that_cannot_list_the_checkpoint_fails_it_everywhere(tmp_p
     assert "model.ckpt-1" in chief
     assert asyncckpt.latest_checkpoint(tmp_path) == str(tmp_path / "model.ckpt-1")
     assert "model.ckpt-2" not in data_files(tmp_path)  # the manifest was not left behind
+
+
+async def test_each_rank_recycles_its_own_retired_shards(tmp_path: Path) -> None:
+    inodes: dict[tuple[int, int], int] = {}
+
+    def shard_inode(rank: int, step: int) -> int:
+        (name,) = [n for n in data_files(tmp_path) if f"ckpt-{step}.rank{rank}-of-2." in n]
+        return os.stat(tmp_path / name).st_ino
+
+    async def rank_main(rank: int) -> None:
+        async with manager(tmp_path, rank, 2, max_to_keep=1) as ckpt:
+            for step in (1, 2, 3):
+                await ckpt.save(rank_state(rank, step), step)
+                await ckpt.wait()
+                inodes[rank, step] = shard_inode(rank, step)
+
+    await run_ranks(2, rank_main)
+    # Step 2's commit retired step 1; each rank's step 3 overwrote its own step 1 shard (a
+    # new file costs fresh page-cache memory on these machines: docs/PERFORMANCE.md).
+    for rank in (0, 1):
+        assert inodes[rank, 3] == inodes[rank, 1]
+        assert inodes[rank, 2] != inodes[rank, 1]
+    assert [n for n in data_files(tmp_path) if ".rank" not in n] == ["model.ckpt-3"]
+    assert len([n for n in data_files(tmp_path) if ".rank" in n]) == 2
+    assert not [n for n in os.listdir(tmp_path) if "asyncckpt-tmp" in n]  # spares removed

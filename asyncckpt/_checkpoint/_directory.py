@@ -31,7 +31,7 @@ from .._core._errors import (
 from .._core._util import usable_cores
 from .._storage import DirectorySyncError, WriteAborted
 from ._file import write_snapshot
-from ._shards import shard_checkpoint, shards_of
+from ._shards import shard_checkpoint, shard_rank, shards_of
 from ._snapshot import Snapshot
 from ._state_file import (
     CheckpointState,
@@ -212,6 +212,8 @@ class CheckpointDirectory:
         self._storage = storage
         self._recycle = recycle
         self._sharded = sharded
+        # Retired sharded checkpoints whose other ranks' shards are left to those ranks.
+        self._handed_off: list[str] = []
         self._clock = clock
         # TensorFlow's Saver counts keep_checkpoint_every_n_hours from its creation.
         self._created = clock() if created is None else created
@@ -284,6 +286,34 @@ class CheckpointDirectory:
         except BaseException:
             self._lock.release()
             raise
+
+    def take_handed_off(self) -> list[str]:
+        """The retired checkpoints whose other ranks' shards await those ranks (cleared):
+        what rank 0 tells them with its next verdict, so that each recycles its own."""
+        names, self._handed_off = self._handed_off, []
+        return names
+
+    def retire_own_shards(self, paths: Sequence[str]) -> None:
+        """Another rank: delete its shards of retired checkpoints, keeping the first one no
+        reader holds as the spare its next shard overwrites (blocking).
+
+        Raises:
+            CheckpointWriteError: a shard could not be deleted (unlisted, it is never read;
+                rank 0's start sweeps it).
+        """
+        spare = self._storage.remove_files(paths, keep_spare=self._recycle and self._spare is None)
+        self._spare = spare or self._spare
+
+    def remove_handed_off_shards(self) -> None:
+        """Rank 0 at its close: delete the other ranks' shards of retired checkpoints that
+        no verdict told them of (blocking; best effort, as ``retire_own_shards``)."""
+        names = self.take_handed_off()
+        if not names:
+            return
+        present = self._storage.list_names(self.path)
+        doomed = [os.path.join(self.path, s) for n in names for s in shards_of(n, present)]
+        with contextlib.suppress(CheckpointWriteError):
+            self._storage.remove_files(doomed)
 
     def remove_own_shard_temp_files(self, prefixes: Iterable[str], rank: int) -> list[str]:
         """Remove the temporary files of rank ``rank``'s crashed shard writes (blocking; for
@@ -455,17 +485,24 @@ class CheckpointDirectory:
         """
 
         def write(aborted: Callable[[], bool]) -> int:
-            # The error is the file's alone: what the directory holds is the chief's to say.
-            return write_snapshot(
-                self._storage,
-                snapshot,
-                path,
-                step=step,
-                metadata=metadata,
-                wall_time=self._clock(),
-                crc_thread=self._crc_thread(),
-                aborted=aborted,
-            )
+            spare, self._spare = self._spare, None
+            try:
+                # The error is the file's alone: what the directory holds is the chief's.
+                return write_snapshot(
+                    self._storage,
+                    snapshot,
+                    path,
+                    step=step,
+                    metadata=metadata,
+                    wall_time=self._clock(),
+                    reuse=spare,
+                    crc_thread=self._crc_thread(),
+                    aborted=aborted,
+                )
+            except BaseException:
+                if spare is not None:  # unless the write took it and removed it already
+                    self._storage.remove_spare(spare)
+                raise
 
         return await self._abandonable(write, path, limiter=limiter, abandon_after=abandon_after)
 
@@ -668,9 +705,17 @@ class CheckpointDirectory:
     def _retire(self, retired: list[str], name: str) -> None:
         doomed = [os.path.join(self.path, n) for n in retired]
         if self._sharded:
+            # Rank 0's own shards first (the first one no reader holds becomes the spare its
+            # next shard overwrites); the other ranks' are theirs to recycle, once told.
             present = self._storage.list_names(self.path)
-            for checkpoint in retired:
-                doomed += [os.path.join(self.path, s) for s in shards_of(checkpoint, present)]
+            own = [
+                os.path.join(self.path, shard)
+                for checkpoint in retired
+                for shard in shards_of(checkpoint, present)
+                if shard_rank(shard) == 0
+            ]
+            doomed = own + doomed
+            self._handed_off.extend(retired)
         try:
             spare = self._storage.remove_files(
                 doomed, keep_spare=self._recycle and self._spare is None

@@ -284,8 +284,7 @@ class CheckpointManager:
                 keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
             ),
             storage=self.storage,
-            # A retired manifest's shards are other ranks' files: none is kept as a spare.
-            recycle=coordinator is None,
+            recycle=True,
             sharded=coordinator is not None,
         )
         self._sharded = (

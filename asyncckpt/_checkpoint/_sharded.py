@@ -75,6 +75,8 @@ class ShardedSaves:
         self._state_file_lock = state_file_lock
         self._rounds = 0
         self._channel: Channel | None = None
+        # Another rank: its shard of each committed checkpoint, to recycle once retired.
+        self._committed_shards: dict[str, str] = {}
 
     @property
     def chief(self) -> bool:
@@ -153,6 +155,8 @@ class ShardedSaves:
             size += size_of_manifest
         else:
             reason = await self._verdict(round_, step, limiter)
+            if reason is None and failure is None:
+                self._committed_shards[os.path.basename(path)] = name
         if failure is not None:
             raise failure
         if reason is not None:
@@ -231,7 +235,14 @@ class ShardedSaves:
     async def _post_verdict(
         self, round_: int, step: int, reason: str | None, limiter: anyio.CapacityLimiter | None
     ) -> None:
-        verdict = json.dumps({"step": step, "committed": reason is None, "reason": reason})
+        verdict = json.dumps(
+            {
+                "step": step,
+                "committed": reason is None,
+                "reason": reason,
+                "retired": self._directory.take_handed_off(),
+            }
+        )
         await anyio.to_thread.run_sync(
             self.channel.post, f"{round_}.commit", verdict.encode(), limiter=limiter
         )
@@ -248,6 +259,24 @@ class ShardedSaves:
             # Unlisted shards are never read; the next chief's start sweeps what stays.
             await anyio.to_thread.run_sync(self._storage.remove_files, shards, limiter=limiter)
 
+    async def _recycle(self, retired: Sequence[str], limiter: anyio.CapacityLimiter | None) -> None:
+        """Another rank: delete (and keep one as the next shard's spare) its own shards of
+        the checkpoints rank 0 retired."""
+        paths = [
+            os.path.join(self._directory.path, self._committed_shards.pop(name))
+            for name in retired
+            if name in self._committed_shards
+        ]
+        if not paths:
+            return
+        try:
+            await anyio.to_thread.run_sync(
+                self._directory.retire_own_shards, paths, limiter=limiter
+            )
+        except CheckpointWriteError as exc:
+            # Unlisted, a shard left behind is never read; rank 0's start sweeps it.
+            logger.warning("rank %d could not delete its retired shards: %s", self.rank, exc)
+
     async def _verdict(
         self, round_: int, step: int, limiter: anyio.CapacityLimiter | None
     ) -> str | None:
@@ -257,6 +286,7 @@ class ShardedSaves:
         found = await gather(channel, [key], limiter=limiter)
         if key in found:
             verdict = json.loads(found[key])
+            await self._recycle(verdict.get("retired", ()), limiter)
             if verdict["step"] != step:
                 return f"rank 0 saved step {verdict['step']} where rank {self.rank} saved {step}"
             return None if verdict["committed"] else str(verdict["reason"])
@@ -284,6 +314,7 @@ class ShardedSaves:
         keys = [f"closed.rank{rank}" for rank in range(1, self.world_size)]
         found = await gather(channel, keys, limiter=limiter)
         missing = [key.removeprefix("closed.rank") for key in keys if key not in found]
+        await anyio.to_thread.run_sync(self._directory.remove_handed_off_shards, limiter=limiter)
         if not missing and self._rounds:
             last = self._rounds - 1
             ended = [*keys, f"{last}.commit", *(f"{last}.rank{r}" for r in range(self.world_size))]
