@@ -46,7 +46,6 @@ import tempfile
 import time
 from dataclasses import asdict
 from functools import partial
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -56,7 +55,7 @@ import asyncckpt
 
 from . import _peers, distributed, remote, service
 from ._floors import copy_all_floor
-from ._report import write_report
+from ._report import version_of, write_report
 from .crash import run_trainer_kills
 
 if TYPE_CHECKING:
@@ -479,13 +478,6 @@ async def _service(smoke: bool, workdir: str) -> dict[str, Any]:
     )
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _machine() -> str:
     model = "unknown cpu"
     try:
@@ -678,7 +670,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     versions = {
         "python": platform.python_version(),
         **{
-            d: _version(d)
+            d: version_of(d)
             for d in (
                 "asyncckpt",
                 "numpy",

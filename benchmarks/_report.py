@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
+
+
+def version_of(dist: str) -> str:
+    """An installed distribution's version, for a report's header ("not installed")."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def targets_table(rows: Iterable[dict[str, Any]]) -> list[str]:

@@ -82,13 +82,12 @@ import sys
 import tempfile
 import time
 from functools import partial
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
 from ._floors import copy_all_floor
-from ._report import targets_table, write_report
+from ._report import targets_table, version_of, write_report
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -475,13 +474,6 @@ def _summary(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1024 * MiB)
     return f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}"
@@ -526,7 +518,7 @@ def run_distributed(
         "machine": _machine(),
         "versions": {
             "python": platform.python_version(),
-            **{d: _version(d) for d in ("asyncckpt", "torch", "numpy", "anyio")},
+            **{d: version_of(d) for d in ("asyncckpt", "torch", "numpy", "anyio")},
         },
         "world_size": WORLD_SIZE,
         "mib_per_rank": mib,

@@ -94,7 +94,7 @@ import numpy as np
 from asyncckpt import CheckpointManager, latest_checkpoint
 
 from . import _peers
-from ._report import targets_table, write_report
+from ._report import targets_table, version_of, write_report
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -898,22 +898,13 @@ async def run_remote(
     return {
         "server": "moto ThreadedMotoServer on 127.0.0.1, in this process",
         "versions": {
-            dist: _version(dist) for dist in ("obstore", "moto", "s3fs", "torch", "boto3")
+            dist: version_of(dist) for dist in ("obstore", "moto", "s3fs", "torch", "boto3")
         },
         "repeats": repeats,
         "cases": results,
         "api": api_report,
         "seconds": round(time.monotonic() - began, 2),
     }
-
-
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:

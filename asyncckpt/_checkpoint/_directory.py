@@ -485,24 +485,8 @@ class CheckpointDirectory:
         """
 
         def write(aborted: Callable[[], bool]) -> int:
-            spare, self._spare = self._spare, None
-            try:
-                # The error is the file's alone: what the directory holds is the chief's.
-                return write_snapshot(
-                    self._storage,
-                    snapshot,
-                    path,
-                    step=step,
-                    metadata=metadata,
-                    wall_time=self._clock(),
-                    reuse=spare,
-                    crc_thread=self._crc_thread(),
-                    aborted=aborted,
-                )
-            except BaseException:
-                if spare is not None:  # unless the write took it and removed it already
-                    self._storage.remove_spare(spare)
-                raise
+            # The error is the file's alone: what the directory holds is the chief's to say.
+            return self._write_file(snapshot, path, step, metadata, self._clock(), aborted)
 
         return await self._abandonable(write, path, limiter=limiter, abandon_after=abandon_after)
 
@@ -619,6 +603,31 @@ class CheckpointDirectory:
         old: CheckpointState,
         aborted: Callable[[], bool],
     ) -> int:
+        try:
+            return self._write_file(snapshot, path, step, metadata, now, aborted)
+        except BaseException as exc:
+            if not isinstance(exc, DirectorySyncError):
+                if isinstance(exc, CheckpointWriteError):
+                    raise _failed_save(exc, old) from exc.__cause__
+                raise
+            # Complete and in place, but never listed and perhaps not durable: remove it.
+            self._discard_unlisted(path, old)
+            raise CheckpointWriteError(
+                path,
+                f"{_reason(exc)} while syncing the directory after writing this checkpoint; "
+                f"it was not registered: {_nothing_new(old)}",
+            ) from exc.__cause__
+
+    def _write_file(
+        self,
+        snapshot: Snapshot,
+        path: str,
+        step: int | None,
+        metadata: dict[str, Any],
+        now: float,
+        aborted: Callable[[], bool],
+    ) -> int:
+        """Write one checkpoint file, over the spare file if there is one."""
         spare, self._spare = self._spare, None
         try:
             return write_snapshot(
@@ -632,20 +641,10 @@ class CheckpointDirectory:
                 crc_thread=self._crc_thread(),
                 aborted=aborted,
             )
-        except BaseException as exc:
+        except BaseException:
             if spare is not None:  # unless the write took it and removed it already
                 self._storage.remove_spare(spare)
-            if not isinstance(exc, DirectorySyncError):
-                if isinstance(exc, CheckpointWriteError):
-                    raise _failed_save(exc, old) from exc.__cause__
-                raise
-            # Complete and in place, but never listed and perhaps not durable: remove it.
-            self._discard_unlisted(path, old)
-            raise CheckpointWriteError(
-                path,
-                f"{_reason(exc)} while syncing the directory after writing this checkpoint; "
-                f"it was not registered: {_nothing_new(old)}",
-            ) from exc.__cause__
+            raise
 
     def _register(self, new_state: CheckpointState, path: str | None, old: CheckpointState) -> None:
         # The state file names only durable checkpoints; retirements come after it, so a
