@@ -11,9 +11,11 @@ import errno
 import io
 import os
 import time
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ from asyncckpt._storage._object import ObjectStorage
 from asyncckpt.testing import FaultyStorage
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncGenerator, Awaitable, Callable
     from pathlib import Path
 
 pytestmark = pytest.mark.anyio
@@ -622,3 +624,25 @@ async def test_each_rank_recycles_its_own_retired_shards(tmp_path: Path) -> None
     assert [n for n in data_files(tmp_path) if ".rank" not in n] == ["model.ckpt-3"]
     assert len([n for n in data_files(tmp_path) if ".rank" in n]) == 2
     assert not [n for n in os.listdir(tmp_path) if "asyncckpt-tmp" in n]  # spares removed
+
+
+async def test_until_stopped_on_ranks_ends_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    async def batches() -> AsyncGenerator[int, None]:
+        for item in range(100):
+            await anyio.lowlevel.checkpoint()
+            yield item
+
+    async def rank_main(rank: int) -> tuple[int, list[int]]:
+        taken = []
+        async with asyncckpt.MonitoredTrainingSession(
+            rank_state(rank, 0), counting_step, checkpoint_dir=tmp_path,
+            save_checkpoint_steps=100,
+            hooks=[asyncckpt.StopAtStepHook(last_step=3)] if rank == 1 else [],
+            coordinator=StorageCoordinator(rank, 2, timeout=10), replicated=["model"],
+        ) as session, aclosing(batches()) as source:  # fmt: skip  # left unfinished
+            async for item in session.until_stopped(source):
+                taken.append(item)
+                await session.run()
+        return session.global_step, taken
+
+    assert await run_ranks(2, rank_main) == [(3, [0, 1, 2]), (3, [0, 1, 2])]

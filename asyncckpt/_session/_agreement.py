@@ -65,11 +65,10 @@ class StopAgreement:
         self._round += 1
         if round_ == 0:
             await wait_ready(channel)
-        await anyio.to_thread.run_sync(
-            channel.post, f"{round_}.rank{channel.rank}", b"1" if wants_stop else b"0"
-        )
         keys = [f"{round_}.rank{rank}" for rank in range(channel.world_size)]
-        answers = await gather(channel, keys)
+        answers = await anyio.to_thread.run_sync(self._exchange, channel, round_, wants_stop, keys)
+        if len(answers) < len(keys):
+            answers = await gather(channel, keys)
         missing = [str(rank) for rank, key in enumerate(keys) if key not in answers]
         if missing:
             where = f"the end of step {step}" if round_ else f"the start at step {step}"
@@ -78,8 +77,18 @@ class StopAgreement:
                 f"{channel.timeout:g} s of rank {channel.rank} (did they stop or fail? every "
                 "rank must run the same steps)"
             )
-        if round_:
-            # Every rank posted this round, so each has read the last: this rank's answer to
-            # it is read by nobody any more.
-            await anyio.to_thread.run_sync(channel.discard, [f"{round_ - 1}.rank{channel.rank}"])
         return any(answer == b"1" for answer in answers.values())
+
+    @staticmethod
+    def _exchange(
+        channel: Channel, round_: int, wants_stop: bool, keys: list[str]
+    ) -> dict[str, bytes]:
+        """One worker-thread call per step when the ranks keep pace: post this rank's
+        answer, forget its last one, and read what every rank answered so far."""
+        channel.post(keys[channel.rank], b"1" if wants_stop else b"0")
+        if round_ >= 2:
+            # This rank read every answer of the last round, so every rank posted it, having
+            # read all of the round before: this rank's answer to that one is read no more.
+            # (The last round's may still be read by a rank slower than this one.)
+            channel.discard([f"{round_ - 2}.rank{channel.rank}"])
+        return channel.fetch(keys)

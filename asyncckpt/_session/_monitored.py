@@ -346,7 +346,7 @@ class MonitoredSession:
                             await done
                 if context.stop_requested:
                     coord.request_stop()
-                if coord.pending or self._agreement is not None:
+                if coord.pending:
                     # Let background work (a save's hand-off to its thread, its completion,
                     # the listeners' after_save) progress even when the step function never
                     # awaits: a few loop turns per step while any is in flight, none
@@ -382,26 +382,22 @@ class MonitoredSession:
         A stop request cancels a pending wait for the next item; it never interrupts a step.
         The input running out ends the iteration normally.
         """
-        if isinstance(source, AsyncIterable) and self._agreement is None:
+        if isinstance(source, AsyncIterable):
             iterator = aiter(source)
             while not self.should_stop():
-                with self._coord.cancelled_on_stop() as scope:
+                # Ranks that agree on their stop: a wait for the next item is never cut short
+                # by this rank's own stop request, which takes effect after the next step.
+                cancelled_on_stop = (
+                    self._coord.cancelled_on_stop()
+                    if self._agreement is None
+                    else anyio.CancelScope()
+                )
+                with cancelled_on_stop as scope:
                     try:
                         item = await anext(iterator)
                     except StopAsyncIteration:
                         return
                 if scope.cancelled_caught:
-                    return
-                yield item
-            return
-        if isinstance(source, AsyncIterable):
-            # Ranks that agree on their stop: a wait for the next item is never cut short
-            # by this rank's own stop request, which takes effect after the next step.
-            iterator = aiter(source)
-            while not self.should_stop():
-                try:
-                    item = await anext(iterator)
-                except StopAsyncIteration:
                     return
                 yield item
             return
