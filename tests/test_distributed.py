@@ -366,13 +366,23 @@ def counting_step(state: dict[str, Any]) -> dict[str, Any]:
     return {"loss": float(state["model"]["w"][0])}
 
 
+async def async_counting_step(state: dict[str, Any]) -> dict[str, Any]:
+    await anyio.lowlevel.checkpoint()
+    return counting_step(state)
+
+
 async def run_session(
-    directory: Path, rank: int, world_size: int, hooks: list[Any], **kwargs: Any
+    directory: Path,
+    rank: int,
+    world_size: int,
+    hooks: list[Any],
+    step_fn: Callable[..., Any] = counting_step,
+    **kwargs: Any,
 ) -> tuple[int, dict[str, Any]]:
     state = rank_state(rank, 0)
     async with asyncckpt.MonitoredTrainingSession(
         state,
-        counting_step,
+        step_fn,
         checkpoint_dir=directory,
         save_checkpoint_steps=3,
         hooks=hooks,
@@ -385,11 +395,14 @@ async def run_session(
     return session.global_step, session.state
 
 
-async def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("step_fn", [counting_step, async_counting_step], ids=["plain", "async"])
+async def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(
+    tmp_path: Path, step_fn: Callable[..., Any]
+) -> None:
     async def rank_main(rank: int) -> tuple[int, dict[str, Any]]:
         # Only rank 1 knows when to stop.
         hooks = [asyncckpt.StopAtStepHook(last_step=7)] if rank == 1 else []
-        return await run_session(tmp_path, rank, 2, hooks)
+        return await run_session(tmp_path, rank, 2, hooks, step_fn)
 
     (chief_step, _), (other_step, _) = await run_ranks(2, rank_main)
     assert chief_step == other_step == 7
